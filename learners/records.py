@@ -1,0 +1,140 @@
+"""Contract records (CONTRACTS section 1) and their validation.
+
+Parsing never raises: a bad record is returned as a ``BadRecord`` carrying the
+original bytes and a short machine-friendly reason, so callers can dead-letter
+it. Bad messages are data, not exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Union
+
+EVENT_TYPES = ("click", "favourite", "purchase")
+_EVENT_ALIASES = {"favorite": "favourite"}
+
+# How much an interaction says about a user's taste (also the history weight).
+EVENT_WEIGHTS = {"click": 1.0, "purchase": 2.0, "favourite": 3.0}
+
+MAX_RECORD_BYTES = 64 * 1024
+MAX_ID_CHARS = 256
+MAX_TEXT_CHARS = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    user_id: str
+    item_id: str
+    event_type: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    reason: str
+    raw: bytes
+    detail: str = ""
+
+
+def _loads(raw: bytes) -> Union[dict, BadRecord]:
+    if raw is None:
+        return BadRecord("empty_record", b"", "record value is null (tombstone)")
+    if len(raw) > MAX_RECORD_BYTES:
+        return BadRecord("oversized", raw, f"{len(raw)} bytes > {MAX_RECORD_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRecord("invalid_utf8", raw, str(exc))
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        # json's C scanner guards its own recursion; deep input lands here.
+        return BadRecord("too_deep", raw, "JSON nesting too deep")
+    except ValueError as exc:
+        return BadRecord("not_json", raw, str(exc)[:200])
+    if not isinstance(obj, dict):
+        return BadRecord("not_an_object", raw, type(obj).__name__)
+    return obj
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-finite number {name}")
+
+
+def _id_field(obj: dict, name: str, raw: bytes) -> Union[str, BadRecord]:
+    if name not in obj:
+        return BadRecord("missing_field", raw, name)
+    value = obj[name]
+    if not isinstance(value, str):
+        return BadRecord("wrong_type", raw, f"{name} must be a string")
+    if not value.strip():
+        return BadRecord("empty_id", raw, name)
+    if len(value) > MAX_ID_CHARS:
+        return BadRecord("id_too_long", raw, f"{name} longer than {MAX_ID_CHARS}")
+    return value
+
+
+def parse_event(raw: bytes) -> Union[Event, BadRecord]:
+    obj = _loads(raw)
+    if isinstance(obj, BadRecord):
+        return obj
+    fields = {}
+    for name in ("event_id", "user_id", "item_id"):
+        value = _id_field(obj, name, raw)
+        if isinstance(value, BadRecord):
+            return value
+        fields[name] = value
+    event_type = obj.get("event_type")
+    if event_type is None:
+        return BadRecord("missing_field", raw, "event_type")
+    if not isinstance(event_type, str):
+        return BadRecord("wrong_type", raw, "event_type must be a string")
+    event_type = _EVENT_ALIASES.get(event_type, event_type)
+    if event_type not in EVENT_WEIGHTS:
+        return BadRecord("unknown_event_type", raw, event_type[:40])
+    if "ts" not in obj:
+        return BadRecord("missing_field", raw, "ts")
+    ts = obj["ts"]
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        return BadRecord("wrong_type", raw, "ts must be a number")
+    ts = float(ts)
+    if not math.isfinite(ts):
+        return BadRecord("non_finite_ts", raw, repr(ts))
+    return Event(event_type=event_type, ts=ts, **fields)
+
+
+def parse_item(raw: bytes) -> Union[Item, BadRecord]:
+    obj = _loads(raw)
+    if isinstance(obj, BadRecord):
+        return obj
+    item_id = _id_field(obj, "item_id", raw)
+    if isinstance(item_id, BadRecord):
+        return item_id
+    if "text" not in obj:
+        return BadRecord("missing_field", raw, "text")
+    text = obj["text"]
+    if not isinstance(text, str):
+        return BadRecord("wrong_type", raw, "text must be a string")
+    if not text.strip():
+        return BadRecord("empty_text", raw, "text")
+    return Item(item_id=item_id, text=text[:MAX_TEXT_CHARS])
+
+
+def event_to_json(event: Event) -> bytes:
+    return json.dumps(
+        {"event_id": event.event_id, "user_id": event.user_id, "item_id": event.item_id,
+         "event_type": event.event_type, "ts": event.ts}
+    ).encode()
+
+
+def item_to_json(item: Item) -> bytes:
+    return json.dumps({"item_id": item.item_id, "text": item.text}).encode()

