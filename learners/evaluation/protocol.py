@@ -1,0 +1,249 @@
+"""Protocol P1 of CONTRACTS section 3: prequential (test-then-train) evaluation.
+
+What does not depend on the strategy (block split, catalogue, each block's
+test users with their history and truth) is computed once by ``prepare_p1``
+and shared; ``run_prepared`` then drives one ``Recommender`` through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from learners.records import Event, Item
+
+# Called after every step with (steps done, steps in all, what was just done).
+Progress = Callable[[int, int, str], None]
+
+# Scores are clipped into the finite range so an excluded candidate (-inf)
+# always ranks below every real one, whatever the strategy returns.
+_HIGHEST = float(np.finfo(np.float64).max)
+_CELLS_PER_CHUNK = 1 << 23  # users x items float64 cells scored at once (64 MiB)
+
+
+@runtime_checkable
+class Recommender(Protocol):
+    """What a strategy offers to be evaluated.
+
+    ``scores`` must give one number per (user, item) for every id it is asked
+    about, including items never passed to ``add_items`` (known only from
+    events) and items no event has mentioned yet. Higher ranks first.
+    """
+
+    name: str
+    samples_trained: int
+    train_seconds: float
+
+    def add_items(self, items: list[Item]) -> None: ...
+
+    def learn(self, events: list[Event]) -> None: ...
+
+    def scores(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class BlockTest:
+    """One block's test users with the catalogue rows P1 needs for them."""
+
+    block: int
+    user_ids: list[str]
+    history: list[np.ndarray]  # rows the user had an event with before the block: not candidates
+    truth: list[np.ndarray]  # rows new to the user in the block (never empty)
+
+
+@dataclass(frozen=True)
+class PreparedP1:
+    """The strategy-independent part of P1, built once per data set."""
+
+    blocks: list[list[Event]]
+    items: list[Item]  # catalogue items that have text, in catalogue order
+    catalogue: list[str]  # every candidate item id; the index breaks score ties
+    tests: list[BlockTest]  # one per block 1..B-1
+    k: int
+
+    @property
+    def n_events(self) -> int:
+        return sum(len(block) for block in self.blocks)
+
+
+@dataclass(frozen=True)
+class BlockScore:
+    block: int
+    recall: float
+    ndcg: float
+    users: int
+
+
+@dataclass
+class StrategyResult:
+    name: str
+    k: int
+    recall: float  # mean over blocks with test users
+    ndcg: float
+    bwt: Optional[float]  # None when no block pair was measurable (B < 3)
+    train_seconds: float
+    samples_trained: int
+    per_block: list[BlockScore]
+    r_diag: dict[int, float]  # R[k][k]: NDCG on block k's test right after training on block k
+    r_end: dict[int, float]  # R[end][k]: the same test after the last block
+
+
+def prepare_p1(events: Sequence[Event], items: Sequence[Item], blocks: int = 10,
+               k: int = 10) -> PreparedP1:
+    if blocks < 2:
+        raise ValueError(f"P1 needs at least 2 blocks, got {blocks}")
+    if k < 1:
+        raise ValueError(f"K must be at least 1, got {k}")
+    if not events:
+        raise ValueError("P1 needs at least one event")
+    ordered = sorted(events, key=lambda e: e.ts)  # sorted() is stable: ts ties keep file order
+    sizes = [len(part) for part in np.array_split(np.arange(len(ordered)), blocks)]
+    bounds = np.cumsum([0] + sizes)
+    split = [ordered[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    newest: dict[str, Item] = {}  # a re-published item keeps its place, newest text wins
+    for item in items:
+        newest[item.item_id] = item
+    catalogue = list(newest)
+    row = {item_id: i for i, item_id in enumerate(catalogue)}
+    for event in ordered:  # items with no text are still candidates
+        if event.item_id not in row:
+            row[event.item_id] = len(catalogue)
+            catalogue.append(event.item_id)
+
+    tests: list[BlockTest] = []
+    history: dict[str, set[int]] = {}
+    for number, block in enumerate(split):
+        in_block: dict[str, set[int]] = {}
+        for event in block:
+            in_block.setdefault(event.user_id, set()).add(row[event.item_id])
+        if number > 0:
+            tests.append(_block_test(number, in_block, history))
+        for user_id, rows in in_block.items():
+            history.setdefault(user_id, set()).update(rows)
+    return PreparedP1(split, list(newest.values()), catalogue, tests, k)
+
+
+def _block_test(number: int, in_block: dict[str, set[int]],
+                history: dict[str, set[int]]) -> BlockTest:
+    users, seen, truth = [], [], []
+    for user_id, rows in in_block.items():
+        before = history.get(user_id)
+        if not before:
+            continue  # no history: not a test user
+        new = rows - before
+        if new:
+            users.append(user_id)
+            seen.append(np.fromiter(sorted(before), dtype=np.intp, count=len(before)))
+            truth.append(np.fromiter(sorted(new), dtype=np.intp, count=len(new)))
+    return BlockTest(number, users, seen, truth)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise column indices of the k highest scores, best first.
+
+    Equal scores rank by the lower column (catalogue order), also at the
+    top-k boundary where ``argpartition`` alone would pick arbitrarily.
+    """
+    n_rows, n_cols = scores.shape
+    k = min(k, n_cols)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    values = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -values), axis=1)
+    top = np.take_along_axis(part, order, axis=1)
+    kth = values.min(axis=1)
+    tied = np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k)
+    for r in tied:  # more columns share the k-th score than fit: choose among all of them
+        cols = np.flatnonzero(scores[r] >= kth[r])
+        top[r] = cols[np.argsort(-scores[r, cols], kind="stable")[:k]]
+    return top
+
+
+def user_metrics(ranked: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, float]:
+    """Recall@K and NDCG@K (binary gains) of one ranked list against a truth set."""
+    hits = np.isin(ranked[:k], truth)
+    ideal = min(k, len(truth))
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = float(discounts[: len(hits)][hits].sum())
+    return float(hits.sum()) / ideal, dcg / float(discounts[:ideal].sum())
+
+
+def score_block(recommender: Recommender, test: BlockTest, catalogue: list[str],
+                k: int) -> BlockScore:
+    """Mean Recall@K and NDCG@K over a block's test users, with the recommender as it is now."""
+    if not test.user_ids:
+        return BlockScore(test.block, 0.0, 0.0, 0)
+    chunk = max(1, _CELLS_PER_CHUNK // max(1, len(catalogue)))
+    recalls, ndcgs = [], []
+    for start in range(0, len(test.user_ids), chunk):
+        users = test.user_ids[start:start + chunk]
+        scores = np.array(recommender.scores(users, catalogue), dtype=np.float64)
+        if scores.shape != (len(users), len(catalogue)):
+            raise ValueError(f"{recommender.name}: scores() returned shape {scores.shape}, "
+                             f"expected {(len(users), len(catalogue))}")
+        np.nan_to_num(scores, copy=False, nan=-_HIGHEST, posinf=_HIGHEST, neginf=-_HIGHEST)
+        for i, seen in enumerate(test.history[start:start + chunk]):
+            scores[i, seen] = -np.inf
+        for ranked, truth in zip(top_k(scores, k), test.truth[start:start + chunk]):
+            recall, ndcg = user_metrics(ranked, truth, k)
+            recalls.append(recall)
+            ndcgs.append(ndcg)
+    return BlockScore(test.block, float(np.mean(recalls)), float(np.mean(ndcgs)), len(recalls))
+
+
+def run_prepared(recommender: Recommender, prepared: PreparedP1,
+                 progress: Optional[Progress] = None) -> StrategyResult:
+    """Block 0 trains; each later block is tested then trained; forgetting at the end."""
+    k, catalogue, last = prepared.k, prepared.catalogue, len(prepared.blocks) - 1
+    total = 2 * len(prepared.blocks) + max(0, last - 1)
+    done = 0
+
+    def step(stage: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, stage)
+
+    recommender.add_items(list(prepared.items))
+    _learn(recommender, prepared.blocks[0])
+    step("train block 0")
+    per_block: list[BlockScore] = []
+    r_diag: dict[int, float] = {}
+    for test in prepared.tests:
+        per_block.append(score_block(recommender, test, catalogue, k))
+        step(f"test block {test.block}")
+        _learn(recommender, prepared.blocks[test.block])
+        step(f"train block {test.block}")
+        if test.block < last:
+            after = score_block(recommender, test, catalogue, k)
+            if after.users:
+                r_diag[test.block] = after.ndcg
+            step(f"retest block {test.block}")
+    r_end = {b: score_block(recommender, prepared.tests[b - 1], catalogue, k).ndcg for b in r_diag}
+    step("forgetting")
+
+    measured = [s for s in per_block if s.users]
+    return StrategyResult(
+        name=recommender.name, k=k,
+        recall=_mean([s.recall for s in measured]), ndcg=_mean([s.ndcg for s in measured]),
+        bwt=float(np.mean([r_end[b] - r_diag[b] for b in r_diag])) if r_diag else None,
+        train_seconds=float(recommender.train_seconds),
+        samples_trained=int(recommender.samples_trained),
+        per_block=per_block, r_diag=r_diag, r_end=r_end)
+
+
+def run_p1(recommender: Recommender, events: Sequence[Event], items: Sequence[Item],
+           blocks: int = 10, k: int = 10, progress: Optional[Progress] = None) -> StrategyResult:
+    """Protocol P1 for one strategy; use ``prepare_p1`` + ``run_prepared`` for several."""
+    return run_prepared(recommender, prepare_p1(events, items, blocks, k), progress)
+
+
+def _learn(recommender: Recommender, events: list[Event]) -> None:
+    if events:  # fewer events than blocks leaves some blocks empty: nothing to learn
+        recommender.learn(events)
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else 0.0

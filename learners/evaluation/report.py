@@ -1,0 +1,106 @@
+"""The results file of CONTRACTS section 4, plus a plot and a Markdown table.
+
+``write_plot`` and ``markdown_table`` take the results dict (the JSON shape),
+so they work just as well on a results file loaded from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Union
+
+from learners.evaluation.protocol import StrategyResult
+
+PathLike = Union[str, Path]
+
+
+def strategy_dict(result: StrategyResult) -> dict:
+    recall_key, ndcg_key = f"recall@{result.k}", f"ndcg@{result.k}"
+    return {
+        recall_key: result.recall,
+        ndcg_key: result.ndcg,
+        "bwt": result.bwt,
+        "train_seconds": result.train_seconds,
+        "samples_trained": result.samples_trained,
+        "per_block": [
+            {"block": s.block, recall_key: s.recall, ndcg_key: s.ndcg, "users": s.users}
+            for s in result.per_block
+        ],
+    }
+
+
+def results_dict(*, blocks: int, k: int, events: int, items: int,
+                 strategies: dict[str, StrategyResult]) -> dict:
+    """The section-4 object; ``items`` is the catalogue size (every candidate)."""
+    for name, result in strategies.items():
+        if result.k != k:
+            raise ValueError(f"strategy {name} was measured at K={result.k}, not K={k}")
+    return {"protocol": "P1", "blocks": blocks, "k": k, "events": events, "items": items,
+            "strategies": {name: strategy_dict(r) for name, r in strategies.items()}}
+
+
+def _write_text(path: PathLike, text: str) -> Path:
+    # tmp + rename: a reader never sees half a results file.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_results(path: PathLike, *, blocks: int, k: int, events: int, items: int,
+                  strategies: dict[str, StrategyResult]) -> dict:
+    """Write the results JSON and return the dict written."""
+    results = results_dict(blocks=blocks, k=k, events=events, items=items, strategies=strategies)
+    _write_text(path, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    k = results["k"]
+    lines = [
+        f"Protocol {results['protocol']}: {results['blocks']} blocks, K={k}, "
+        f"{results['events']} events, {results['items']} items.",
+        "",
+        f"| strategy | Recall@{k} | NDCG@{k} | BWT | train s | samples trained |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in results["strategies"].items():
+        bwt = "n/a" if s["bwt"] is None else f"{s['bwt']:+.4f}"
+        lines.append(f"| {name} | {s[f'recall@{k}']:.4f} | {s[f'ndcg@{k}']:.4f} | {bwt} "
+                     f"| {s['train_seconds']:.1f} | {s['samples_trained']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: PathLike, results: dict) -> Path:
+    return _write_text(path, markdown_table(results))
+
+
+def write_plot(png_path: PathLike, results: dict) -> Path:
+    """NDCG@K per block, one line per strategy."""
+    # Figure + Agg canvas directly: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = results["k"]
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, s in results["strategies"].items():
+        blocks = [b["block"] for b in s["per_block"]]
+        values = [b[f"ndcg@{k}"] for b in s["per_block"]]
+        axes.plot(blocks, values, marker="o", label=f"{name} ({s[f'ndcg@{k}']:.3f})")
+    axes.set_xlabel("block")
+    axes.set_ylabel(f"NDCG@{k}")
+    axes.set_title(f"Protocol {results['protocol']}: NDCG@{k} per block (test, then train)")
+    axes.grid(True, alpha=0.3)
+    if results["strategies"]:
+        axes.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png_path)
+    return png_path

@@ -1,0 +1,29 @@
+"""Turn events into training samples and Avalanche experiences.
+
+A sample is what the model saw when the event happened: the user's history
+before it (item rows and weights, fixed length) and the item they went to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
+from avalanche.benchmarks.utils import DataAttribute, make_avalanche_dataset
+
+
+def make_experience(hist_rows: np.ndarray, hist_weights: np.ndarray, item_rows: np.ndarray,
+                    index: int) -> DatasetExperience:
+    rows = torch.from_numpy(np.ascontiguousarray(hist_rows, dtype=np.int64))
+    weights = torch.from_numpy(np.ascontiguousarray(hist_weights, dtype=np.float32))
+    items = torch.from_numpy(np.ascontiguousarray(item_rows, dtype=np.int64))
+    n = len(items)
+    dataset = make_avalanche_dataset(
+        TensorDataset(rows, weights, items),
+        data_attributes=[
+            DataAttribute(items.tolist(), "targets"),
+            DataAttribute([0] * n, "targets_task_labels", use_in_getitem=True),
+        ],
+    )
+    return DatasetExperience(dataset=dataset, current_experience=index)

@@ -1,0 +1,217 @@
+"""``ContinualRecommender``: the one learner the worker, evaluate and bench drive.
+
+Small verbs: ``add_items`` (texts in), ``observe`` (an event in; cheap),
+``learn`` (train one experience on what was observed), ``user_vectors`` /
+``item_vectors`` (what gets published). Nothing here knows about Kafka.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from learners.catalogue import Catalogue
+from learners.encoder import TextEncoder, resolve_device
+from learners.experience import make_experience
+from learners.features import ItemFeatures
+from learners.model import TwoTower
+from learners.records import EVENT_WEIGHTS, Event, Item
+from learners.strategy import build_strategy
+from learners.users import UserHistories
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    model_path: str
+    device: str = "auto"
+    strategy: str = "ewc_replay"
+    train_layers: int = 1
+    max_text_tokens: int = 32
+    vector_dim: int = 128
+    history_length: int = 64
+    recency_decay: float = 0.97
+    batch_size: int = 128
+    epochs: int = 1
+    negatives: int = 256
+    temperature: float = 0.05
+    learning_rate: float = 2e-3
+    ewc_lambda: float = 50.0
+    ewc_decay: float = 0.9
+    replay_size: int = 20_000
+    replay_batch: int = 32
+    max_users: int = 1_000_000
+    refresh_per_update: int = 2048
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LearnReport:
+    model_version: int
+    samples: int
+    seconds: float
+    loss: float
+    ewc_penalty: float
+    touched_items: int
+
+
+class ContinualRecommender:
+    def __init__(self, config: LearnerConfig, encoder: Optional[TextEncoder] = None) -> None:
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.device = resolve_device(config.device)
+        # Sharing an encoder (e.g. across evaluation strategies) shares its frozen cache.
+        self.encoder = encoder or TextEncoder(config.model_path, config.train_layers,
+                                              config.max_text_tokens, self.device)
+        # Own copy of the trainable top: several learners may share one encoder's frozen bottom.
+        self.top = copy.deepcopy(self.encoder.top)
+        self.features = ItemFeatures(self.encoder.hidden_size)
+        self.catalogue = Catalogue()
+        self.users = UserHistories(config.history_length, config.max_users, config.recency_decay)
+        self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim,
+                              config.negatives, config.temperature, self.device).to(self.device)
+        self.parts = build_strategy(
+            config.strategy, self.model, lr=config.learning_rate, batch_size=config.batch_size,
+            epochs=config.epochs, ewc_lambda=config.ewc_lambda, ewc_decay=config.ewc_decay,
+            replay_size=config.replay_size, replay_batch=config.replay_batch, device=self.device)
+        self.model_version = 0
+        self._seq = 0
+        self._pending: list[tuple[int, int, int]] = []  # (user slot, event seq, item row)
+        self._refresh_cursor = 0
+        self._item_table = np.zeros((0, config.vector_dim), np.float32)
+        self._ctx_table = np.zeros((0, config.vector_dim), np.float32)
+        self._global_ctx = np.zeros(config.vector_dim, np.float32)
+        self._published = np.zeros((0, config.vector_dim), np.float32)
+        self._tables_stale = True
+
+    # -- items ----------------------------------------------------------------
+    def add_items(self, items: Sequence[Item], frozen_cache: Optional[dict] = None) -> list[str]:
+        """Store texts; encode new or changed ones. Returns the ids whose text changed."""
+        changed_rows, texts = [], []
+        for item in items:
+            row, changed = self.catalogue.set_text(item.item_id, item.text)
+            if changed:
+                changed_rows.append(row)
+                texts.append(item.text)
+        self.features.ensure_rows(len(self.catalogue))
+        if changed_rows:
+            cached = [frozen_cache.get(t) if frozen_cache is not None else None for t in texts]
+            missing = [i for i, c in enumerate(cached) if c is None]
+            if missing:
+                fresh = self.encoder.frozen_features([texts[i] for i in missing])
+                for i, feature in zip(missing, fresh):
+                    cached[i] = feature
+                    if frozen_cache is not None:
+                        frozen_cache[texts[i]] = feature
+            for row, feature in zip(changed_rows, cached):
+                self.features.set_frozen(row, feature)
+            self._refresh_pooled(torch.tensor(changed_rows))
+        self._tables_stale = True
+        return [self.catalogue.ids[r] for r in changed_rows]
+
+    @torch.no_grad()
+    def _refresh_pooled(self, rows: torch.Tensor, chunk: int = 512) -> None:
+        """Run the trainable top over cached bottom features of ``rows``."""
+        rows = self.features.rows_with_text(rows)
+        self.model.eval()
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            pooled = self.top([self.features.frozen[r] for r in part.tolist()], self.device)
+            self.features.pooled[part] = pooled.float().cpu()
+        self.model.train()
+
+    # -- events ---------------------------------------------------------------
+    def observe(self, event: Event) -> None:
+        """Apply one valid event to the user's history and queue it for training."""
+        row = self.catalogue.row(event.item_id)
+        slot = self.users.append(event.user_id, row, EVENT_WEIGHTS[event.event_type], self._seq)
+        self._pending.append((slot, self._seq, row))
+        self._seq += 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def learn(self) -> Optional[LearnReport]:
+        """Train one experience on everything observed since the last call."""
+        if not self._pending:
+            return None
+        pending, self._pending = self._pending, []
+        slots, seqs, items = (np.array(col, dtype=np.int64) for col in zip(*pending))
+        hist_rows, hist_weights = self.users.histories(slots, before_seq=seqs)
+        return self._train(hist_rows, hist_weights, items)
+
+    def _train(self, hist_rows: np.ndarray, hist_weights: np.ndarray, items: np.ndarray) -> LearnReport:
+        self.features.ensure_rows(len(self.catalogue))
+        self.model.grow(len(self.catalogue))
+        experience = make_experience(hist_rows, hist_weights, items, self.model_version)
+        stats = self.parts.stats
+        samples_before, seconds_before = stats.samples, stats.seconds
+        self.parts.strategy.train(experience, eval_streams=[])
+        self.model_version += 1
+        touched = np.unique(items)
+        self._refresh_after_update(touched)
+        penalty = self.parts.ewc.last_penalty if self.parts.ewc else 0.0
+        loss = float(np.mean(stats.losses)) if stats.losses else float("nan")
+        return LearnReport(self.model_version, stats.samples - samples_before, stats.seconds - seconds_before,
+                           loss, penalty, len(touched))
+
+    def _refresh_after_update(self, touched: np.ndarray) -> None:
+        """Re-embed trained items plus a rolling slice of the catalogue."""
+        if self.model.top.trainable:
+            n = len(self.catalogue)
+            sweep = min(self.config.refresh_per_update, n)
+            start = self._refresh_cursor % max(n, 1)
+            sweep_rows = (np.arange(start, start + sweep) % max(n, 1)) if n else np.zeros(0, np.int64)
+            self._refresh_cursor = start + sweep
+            rows = np.unique(np.concatenate([touched, sweep_rows]))
+            self._refresh_pooled(torch.from_numpy(rows))
+        self._tables_stale = True
+
+    # -- vectors --------------------------------------------------------------
+    def _tables(self) -> None:
+        if not self._tables_stale and len(self._item_table) == len(self.catalogue):
+            return
+        self.features.ensure_rows(len(self.catalogue))
+        self.model.grow(len(self.catalogue))
+        self.model.eval()
+        self._item_table = self.model.item_table().float().cpu().numpy()
+        self._ctx_table = self.model.context_table().float().cpu().numpy()
+        self._global_ctx = self.model.global_ctx.detach().float().cpu().numpy()
+        self.model.train()
+        self._tables_stale = False
+
+    def item_vectors(self, item_ids: Optional[Iterable[str]] = None) -> np.ndarray:
+        self._tables()
+        if item_ids is None:
+            return self._item_table
+        rows = self.catalogue.rows(item_ids)
+        self._tables()  # rows may have grown the catalogue
+        return self._item_table[rows]
+
+    def user_vectors(self, user_ids: Sequence[str]) -> np.ndarray:
+        self._tables()
+        rows, weights = self.users.histories_of(user_ids)
+        summed = self._global_ctx + np.einsum("ul,uld->ud", weights, self._ctx_table[rows])
+        return summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
+
+    def items_to_publish(self, min_change: float = 0.0) -> tuple[list[str], np.ndarray]:
+        """Items never published or whose vector moved by more than ``min_change`` (1 - cosine)."""
+        table = self.item_vectors()
+        n, seen = len(table), len(self._published)
+        if seen < n:
+            self._published = np.concatenate([self._published, np.zeros((n - seen, table.shape[1]), np.float32)])
+        moved = 1.0 - np.einsum("nd,nd->n", table, self._published) > min_change
+        rows = np.flatnonzero(moved)
+        self._published[rows] = table[rows]
+        return [self.catalogue.ids[r] for r in rows], table[rows]
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
