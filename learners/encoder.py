@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,6 +88,18 @@ class TextEncoder:
                 lengths = mask.sum(1).tolist()
                 out.extend(states[i, :n].clone() for i, n in enumerate(lengths))
         return out
+
+
+    @torch.no_grad()
+    def pooled(self, texts: Sequence[str], batch_size: int = 128) -> "np.ndarray":
+        """The pretrained model's mean-pooled text vectors, as shipped (no cache, no training)."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                                   max_length=self.max_tokens, return_tensors="pt").to(self.device)
+            result = self.model(**batch)
+            out.append(mean_pool(result.last_hidden_state, batch["attention_mask"]).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, self.hidden_size), np.float32)
 
 
 class TopLayers(nn.Module):

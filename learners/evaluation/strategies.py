@@ -1,0 +1,151 @@
+"""Every CONTRACTS strategy as a P1 ``Recommender``, built on the one learner.
+
+All learner strategies (naive, ewc, replay, ewc_replay, joint) drive
+``ContinualRecommender`` exactly as the worker does: events are observed in
+time order and trained in experiences of ``experience_size`` events. They
+share one encoder's frozen bottom and one cache of its outputs, so the
+catalogue is encoded once per evaluation, not once per strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from learners.encoder import TextEncoder, resolve_device
+from learners.evaluation.popularity import PopularityRecommender
+from learners.learner import ContinualRecommender, LearnerConfig
+from learners.records import EVENT_WEIGHTS, Event, Item
+
+LEARNER_STRATEGIES = ("naive", "ewc", "replay", "ewc_replay")
+ALL_STRATEGIES = ("popularity", "frozen", *LEARNER_STRATEGIES, "joint")
+
+
+class LearnerRecommender:
+    """A continual strategy: each block is one more stretch of the stream."""
+
+    def __init__(self, name: str, config: LearnerConfig, encoder: TextEncoder, frozen_cache: dict,
+                 experience_size: int) -> None:
+        self.name = name
+        self.learner = ContinualRecommender(dataclasses.replace(config, strategy=name), encoder)
+        self._frozen_cache = frozen_cache
+        self.experience_size = experience_size
+        self.train_seconds = 0.0
+
+    @property
+    def samples_trained(self) -> int:
+        return self.learner.parts.stats.samples
+
+    def add_items(self, items: list[Item]) -> None:
+        self.learner.add_items(items, self._frozen_cache)
+
+    def learn(self, events: list[Event]) -> None:
+        started = time.perf_counter()
+        for start in range(0, len(events), self.experience_size):
+            for event in events[start:start + self.experience_size]:
+                self.learner.observe(event)
+            self.learner.learn()
+        self.train_seconds += time.perf_counter() - started
+
+    def scores(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray:
+        return self.learner.user_vectors(user_ids) @ self.learner.item_vectors(item_ids).T
+
+
+class JointRecommender:
+    """The costly upper reference: retrained from the pretrained model on all events so far."""
+
+    name = "joint"
+
+    def __init__(self, make: Callable[[], LearnerRecommender], epochs: int) -> None:
+        self._make = make
+        self._epochs = epochs
+        self._items: list[Item] = []
+        self._events: list[Event] = []
+        self._current: Optional[LearnerRecommender] = None
+        self.samples_trained = 0
+        self.train_seconds = 0.0
+
+    def add_items(self, items: list[Item]) -> None:
+        self._items = list(items)
+
+    def learn(self, events: list[Event]) -> None:
+        self._events.extend(events)
+        fresh = self._make()
+        fresh.add_items(self._items)
+        for event in self._events:
+            fresh.learner.observe(event)
+        # Joint sees every event at once: one big experience, several epochs.
+        fresh.learner.parts.strategy.train_epochs = self._epochs
+        started = time.perf_counter()
+        fresh.learner.learn()
+        self.train_seconds += time.perf_counter() - started
+        self.samples_trained += fresh.samples_trained
+        self._current = fresh
+
+    def scores(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray:
+        if self._current is None:
+            return np.zeros((len(user_ids), len(item_ids)))
+        return self._current.scores(user_ids, item_ids)
+
+
+class FrozenTextRecommender:
+    """The pretrained encoder as shipped: item = mean-pooled text vector, user =
+    event-weighted sum of history item vectors (BASELINES.md's frozen peer)."""
+
+    name = "frozen"
+
+    def __init__(self, encoder: TextEncoder) -> None:
+        self._encoder = encoder
+        self._vectors: dict[str, np.ndarray] = {}
+        self._profiles: dict[str, np.ndarray] = {}
+        self.samples_trained = 0
+        self.train_seconds = 0.0
+
+    def add_items(self, items: list[Item]) -> None:
+        pooled = self._encoder.pooled([item.text for item in items])
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        for item, vec in zip(items, pooled / np.maximum(norms, 1e-12)):
+            self._vectors[item.item_id] = vec.astype(np.float32)
+        self._dim = pooled.shape[1]
+
+    def _vec(self, item_id: str) -> np.ndarray:
+        return self._vectors.get(item_id, np.zeros(self._dim, np.float32))
+
+    def learn(self, events: list[Event]) -> None:
+        for e in events:
+            profile = self._profiles.setdefault(e.user_id, np.zeros(self._dim, np.float32))
+            profile += EVENT_WEIGHTS[e.event_type] * self._vec(e.item_id)
+
+    def scores(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray:
+        users = np.stack([self._profiles.get(u, np.zeros(self._dim, np.float32)) for u in user_ids])
+        items = np.stack([self._vec(i) for i in item_ids])
+        return users @ items.T
+
+
+def make_factory(config: LearnerConfig, experience_size: int = 512, joint_epochs: int = 2) -> Callable[[str], object]:
+    """``factory(name) -> Recommender`` sharing one encoder and frozen cache across strategies."""
+    shared: dict = {}
+
+    def encoder() -> TextEncoder:
+        if "encoder" not in shared:
+            shared["encoder"] = TextEncoder(config.model_path, config.train_layers, config.max_text_tokens,
+                                            resolve_device(config.device))
+            shared["cache"] = {}
+        return shared["encoder"]
+
+    def factory(name: str):
+        if name == "popularity":
+            return PopularityRecommender()
+        if name == "frozen":
+            return FrozenTextRecommender(encoder())
+        if name in LEARNER_STRATEGIES:
+            return LearnerRecommender(name, config, encoder(), shared["cache"], experience_size)
+        if name == "joint":
+            return JointRecommender(
+                lambda: LearnerRecommender("naive", config, encoder(), shared["cache"], experience_size), joint_epochs)
+        raise KeyError(f"unknown strategy {name!r}; choose from {', '.join(ALL_STRATEGIES)}")
+
+    return factory

@@ -1,0 +1,247 @@
+"""Kafka I/O on kafka-python: one consumer wrapper and two producer sinks.
+
+The worker loop must keep running through broker trouble, so ``KafkaSource``
+turns poll failures into an empty batch plus a capped backoff, while the sinks
+make delivery failures visible in ``flush()`` instead of dropping them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Union
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
+
+from learners.errors import BrokerError
+from learners.records import BadRecord
+
+log = logging.getLogger(__name__)
+
+Partition = tuple[str, int]
+PartitionCallback = Callable[[list[Partition]], None]
+ErrorCallback = Callable[[str, BaseException], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: Optional[bytes]
+    value: Optional[bytes]
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def from_consumer_record(cls, record) -> "SourceRecord":
+        return cls(record.topic, record.partition, record.offset, record.key, record.value,
+                   record.timestamp, tuple(record.headers or ()))
+
+
+def _pairs(partitions: Iterable[TopicPartition]) -> list[Partition]:
+    return sorted((tp.topic, tp.partition) for tp in partitions)
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, source: "KafkaSource", on_assigned: Optional[PartitionCallback],
+                 on_revoked: Optional[PartitionCallback]):
+        self._source = source
+        self._on_assigned = on_assigned
+        self._on_revoked = on_revoked
+
+    def on_partitions_revoked(self, revoked):
+        if self._on_revoked is not None:
+            self._on_revoked(_pairs(revoked))
+
+    def on_partitions_assigned(self, assigned):
+        # Newly assigned partitions start unpaused; keep backpressure in force.
+        if self._source.paused and assigned:
+            self._source._consumer.pause(*assigned)
+        if self._on_assigned is not None:
+            self._on_assigned(_pairs(assigned))
+
+
+class KafkaSource:
+    """A group consumer that commits by hand and never raises from ``next_batch``."""
+
+    def __init__(self, consumer: Union[KafkaConsumer, Callable[[], KafkaConsumer]], *,
+                 on_error: Optional[ErrorCallback] = None,
+                 backoff_initial_s: float = 0.1, backoff_max_s: float = 5.0,
+                 sleep: Callable[[float], None] = time.sleep):
+        if callable(consumer) and not hasattr(consumer, "poll"):
+            try:
+                consumer = consumer()
+            except KafkaError as exc:
+                raise BrokerError(f"could not create the Kafka consumer: {exc}") from exc
+        self._consumer = consumer
+        self._on_error = on_error
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._sleep = sleep
+        self._failures = 0
+        self._paused = False
+
+    @classmethod
+    def from_settings(cls, settings, *, on_error: Optional[ErrorCallback] = None,
+                      **consumer_overrides) -> "KafkaSource":
+        kwargs = {**settings.consumer_kwargs(), **consumer_overrides}
+        return cls(lambda: KafkaConsumer(**kwargs), on_error=on_error)
+
+    # --- group membership ---------------------------------------------------
+    def subscribe(self, topics: Iterable[str], on_assigned: Optional[PartitionCallback] = None,
+                  on_revoked: Optional[PartitionCallback] = None) -> None:
+        self._consumer.subscribe(topics=list(topics), listener=_Listener(self, on_assigned, on_revoked))
+
+    def assignment(self) -> list[Partition]:
+        return _pairs(self._consumer.assignment())
+
+    # --- reading --------------------------------------------------------------
+    def next_batch(self, timeout_ms: int = 1000) -> list[SourceRecord]:
+        """One poll, flattened in (topic, partition, offset) order; [] on broker trouble."""
+        try:
+            polled = self._consumer.poll(timeout_ms=timeout_ms)
+        except (KafkaError, OSError) as exc:
+            self._failed("poll", exc)
+            return []
+        self._failures = 0
+        batch = []
+        for tp in sorted(polled, key=lambda tp: (tp.topic, tp.partition)):
+            batch.extend(SourceRecord.from_consumer_record(r) for r in polled[tp])
+        return batch
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        self._failures += 1
+        delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (self._failures - 1))
+        log.warning("kafka %s failed (%s: %s); retrying in %.1fs",
+                    operation, type(exc).__name__, exc, delay)
+        if self._on_error is not None:
+            self._on_error(operation, exc)
+        # Sleep here so a dead broker can never turn the worker loop into a busy loop.
+        self._sleep(delay)
+
+    # --- backpressure ---------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause_all(self) -> None:
+        """Stop fetching; keep calling ``next_batch`` so the group membership stays alive."""
+        self._paused = True
+        assigned = self._consumer.assignment()
+        if assigned:
+            self._consumer.pause(*assigned)
+
+    def resume_all(self) -> None:
+        self._paused = False
+        paused = self._consumer.paused()
+        if paused:
+            self._consumer.resume(*paused)
+
+    # --- positions and offsets ------------------------------------------------
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self._consumer.seek(TopicPartition(topic, partition), offset)
+
+    def commit(self, offsets: dict[Partition, int]) -> bool:
+        """Commit NEXT offsets to read; False (logged, counted) if the group refused."""
+        if not offsets:
+            return True
+        payload = {TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+                   for (topic, partition), offset in offsets.items()}
+        try:
+            self._consumer.commit(offsets=payload)
+        except KafkaError as exc:
+            # A later commit carries newer offsets; a restart resumes from the checkpoint.
+            log.warning("offset commit failed (%s: %s)", type(exc).__name__, exc)
+            if self._on_error is not None:
+                self._on_error("commit", exc)
+            return False
+        return True
+
+    def committed(self, topic: str, partition: int) -> Optional[int]:
+        try:
+            return self._consumer.committed(TopicPartition(topic, partition))
+        except KafkaError as exc:
+            raise BrokerError(f"could not read the committed offset of {topic}[{partition}]: {exc}") from exc
+
+    def lag(self) -> dict[str, int]:
+        """Records behind per topic, from fetch highwaters (no ListOffsets round trip)."""
+        lag: dict[str, int] = {}
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue  # not fetched yet: unknown, not zero
+            try:
+                position = self._consumer.position(tp, timeout_ms=100)
+            except KafkaError:
+                continue
+            if position is None:
+                continue
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, highwater - position)
+        return lag
+
+    def close(self) -> None:
+        try:
+            self._consumer.close(autocommit=False)
+        except KafkaError as exc:
+            log.warning("closing the consumer failed: %s", exc)
+
+
+class _ProducerSink:
+    """Sends records; delivery failures are collected and raised by ``flush``."""
+
+    def __init__(self, producer: KafkaProducer, topic: str):
+        self._producer = producer
+        self.topic = topic
+        self._errors: list[BaseException] = []
+
+    def _send(self, key: Optional[bytes], value: bytes, headers: Optional[list] = None) -> None:
+        try:
+            future = self._producer.send(self.topic, key=key, value=value, headers=headers)
+        except KafkaError as exc:
+            # Refused before queueing (e.g. no metadata): stop now rather than block per record.
+            raise BrokerError(f"could not send to {self.topic}: {exc}") from exc
+        future.add_errback(self._record_error)
+
+    def _record_error(self, exc: BaseException) -> None:
+        # Runs on the producer's I/O thread once its own retries are exhausted.
+        self._errors.append(exc)
+
+    def flush(self, timeout: Optional[float] = 30.0) -> None:
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaError as exc:
+            raise BrokerError(f"flushing {self.topic} did not finish in {timeout}s: {exc}") from exc
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise BrokerError(f"{len(errors)} record(s) to {self.topic} failed after the producer's "
+                              f"retries; first: {type(errors[0]).__name__}: {errors[0]}")
+
+
+class VectorSink(_ProducerSink):
+    def write_batch(self, records: list[tuple[bytes, bytes]]) -> None:
+        for key, value in records:
+            self._send(key, value)
+
+
+class DeadLetterSink(_ProducerSink):
+    def write_batch(self, items: list[tuple[BadRecord, SourceRecord]]) -> None:
+        for bad, source in items:
+            headers = [
+                ("reason", bad.reason.encode()),
+                ("detail", bad.detail.encode("utf-8", "replace")),
+                ("source_topic", source.topic.encode()),
+                ("source_partition", str(source.partition).encode()),
+                ("source_offset", str(source.offset).encode()),
+            ]
+            # The original bytes, untouched, so the record can be replayed after a fix.
+            self._send(source.key, source.value if source.value is not None else b"", headers)
+
+
+def make_producer(settings) -> KafkaProducer:
+    try:
+        return KafkaProducer(**settings.producer_kwargs())
+    except KafkaError as exc:
+        raise BrokerError(f"could not create the Kafka producer: {exc}") from exc
