@@ -1,0 +1,119 @@
+"""Every Prometheus metric of one worker, on its own registry (no globals).
+
+Names follow ARCHITECTURE.md's table; dashboards and alert rules depend on
+them and a test evaluates every dashboard expression against a live worker.
+The same HTTP server answers ``/healthz`` (the loop's heartbeat is recent)
+and ``/readyz`` (model loaded and partitions assigned).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+_FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, heartbeat_timeout_s: float = 120.0) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.ready = False
+        r = self.registry
+        ProcessCollector(registry=r)
+        self.events_consumed = Counter("recstream_events_consumed_total", "Event records read from Kafka", registry=r)
+        self.events_valid = Counter("recstream_events_valid_total", "Valid events applied", ["event_type"], registry=r)
+        self.dead_lettered = Counter("recstream_events_dead_lettered_total", "Records sent to the dead-letter topic",
+                                     ["reason"], registry=r)
+        self.duplicates = Counter("recstream_events_duplicate_total", "Events ignored as repeated deliveries", registry=r)
+        self.items_received = Counter("recstream_items_received_total", "Item records applied", registry=r)
+        self.pending = Gauge("recstream_pending_events", "Events waiting for the next training experience", registry=r)
+        self.train_steps = Counter("recstream_train_steps_total", "Optimizer steps", registry=r)
+        self.train_samples = Counter("recstream_train_samples_total", "Samples trained on, replayed ones included",
+                                     registry=r)
+        self.train_loss = Gauge("recstream_train_loss", "Mean training loss of the last experience", registry=r)
+        self.ewc_penalty = Gauge("recstream_ewc_penalty", "EWC penalty at the last step", registry=r)
+        self.train_step_seconds = Histogram("recstream_train_step_seconds", "Time to train one experience",
+                                            buckets=_STEP_BUCKETS, registry=r)
+        self.replay_samples = Gauge("recstream_replay_buffer_samples", "Samples in the replay buffer", registry=r)
+        self.replay_capacity = Gauge("recstream_replay_buffer_capacity_samples", "Replay buffer capacity", registry=r)
+        self.vectors_published = Counter("recstream_vectors_published_total", "Vectors published", ["kind"], registry=r)
+        self.model_version = Gauge("recstream_model_version", "Model version of published vectors", registry=r)
+        self.last_model_update = Gauge("recstream_last_model_update_timestamp_seconds",
+                                       "Wall-clock time of the last model update", registry=r)
+        self.consumer_lag = Gauge("recstream_consumer_lag_records", "Records behind the log end", ["topic"], registry=r)
+        self.event_to_vector = Histogram("recstream_event_to_vector_seconds",
+                                         "Event timestamp (Kafka) to publication of the user's vector",
+                                         buckets=_FRESHNESS_BUCKETS, registry=r)
+        self.item_refresh = Histogram("recstream_item_refresh_seconds",
+                                      "Model update finished to touched item vectors published",
+                                      buckets=_FRESHNESS_BUCKETS, registry=r)
+        self.checkpoints = Counter("recstream_checkpoints_total", "Checkpoints written", registry=r)
+        self.checkpoint_failures = Counter("recstream_checkpoint_failures_total", "Checkpoint writes that failed",
+                                           registry=r)
+        self.checkpoint_fallbacks = Counter("recstream_checkpoint_restore_fallbacks_total",
+                                            "Torn or corrupt checkpoints skipped on restore", registry=r)
+        self.last_checkpoint = Gauge("recstream_last_checkpoint_timestamp_seconds",
+                                     "Wall-clock time of the last checkpoint", registry=r)
+        self.heartbeat = Gauge("recstream_heartbeat_timestamp_seconds", "Last turn of the worker loop", registry=r)
+        self.partitions = Gauge("recstream_partitions_assigned", "Partitions assigned to this worker", registry=r)
+        self.rebalances = Counter("recstream_rebalances_total", "Partition revocations and assignments", registry=r)
+        self.fetch_paused = Gauge("recstream_fetch_paused", "1 while fetching is paused for backpressure", registry=r)
+        self.broker_errors = Counter("recstream_broker_errors_total", "Kafka errors by operation", ["operation"],
+                                     registry=r)
+        # Make every labelled series exist from the start so dashboards show 0, not "no data".
+        for kind in ("user", "item"):
+            self.vectors_published.labels(kind=kind)
+        for event_type in ("click", "favourite", "purchase"):
+            self.events_valid.labels(event_type=event_type)
+        self._server: ThreadingHTTPServer | None = None
+
+    def beat(self) -> None:
+        self.heartbeat.set(time.time())
+
+    def healthy(self) -> bool:
+        last = self.heartbeat._value.get()  # noqa: SLF001 - our own gauge
+        return last > 0 and time.time() - last < self.heartbeat_timeout_s
+
+    # -- HTTP ------------------------------------------------------------------
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start /metrics, /healthz and /readyz on a daemon thread; returns the bound port."""
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server API
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    body, ctype, status = generate_latest(metrics.registry), CONTENT_TYPE_LATEST, 200
+                elif path == "/healthz":
+                    ok = metrics.healthy()
+                    body, ctype, status = (b"ok\n" if ok else b"stale heartbeat\n"), "text/plain", 200 if ok else 503
+                elif path == "/readyz":
+                    ok = metrics.ready
+                    body, ctype, status = (b"ready\n" if ok else b"not ready\n"), "text/plain", 200 if ok else 503
+                else:
+                    body, ctype, status = b"not found\n", "text/plain", 404
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # keep scrapes out of the worker log
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
