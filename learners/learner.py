@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional, Sequence
@@ -60,6 +61,8 @@ class LearnReport:
     loss: float
     ewc_penalty: float
     touched_items: int
+    steps: int = 0
+    replay_samples: int = 0
 
 
 class ContinualRecommender:
@@ -84,6 +87,7 @@ class ContinualRecommender:
         self.model_version = 0
         self._seq = 0
         self._pending: list[tuple[int, int, int]] = []  # (user slot, event seq, item row)
+        self.samples_shed = 0
         self._refresh_cursor = 0
         self._item_table = np.zeros((0, config.vector_dim), np.float32)
         self._ctx_table = np.zeros((0, config.vector_dim), np.float32)
@@ -139,29 +143,49 @@ class ContinualRecommender:
     def pending(self) -> int:
         return len(self._pending)
 
-    def learn(self) -> Optional[LearnReport]:
-        """Train one experience on everything observed since the last call."""
+    def learn(self, max_samples: Optional[int] = None) -> Optional[LearnReport]:
+        """Train one experience on everything observed since the last call.
+
+        With ``max_samples``, only the oldest that many; the rest stays pending.
+        """
         if not self._pending:
             return None
-        pending, self._pending = self._pending, []
+        limit = len(self._pending) if max_samples is None else max_samples
+        pending, self._pending = self._pending[:limit], self._pending[limit:]
         slots, seqs, items = (np.array(col, dtype=np.int64) for col in zip(*pending))
         hist_rows, hist_weights = self.users.histories(slots, before_seq=seqs)
         return self._train(hist_rows, hist_weights, items)
+
+    def shed_pending(self, keep: int) -> int:
+        """Keep a uniform sample of ``keep`` pending samples (training overload).
+
+        The shed events already updated user state and vectors; only their
+        gradient step is skipped. Returns how many were shed.
+        """
+        surplus = len(self._pending) - keep
+        if surplus <= 0:
+            return 0
+        chosen = sorted(random.Random(self._seq).sample(range(len(self._pending)), keep))
+        self._pending = [self._pending[i] for i in chosen]
+        self.samples_shed += surplus
+        return surplus
 
     def _train(self, hist_rows: np.ndarray, hist_weights: np.ndarray, items: np.ndarray) -> LearnReport:
         self.features.ensure_rows(len(self.catalogue))
         self.model.grow(len(self.catalogue))
         experience = make_experience(hist_rows, hist_weights, items, self.model_version)
         stats = self.parts.stats
-        samples_before, seconds_before = stats.samples, stats.seconds
+        samples_before, seconds_before, steps_before = stats.samples, stats.seconds, stats.steps
         self.parts.strategy.train(experience, eval_streams=[])
         self.model_version += 1
         touched = np.unique(items)
         self._refresh_after_update(touched)
         penalty = self.parts.ewc.last_penalty if self.parts.ewc else 0.0
         loss = float(np.mean(stats.losses)) if stats.losses else float("nan")
+        replay = self.parts.replay
+        replayed = len(replay.storage_policy.buffer) if replay is not None else 0
         return LearnReport(self.model_version, stats.samples - samples_before, stats.seconds - seconds_before,
-                           loss, penalty, len(touched))
+                           loss, penalty, len(touched), stats.steps - steps_before, replayed)
 
     def _refresh_after_update(self, touched: np.ndarray) -> None:
         """Re-embed trained items plus a rolling slice of the catalogue."""

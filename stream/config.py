@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     ewc_decay: float = Field(0.9, gt=0, le=1, description="online EWC importance decay per experience")
     replay_size: int = Field(20_000, ge=0, description="replay reservoir capacity (samples)")
     replay_batch: int = Field(32, ge=0, description="replayed samples mixed into each minibatch")
+    max_pending_events: int = Field(4096, ge=1, description="untrained events held at most; beyond it see --overload")
+    overload: Literal["sample", "pause"] = Field(
+        "sample", description="when training falls behind: sample = train on a uniform sample of the backlog "
+                              "(every event still updates state and vectors); pause = stop fetching until it catches up")
+    item_publish_min_change: float = Field(0.002, ge=0, description="republish an item when its vector moved by more than this (1 - cosine)")
     max_users: int = Field(1_000_000, ge=1, description="users kept in memory (least recently active evicted)")
     seed: int = Field(0, description="random seed")
 
@@ -73,6 +78,12 @@ class Settings(BaseSettings):
     dedup_window: int = Field(2_000_000, ge=1, description="event ids remembered for de-duplication")
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port (0 = off)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines in the log")
+
+    # --- embedded default (no --bootstrap-servers) ---------------------------
+    demo_rate: float = Field(200.0, gt=0, description="embedded mode: synthetic events per second fed to the local broker")
+    demo_items: int = Field(500, ge=1, description="embedded mode: synthetic catalogue size")
+    demo_users: int = Field(200, ge=1, description="embedded mode: synthetic users")
 
     @field_validator("bootstrap_servers")
     @classmethod

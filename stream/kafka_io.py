@@ -160,6 +160,22 @@ class KafkaSource:
             return False
         return True
 
+    def commit_nowait(self, offsets: dict[Partition, int]) -> None:
+        """Queue a commit without blocking: the only kind allowed inside a rebalance
+        callback, which kafka-python runs on its I/O thread."""
+        if not offsets:
+            return
+        payload = {TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+                   for (topic, partition), offset in offsets.items()}
+
+        def done(_offsets, response):
+            if isinstance(response, BaseException):
+                log.warning("offset commit during rebalance failed: %s", response)
+                if self._on_error is not None:
+                    self._on_error("commit", response)
+
+        self._consumer.commit_async(offsets=payload, callback=done)
+
     def committed(self, topic: str, partition: int) -> Optional[int]:
         try:
             return self._consumer.committed(TopicPartition(topic, partition))

@@ -36,6 +36,8 @@ class WorkerMetrics:
         self.train_steps = Counter("recstream_train_steps_total", "Optimizer steps", registry=r)
         self.train_samples = Counter("recstream_train_samples_total", "Samples trained on, replayed ones included",
                                      registry=r)
+        self.train_shed = Counter("recstream_train_samples_shed_total",
+                                  "Events applied to state but left out of training under overload", registry=r)
         self.train_loss = Gauge("recstream_train_loss", "Mean training loss of the last experience", registry=r)
         self.ewc_penalty = Gauge("recstream_ewc_penalty", "EWC penalty at the last step", registry=r)
         self.train_step_seconds = Histogram("recstream_train_step_seconds", "Time to train one experience",

@@ -1,0 +1,204 @@
+"""The ``recstream`` command.
+
+Worker flags are generated from ``Settings``: every field is ``--field-name``
+and ``RECSTREAM_FIELD_NAME``, and a flag left out falls back to the variable,
+then to the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import typing
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from learners.errors import RecstreamError
+from stream.config import Settings
+
+
+def _settings_options(func):
+    """One click option per Settings field (default None: pydantic reads the env)."""
+    for name, field in reversed(list(Settings.model_fields.items())):
+        flag = "--" + name.replace("_", "-")
+        env = "RECSTREAM_" + name.upper()
+        annotation = field.annotation
+        origin_args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is typing.Literal:
+            kind = click.Choice(origin_args)
+        elif annotation in (int, float):
+            kind = annotation
+        elif annotation is bool:
+            kind = bool
+        else:
+            kind = str
+        help_text = f"{field.description or ''} [env {env}; default {field.default!r}]"
+        func = click.option(flag, name, type=kind, default=None, help=help_text)(func)
+    return func
+
+
+def _make_settings(options: dict) -> Settings:
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise click.UsageError(_validation_message(exc)) from None
+
+
+def _validation_message(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        lines.append(f"--{name.replace('_', '-')} / RECSTREAM_{name.upper()}: {err['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("kafka", "avalanche", "transformers", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group()
+def main() -> None:
+    """recstream: streaming continual learning of user and item vectors from Kafka events."""
+
+
+@main.command()
+@_settings_options
+def worker(**options) -> None:
+    """Run the long-running worker until SIGTERM/SIGINT.
+
+    Without --bootstrap-servers it starts the embedded broker and feeds it a
+    synthetic stream (the demo); with it, it uses exactly that cluster.
+    """
+    settings = _make_settings(options)
+    _logging(settings.log_level)
+    try:
+        sys.exit(_run_worker(settings))
+    except RecstreamError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _run_worker(settings: Settings) -> int:
+    from learners.synthetic import SyntheticWorld
+    from stream.worker import Worker
+
+    broker = feeder = None
+    if settings.bootstrap_servers is None:
+        from stream.demo import DemoFeeder, start_embedded
+
+        broker, bootstrap = start_embedded(settings)
+        settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
+        world = SyntheticWorld(n_items=settings.demo_items, n_users=settings.demo_users, seed=settings.seed)
+        feeder = DemoFeeder(bootstrap, settings, world, rate_per_s=settings.demo_rate)
+    app = Worker(settings)
+    app.connect()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: app.stop())
+    if feeder is not None:
+        feeder.start()
+        logging.getLogger("recstream").info(
+            "demo: %d synthetic items, events at %.0f/s into %s; metrics at http://localhost:%d/metrics; "
+            "Ctrl-C stops", settings.demo_items, settings.demo_rate, settings.bootstrap_servers,
+            settings.metrics_port)
+    try:
+        return app.run()
+    finally:
+        if feeder is not None:
+            feeder.stop()
+        if broker is not None:
+            broker.stop()
+
+
+@main.command()
+@click.option("--events", "events_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--items", "items_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--blocks", default=10, show_default=True, type=int)
+@click.option("--k", default=10, show_default=True, type=int)
+@click.option("--strategies", default="popularity,frozen,naive,ewc,replay,ewc_replay,joint", show_default=True,
+              help="comma-separated strategy names")
+@click.option("--model", default=None, envvar="RECSTREAM_MODEL", help="local Hugging Face model folder")
+@click.option("--device", default="auto", envvar="RECSTREAM_DEVICE", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=0, type=int, show_default=True)
+def evaluate(events_path, items_path, out_path, blocks, k, strategies, model, device, seed) -> None:
+    """Protocol P1 on CONTRACTS files; writes the results JSON plus a PNG plot and a Markdown table."""
+    import dataclasses
+
+    from learners.evaluation.runner import evaluate as run_evaluation
+    from learners.evaluation.strategies import make_factory
+    from learners.learner import LearnerConfig
+    from stream.config import default_model_path
+
+    _logging("INFO")
+    config = LearnerConfig(model_path=model or default_model_path())
+    config = dataclasses.replace(config, device=device, seed=seed)
+    try:
+        results = run_evaluation(events_path, items_path, out_path, blocks=blocks, k=k,
+                                 strategies=strategies.split(","), factory=make_factory(config))
+    except RecstreamError as exc:
+        raise click.ClickException(str(exc)) from None
+    from learners.evaluation.report import markdown_table
+    click.echo(markdown_table(results))
+
+
+@main.group()
+def convert() -> None:
+    """Turn public data sets into CONTRACTS files (events.jsonl, items.jsonl)."""
+
+
+@convert.command("movielens")
+@click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+def convert_movielens_cmd(src_dir, out_dir) -> None:
+    """MovieLens ratings.csv + movies.csv -> events.jsonl + items.jsonl (CONTRACTS section 3 mapping)."""
+    from learners.evaluation.movielens import convert_movielens
+
+    summary = convert_movielens(src_dir, out_dir)
+    click.echo(f"{summary.events} events -> {summary.events_path}\n{summary.items} items -> {summary.items_path}")
+
+
+@main.command()
+@click.option("--events", "events_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--items", "items_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--bootstrap-servers", envvar="RECSTREAM_BOOTSTRAP_SERVERS", required=True)
+@click.option("--events-topic", envvar="RECSTREAM_EVENTS_TOPIC", default="events", show_default=True)
+@click.option("--items-topic", envvar="RECSTREAM_ITEMS_TOPIC", default="items", show_default=True)
+@click.option("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
+def replay(events_path, items_path, bootstrap_servers, events_topic, items_topic, rate) -> None:
+    """Publish CONTRACTS files to Kafka: items first (keyed by item_id), then events in file order (keyed by user_id)."""
+    from stream.replay import replay_files
+
+    sent = replay_files(bootstrap_servers, events_path, items_path, events_topic, items_topic, rate)
+    click.echo(f"published {sent['items']} items and {sent['events']} events")
+
+
+@main.command()
+@click.option("--user", "user_id", required=True)
+@click.option("--k", default=10, show_default=True, type=int)
+@click.option("--bootstrap-servers", envvar="RECSTREAM_BOOTSTRAP_SERVERS", required=True)
+@click.option("--vectors-topic", envvar="RECSTREAM_VECTORS_TOPIC", default="vectors", show_default=True)
+@click.option("--timeout", default=30.0, show_default=True, type=float, help="seconds to read the topic")
+def topk(user_id, k, bootstrap_servers, vectors_topic, timeout) -> None:
+    """Top-K items for a user from the published vectors (what a downstream ranker sees)."""
+    from stream.vector_index import VectorIndex, open_consumer
+
+    index = VectorIndex()
+    consumer = open_consumer(bootstrap_servers, vectors_topic)
+    try:
+        index.catch_up(consumer, timeout_s=timeout)
+    finally:
+        consumer.close()
+    if index.user_vector(user_id) is None:
+        raise click.ClickException(f"no vector for user {user_id!r} in {vectors_topic!r}")
+    for rank, (item_id, score) in enumerate(index.topk(user_id, k=k), start=1):
+        click.echo(f"{rank}\t{item_id}\t{score:.4f}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

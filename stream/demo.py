@@ -1,0 +1,62 @@
+"""The embedded default: a local broker, a synthetic stream, and the worker on it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from kafka import KafkaProducer
+
+from learners.records import event_to_json, item_to_json
+from learners.synthetic import SyntheticWorld
+from stream.broker import EmbeddedBroker, ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+def create_topics(bootstrap: str, settings, partitions: int = 3) -> None:
+    ensure_topics(bootstrap, {settings.events_topic: partitions, settings.items_topic: 1,
+                              settings.vectors_topic: partitions, settings.dlq_topic: 1},
+                  compacted={settings.items_topic, settings.vectors_topic})
+
+
+class DemoFeeder(threading.Thread):
+    """Publishes the synthetic catalogue, then events at a steady rate, until stopped."""
+
+    def __init__(self, bootstrap: str, settings, world: SyntheticWorld, rate_per_s: float = 200.0,
+                 total_events: int = 1_000_000) -> None:
+        super().__init__(name="demo-feeder", daemon=True)
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+        self._settings, self._world = settings, world
+        self._rate, self._total = rate_per_s, total_events
+        self._stopped = threading.Event()
+        self.sent = 0
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        s = self._settings
+        for item in self._world.items():
+            self._producer.send(s.items_topic, key=item.item_id.encode(), value=item_to_json(item))
+        self._producer.flush()
+        started = time.monotonic()
+        for event in self._world.events(self._total, start_ts=time.time()):
+            if self._stopped.is_set():
+                break
+            self._producer.send(s.events_topic, key=event.user_id.encode(), value=event_to_json(event))
+            self.sent += 1
+            ahead = self.sent / self._rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        self._producer.flush()
+        self._producer.close()
+
+
+def start_embedded(settings) -> tuple[EmbeddedBroker, str]:
+    broker = EmbeddedBroker()
+    broker.start()
+    create_topics(broker.bootstrap, settings)
+    log.info("embedded broker (tansu) on %s; topics created", broker.bootstrap)
+    return broker, broker.bootstrap
