@@ -1,0 +1,77 @@
+"""User histories, the catalogue and the de-duplication ledger (no model needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from learners.catalogue import Catalogue
+from learners.users import UserHistories
+from stream.dedup import EventLedger
+
+
+def test_histories_weight_newer_events_more_and_sum_to_one():
+    users = UserHistories(length=4, max_users=10, recency_decay=0.5)
+    users.append("u", item_row=7, weight=1.0, seq=0)
+    users.append("u", item_row=8, weight=1.0, seq=1)
+    rows, weights = users.histories_of(["u"])
+    assert sorted(rows[0][weights[0] > 0].tolist()) == [7, 8]
+    w = dict(zip(rows[0].tolist(), weights[0].tolist()))
+    assert abs(sum(weights[0]) - 1.0) < 1e-6
+    assert abs(w[8] / w[7] - 2.0) < 1e-5  # newest counts 1, one step older 0.5
+
+
+def test_history_before_seq_only_sees_older_events_and_ring_keeps_last():
+    users = UserHistories(length=3, max_users=10, recency_decay=1.0)
+    for seq, row in enumerate([1, 2, 3, 4]):
+        users.append("u", row, 1.0, seq)
+    rows, weights = users.histories_of(["u"])
+    assert sorted(rows[0][weights[0] > 0].tolist()) == [2, 3, 4]  # ring of 3
+    slot = users.slot_of("u")
+    rows, weights = users.histories(np.array([slot]), before_seq=np.array([3]))
+    assert sorted(rows[0][weights[0] > 0].tolist()) == [2, 3]
+
+
+def test_unknown_user_has_empty_history_and_lru_eviction_bounds_users():
+    users = UserHistories(length=2, max_users=2)
+    rows, weights = users.histories_of(["nobody"])
+    assert weights.sum() == 0
+    users.append("a", 1, 1.0, 0)
+    users.append("b", 2, 1.0, 1)
+    users.append("a", 3, 1.0, 2)  # a is now the most recent
+    users.append("c", 4, 1.0, 3)  # evicts b
+    assert "b" not in users and "a" in users and "c" in users
+    assert len(users) == 2 and users.evictions == 1
+    assert users.item_rows_of("c").tolist() == [4]
+
+
+def test_user_state_round_trip():
+    users = UserHistories(length=3, max_users=5)
+    for i in range(7):
+        users.append(f"u{i % 3}", i, 2.0, i)
+    copy = UserHistories(length=3, max_users=5)
+    copy.load_state(users.state())
+    for u in ("u0", "u1", "u2"):
+        np.testing.assert_array_equal(copy.histories_of([u])[0], users.histories_of([u])[0])
+    copy.append("new", 9, 1.0, 99)
+    assert copy.item_rows_of("new").tolist() == [9]
+    assert users.item_rows_of("u0").tolist() == copy.item_rows_of("u0").tolist()
+
+
+def test_catalogue_rows_are_stable_and_text_changes_are_reported():
+    cat = Catalogue()
+    assert cat.row("a") == 0 and cat.row("b") == 1 and cat.row("a") == 0
+    assert cat.set_text("b", "x") == (1, True)
+    assert cat.set_text("b", "x") == (1, False)
+    assert cat.set_text("c", "y") == (2, True)
+    again = Catalogue.from_state(cat.state())
+    assert again.ids == ["a", "b", "c"] and again.texts == [None, "x", "y"]
+
+
+def test_ledger_recognises_duplicates_within_its_window():
+    ledger = EventLedger(capacity=3)
+    assert ledger.add("a") and ledger.add("b") and not ledger.add("a")
+    ledger.add("c")
+    ledger.add("d")  # window is b, c, d: a forgotten
+    assert ledger.add("a")
+    restored = EventLedger.from_state(3, ledger.state())
+    assert not restored.add("a") and len(restored) == 3

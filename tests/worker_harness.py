@@ -1,0 +1,121 @@
+"""Run the real ``recstream worker`` as a subprocess against a broker, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from kafka import KafkaProducer
+
+from learners.records import Event, Item, event_to_json, item_to_json
+from stream.broker import ensure_topics
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Topics:
+    events: str
+    items: str
+    vectors: str
+    dlq: str
+    group: str
+
+
+def make_topics(bootstrap: str, unique, partitions: int = 3) -> Topics:
+    t = Topics(unique("events"), unique("items"), unique("vectors"), unique("dlq"), unique("group"))
+    ensure_topics(bootstrap, {t.events: partitions, t.items: 1, t.vectors: partitions, t.dlq: 1},
+                  compacted={t.items, t.vectors})
+    return t
+
+
+def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    for key, value in records:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def produce_items(bootstrap: str, topic: str, items: list[Item]) -> None:
+    produce(bootstrap, topic, [(i.item_id.encode(), item_to_json(i)) for i in items])
+
+
+def produce_events(bootstrap: str, topic: str, events: list[Event]) -> None:
+    produce(bootstrap, topic, [(e.user_id.encode(), event_to_json(e)) for e in events])
+
+
+class WorkerProcess:
+    """``recstream worker`` in a subprocess with fast-joining group settings."""
+
+    def __init__(self, bootstrap: str, topics: Topics, state_dir: Path, log_path: Path, **settings) -> None:
+        self.port = free_port()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.update({
+            "RECSTREAM_BOOTSTRAP_SERVERS": bootstrap, "RECSTREAM_GROUP_ID": topics.group,
+            "RECSTREAM_EVENTS_TOPIC": topics.events, "RECSTREAM_ITEMS_TOPIC": topics.items,
+            "RECSTREAM_VECTORS_TOPIC": topics.vectors, "RECSTREAM_DLQ_TOPIC": topics.dlq,
+            "RECSTREAM_STATE_DIR": str(state_dir), "RECSTREAM_METRICS_PORT": str(self.port),
+            "RECSTREAM_MAX_POLL_INTERVAL_MS": "5000", "RECSTREAM_SESSION_TIMEOUT_MS": "6000",
+            "RECSTREAM_DEVICE": "cpu",
+        })
+        env.update({f"RECSTREAM_{k.upper()}": str(v) for k, v in settings.items()})
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled and summed-over-labels samples of /metrics (empty while not serving)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", line)
+            if match:
+                out[match.group(1)] = out.get(match.group(1), 0.0) + float(match.group(3))
+        return out
+
+    def wait_for(self, predicate, timeout_s: float, what: str) -> dict[str, float]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited early ({self.proc.returncode}) waiting for {what}:\n{self.tail()}")
+            m = self.metrics()
+            if m and predicate(m):
+                return m
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}; last metrics {self.metrics()}\n{self.tail()}")
+
+    def terminate(self, timeout_s: float = 120.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
