@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from learners.catalogue import Catalogue
 from learners.encoder import TextEncoder, resolve_device
 from learners.experience import make_experience
 from learners.features import ItemFeatures
+from learners.hooks import StepCallbackPlugin
 from learners.model import TwoTower
 from learners.records import EVENT_WEIGHTS, Event, Item
 from learners.strategy import build_strategy
@@ -51,6 +52,13 @@ class LearnerConfig:
     max_users: int = 1_000_000
     refresh_per_update: int = 2048
     seed: int = 0
+    # What of the encoder trains: "top" (top train_layers layers), "lora" (LoRA adapters on
+    # them), "full" (every layer; embeddings frozen). See learners/encoder.py.
+    train_params: str = "top"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: Optional[tuple[str, ...]] = None  # None: per family (query/value, q_proj/v_proj)
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,7 @@ class ContinualRecommender:
         self.config = config
         self.device = resolve_device(config.device)
         # Sharing an encoder (e.g. across evaluation strategies) shares its frozen cache.
-        self.encoder = encoder or TextEncoder(config.model_path, config.train_layers,
-                                              config.max_text_tokens, self.device)
+        self.encoder = encoder or TextEncoder.from_config(config, self.device)
         # Own copy of the trainable top: several learners may share one encoder's frozen bottom.
         self.top = copy.deepcopy(self.encoder.top)
         self.features = ItemFeatures(self.encoder.hidden_size)
@@ -80,10 +87,12 @@ class ContinualRecommender:
         self.users = UserHistories(config.history_length, config.max_users, config.recency_decay)
         self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim,
                               config.negatives, config.temperature, self.device).to(self.device)
+        self._step_hook = StepCallbackPlugin()
         self.parts = build_strategy(
             config.strategy, self.model, lr=config.learning_rate, batch_size=config.batch_size,
             epochs=config.epochs, ewc_lambda=config.ewc_lambda, ewc_decay=config.ewc_decay,
-            replay_size=config.replay_size, replay_batch=config.replay_batch, device=self.device)
+            replay_size=config.replay_size, replay_batch=config.replay_batch, device=self.device,
+            extra_plugins=(self._step_hook,))
         self.model_version = 0
         self._seq = 0
         self._pending: list[tuple[int, int, int]] = []  # (user slot, event seq, item row)
@@ -138,6 +147,10 @@ class ContinualRecommender:
         slot = self.users.append(event.user_id, row, EVENT_WEIGHTS[event.event_type], self._seq)
         self._pending.append((slot, self._seq, row))
         self._seq += 1
+
+    def on_step(self, callback: Optional[Callable[[], None]]) -> None:
+        """Call ``callback`` after every optimizer step (e.g. to keep a Kafka consumer alive)."""
+        self._step_hook.callback = callback
 
     @property
     def pending(self) -> int:

@@ -43,7 +43,10 @@ def learner_config(settings: Settings) -> LearnerConfig:
         history_length=settings.history_length, batch_size=settings.batch_size, negatives=settings.negatives,
         learning_rate=settings.learning_rate, ewc_lambda=settings.ewc_lambda, ewc_decay=settings.ewc_decay,
         replay_size=settings.replay_size, replay_batch=settings.replay_batch, max_users=settings.max_users,
-        seed=settings.seed)
+        seed=settings.seed, train_params=settings.train_params, lora_rank=settings.lora_rank,
+        lora_alpha=settings.lora_alpha, gradient_checkpointing=settings.gradient_checkpointing,
+        lora_targets=tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
+        if settings.lora_targets else None)
 
 
 @dataclass
@@ -68,10 +71,13 @@ class Worker:
         self.totals = Totals()
         self._offsets: dict[tuple[str, int], int] = {}  # next event offset per partition, applied to state
         self._checkpointed: dict[tuple[str, int], int] = {}
-        self._restored_offsets: dict[tuple[str, int], int] = {}
         self._item_start: dict[int, int] = {}
         self._stop = False
         self._closing = False
+        self._training = False
+        self._paused_for_keepalive = False
+        self._stash: list[SourceRecord] = []
+        self._last_poll = time.monotonic()
         self._last_train = time.monotonic()
         self._last_checkpoint = time.monotonic()
         self._last_lag = 0.0
@@ -91,9 +97,8 @@ class Worker:
         if extra is None:
             log.info("no checkpoint in %s: starting fresh", self.settings.state_dir)
             return
-        self._restored_offsets = {(t, int(p)): int(o) for t, p, o in extra.get("event_offsets", [])}
-        self._offsets = dict(self._restored_offsets)
-        self._checkpointed = dict(self._restored_offsets)
+        self._offsets = {(t, int(p)): int(o) for t, p, o in extra.get("event_offsets", [])}
+        self._checkpointed = dict(self._offsets)
         self._item_start = {int(p): int(o) for p, o in extra.get("item_offsets", [])}
         self.ledger = EventLedger.from_state(self.settings.dedup_window, extra.get("ledger", []))
         self.totals = Totals(**extra.get("totals", {}))
@@ -104,6 +109,7 @@ class Worker:
 
     def connect(self) -> None:
         s = self.settings
+        self.learner.on_step(self._keepalive)
         self.producer = make_producer(s)
         self.vectors = VectorSink(self.producer, s.vectors_topic)
         self.dead_letters = DeadLetterSink(self.producer, s.dlq_topic)
@@ -146,6 +152,9 @@ class Worker:
         self._ingest_items()
         timeout = 50 if self.learner.pending else 500
         records = self.events.next_batch(timeout_ms=timeout)
+        self._last_poll = time.monotonic()
+        if self._stash:  # records a keepalive poll returned during training come first
+            records, self._stash = self._stash + records, []
         if records:
             self._ingest_events(records)
         if self._training_due():
@@ -184,7 +193,15 @@ class Worker:
         touched: dict[str, list[int]] = {}
         valid_by_type: Counter = Counter()
         duplicates = 0
+        applied = self._offsets
+        redelivered = 0
         for record in records:
+            tp = (record.topic, record.partition)
+            if record.offset < applied.get(tp, 0):
+                # Already applied (re-read after a rebalance or a restart): skip it whole,
+                # so neither state nor the dead-letter topic sees it twice.
+                redelivered += 1
+                continue
             event = parse_event(record.value)
             if isinstance(event, BadRecord):
                 bad.append((event, record))
@@ -194,7 +211,7 @@ class Worker:
                 learner.observe(event)
                 valid_by_type[event.event_type] += 1
                 touched.setdefault(event.user_id, []).append(record.timestamp_ms)
-            self._offsets[(record.topic, record.partition)] = record.offset + 1
+            applied[tp] = record.offset + 1
         self._dead_letter(bad)
         self._publish_users(touched)
         self.producer.flush()
@@ -203,10 +220,11 @@ class Worker:
             for stamp in stamps:
                 self.metrics.event_to_vector.observe(max(0.0, published_at - stamp / 1000.0))
         valid = sum(valid_by_type.values())
-        self.totals.consumed += len(records)
+        consumed = len(records) - redelivered
+        self.totals.consumed += consumed
         self.totals.valid += valid
         self.totals.duplicates += duplicates
-        self.metrics.events_consumed.inc(len(records))
+        self.metrics.events_consumed.inc(consumed)
         for event_type, n in valid_by_type.items():
             self.metrics.events_valid.labels(event_type=event_type).inc(n)
         self.metrics.duplicates.inc(duplicates)
@@ -251,7 +269,12 @@ class Worker:
             shed = self.learner.shed_pending(self.settings.max_pending_events)
             if shed:
                 self.metrics.train_shed.inc(shed)
-        report = self.learner.learn(max_samples=self.settings.experience_size)
+        self._training = True
+        try:
+            report = self.learner.learn(max_samples=self.settings.experience_size)
+        finally:
+            self._training = False
+            self._end_keepalive()
         self._last_train = time.monotonic()
         if report is None:
             return
@@ -270,6 +293,24 @@ class Worker:
         m.replay_samples.set(report.replay_samples)
         m.pending.set(self.learner.pending)
         self._dirty_since_checkpoint = True
+
+    def _keepalive(self) -> None:
+        """Called after every training step: poll (with fetching paused) often enough that
+        a long experience never exceeds max.poll.interval.ms and triggers a rebalance."""
+        now = time.monotonic()
+        if now - self._last_poll < self.settings.max_poll_interval_ms / 1000.0 / 4:
+            return
+        if not self.events.paused:
+            self.events.pause_all()
+            self._paused_for_keepalive = True
+        self._stash.extend(self.events.next_batch(timeout_ms=0))
+        self._last_poll = now
+        self.metrics.beat()
+
+    def _end_keepalive(self) -> None:
+        if self._paused_for_keepalive:
+            self._paused_for_keepalive = False
+            self.events.resume_all()
 
     def _backpressure(self) -> None:
         if self.settings.overload != "pause":
@@ -324,22 +365,23 @@ class Worker:
     def _on_assigned(self, partitions: list[tuple[str, int]]) -> None:
         self.metrics.rebalances.inc()
         self.metrics.partitions.set(len(self.events.assignment()))
-        for tp in partitions:
-            if tp in self._checkpointed:
-                # Resume exactly where our checkpoint stands (its offsets may not be committed).
-                self.events.seek(tp[0], tp[1], self._checkpointed[tp])
+        # No seek: the group resumes at the committed offset, which is never ahead of our
+        # checkpoint unless another member moved it on (then it is right to start there);
+        # records below what we already applied are skipped in _ingest_events.
         self.metrics.ready = True
         log.info("assigned %s", partitions)
 
     def _on_revoked(self, partitions: list[tuple[str, int]]) -> None:
         self.metrics.rebalances.inc()
         if partitions and not self._closing:
-            log.info("revoked %s: checkpointing and committing what is done", partitions)
-            self._dirty_since_checkpoint = True
-            self.checkpoint(in_rebalance=True)
-        for tp in partitions:
-            self._offsets.pop(tp, None)
-            self._checkpointed.pop(tp, None)
+            if self._training:
+                # Mid-experience state is not a consistent checkpoint: leave the last one
+                # (and its committed offsets) in force; the next owner re-reads from there.
+                log.info("revoked %s during training: offsets stay at the last checkpoint", partitions)
+            else:
+                log.info("revoked %s: checkpointing and committing what is done", partitions)
+                self._dirty_since_checkpoint = True
+                self.checkpoint(in_rebalance=True)
         self.metrics.partitions.set(0)
 
     def _broker_error(self, operation: str, exc: BaseException) -> None:
