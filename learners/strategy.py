@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from avalanche.models.dynamic_optimizers import update_optimizer
 from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
 from avalanche.training.storage_policy import ReservoirSamplingBuffer
 from avalanche.training.supervised import Naive
@@ -29,6 +30,14 @@ class RecommenderTemplate(Naive):
 
     def criterion(self):
         return self.model.loss(self.mb_output)
+
+    def make_optimizer(self, reset_optimizer_state=False, remove_params=False, verbose_optimizer=False, **kwargs):
+        """As Avalanche's, but only parameters that train go to the optimizer (a LoRA top
+        holds frozen base weights, which would otherwise sit in its parameter groups)."""
+        self.optimized_param_id = update_optimizer(
+            self.optimizer, {n: p for n, p in self.model.named_parameters() if p.requires_grad},
+            self.optimized_param_id, reset_state=reset_optimizer_state, remove_params=remove_params,
+            verbose=verbose_optimizer)
 
 
 @dataclass

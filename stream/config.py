@@ -52,11 +52,25 @@ class Settings(BaseSettings):
     model: Optional[str] = Field(None, description="local Hugging Face model folder (default: shipped all-MiniLM-L6-v2)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto, cpu or cuda")
     train_layers: int = Field(1, ge=0, description="top transformer layers fine-tuned; lower layers are frozen and cached")
+    train_params: Literal["top", "lora", "full"] = Field(
+        "top", description="what of the encoder trains: top = the top --train-layers layers in full; "
+                           "lora = LoRA adapters (peft) on those layers only; full = every layer "
+                           "(embeddings frozen and cached; slow)")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank (--train-params lora)")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
+    lora_targets: Optional[str] = Field(
+        None, description="comma-separated module names LoRA adapts (default per model family: "
+                          "query,value for BERT-style encoders, q_proj,v_proj for decoders)")
+    gradient_checkpointing: bool = Field(False, description="recompute the trainable layers' activations in "
+                                                            "backward (less memory, more compute)")
     max_text_tokens: int = Field(32, ge=4, description="tokens of item text the encoder reads")
     vector_dim: int = Field(128, ge=8, description="size of published vectors")
     history_length: int = Field(64, ge=1, description="events kept per user for the user vector")
     experience_size: int = Field(512, ge=1, description="events per training experience")
     max_experience_wait_s: float = Field(5.0, gt=0, description="train on fewer events if this long passed")
+    background_training: bool = Field(
+        True, description="train on a second thread while the loop keeps consuming and publishing user "
+                          "vectors (an experience takes seconds on a CPU); false = train between polls")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate")
     batch_size: int = Field(128, ge=1, description="training minibatch (new events)")
     negatives: int = Field(256, ge=1, description="shared uniform negatives per minibatch")
@@ -135,6 +149,10 @@ class Settings(BaseSettings):
             "client_id": self.client_id,
             "acks": "all",
             "linger_ms": 5,
+            # One request in flight (ordering) means one round trip per batch: the default
+            # 16 KiB holds only ~12 vector records, which capped publishing at a few thousand
+            # vectors/s (recstream bench, ingest incl. publishing); 256 KiB lifts that ~2-3x.
+            "batch_size": 256 * 1024,
             "retries": 5,
             "max_in_flight_requests_per_connection": 1,
             **self._security_kwargs(),

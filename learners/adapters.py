@@ -1,0 +1,226 @@
+"""LoRA adapters on the encoder's top layers, and exporting a trained encoder.
+
+``export_model(learner, out_dir, merged)`` writes what a user loads elsewhere:
+
+merged=False (``--train-params lora`` only)
+    ``out_dir`` is a peft adapter folder (``adapter_config.json`` naming the
+    base model folder, ``adapter_model.safetensors``), plus the tokenizer and
+    ``recstream.json``. Load it with plain transformers + peft::
+
+        base = AutoModel.from_pretrained(adapter_config["base_model_name_or_path"])
+        model = PeftModel.from_pretrained(base, out_dir)          # or .merge_and_unload()
+
+merged=True (any training mode)
+    ``out_dir`` is a complete Hugging Face model folder with the trained
+    layers (LoRA merged into the weights), the tokenizer, ``recstream.json``
+    and the base folder's sentence-transformers files, if any.
+
+Either folder also loads with ``load_exported(out_dir)`` (or ``TextEncoder``),
+which applies the folder's pooling, padding side and document prompt, so its
+``pooled(texts)`` are the learner's text vectors (before the two-tower
+projection, which is not part of the encoder).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import nn
+
+from learners.encoder import TextEncoder, TopLayers, _decoder_parts, _encoder_layers, _layer_path
+from learners.errors import ConfigError
+
+if TYPE_CHECKING:
+    from learners.learner import ContinualRecommender
+
+_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def lora_config(rank: int, alpha: float, targets: Sequence[str], layers: Optional[Sequence[int]] = None,
+                layers_pattern: Optional[str] = None):
+    from peft import LoraConfig
+
+    kwargs = {}
+    if layers is not None:
+        kwargs.update(layers_to_transform=list(layers), layers_pattern=layers_pattern)
+    return LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(targets), lora_dropout=0.0,
+                      bias="none", **kwargs)
+
+
+def add_lora(layers: nn.ModuleList, *, rank: int, alpha: float, targets: Sequence[str]) -> nn.ModuleList:
+    """Inject LoRA adapters (peft, adapter name ``default``) into ``layers`` in place;
+    afterwards only the adapter weights of ``layers`` require gradients."""
+    from peft import inject_adapter_in_model
+
+    try:
+        inject_adapter_in_model(lora_config(rank, alpha, targets), layers)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA targets {list(targets)} found no modules in the top layers "
+                          f"(--lora-targets): {exc}") from exc
+    for name, param in layers.named_parameters():
+        param.requires_grad_(".lora_" in f".{name}")
+    return layers
+
+
+# -- trainable state -----------------------------------------------------------------------------------
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Exactly the parameters that train (e.g. for a checkpoint of a LoRA model)."""
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if sorted(params) != sorted(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ConfigError(f"trainable parameters differ: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
+# -- export ----------------------------------------------------------------------------------------------
+
+def export_model(learner: "ContinualRecommender", out_dir: str | Path, merged: bool = False) -> Path:
+    """Write the learner's trained text encoder to ``out_dir`` (see the module docstring).
+
+    merged=False needs a LoRA learner (``train_params="lora"``): the adapter in
+    peft's own format on top of the base model folder. merged=True writes full
+    weights for any learner (LoRA deltas added into the weights). Nothing of
+    the base model is copied in memory: its state dict is written with the
+    trained layers' tensors swapped in. Returns ``out_dir``.
+    """
+    encoder: TextEncoder = learner.encoder
+    top: TopLayers = learner.model.top
+    mode = encoder.train_params if top.trainable else "none"
+    if not merged and mode != "lora":
+        raise ConfigError(f"only a LoRA learner has an adapter to export (this one trains {mode!r}); "
+                          "use merged=True")
+    if not merged and (Path(encoder.path) / "adapter_config.json").is_file():
+        raise ConfigError(f"{encoder.path} is itself an adapter folder: export this learner with merged=True")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = encoder.model
+    n_layers = len(_encoder_layers(base))
+    trained = list(range(n_layers - encoder.train_layers, n_layers)) if top.trainable else []
+    if merged or mode != "lora":
+        _save_quietly(base, out, merged_state_dict(encoder, top))
+        _copy_sentence_transformers_files(Path(encoder.path), out)
+    else:
+        from peft import get_peft_model
+
+        # A structural copy of the base model sharing its (frozen) tensors: peft wraps
+        # the copy's modules, the adapters are the only new memory.
+        memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
+        shell = copy.deepcopy(base, memo)
+        config = lora_config(encoder.lora_rank, encoder.lora_alpha, encoder.lora_targets, trained,
+                             _layer_path(base).split(".")[-1])
+        config.base_model_name_or_path = str(Path(encoder.path).resolve())
+        model = get_peft_model(shell, config)
+        layers = _encoder_layers(model)
+        with torch.no_grad():
+            for source, index in zip(top.layers, trained):
+                adapter = {k: v.detach() for k, v in source.state_dict().items() if ".lora_" in f".{k}"}
+                missing = [k for k in adapter if k not in layers[index].state_dict()]
+                if missing:
+                    raise ConfigError(f"adapter tensors {missing[:3]} have no place in the base model's layer {index}")
+                layers[index].load_state_dict(adapter, strict=False)
+        model.save_pretrained(out, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(out)
+    info = {**encoder.spec.to_json(), "max_tokens": encoder.max_tokens,
+            "exported": {"base_model": str(Path(encoder.path).resolve()), "merged": bool(merged),
+                         "train_params": mode, "train_layers": encoder.train_layers, "trained_layer_indices": trained,
+                         "lora_rank": encoder.lora_rank if mode == "lora" else None,
+                         "lora_alpha": encoder.lora_alpha if mode == "lora" else None,
+                         "lora_targets": list(encoder.lora_targets) if mode == "lora" else None,
+                         "model_version": int(getattr(learner, "model_version", 0))}}
+    (out / "recstream.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def merged_state_dict(encoder: TextEncoder, top: TopLayers) -> dict[str, torch.Tensor]:
+    """The base model's state dict with the trained top swapped in (LoRA deltas merged).
+
+    Untouched tensors are the base model's own (no copy).
+    """
+    base = encoder.model
+    state = dict(base.state_dict())
+    if not top.trainable:
+        return state
+    layers = _encoder_layers(base)
+    modules = {id(m): name for name, m in base.named_modules()}
+    prefix = modules[id(layers)]
+    first = len(layers) - len(top.layers)
+    swaps: dict[str, torch.Tensor] = {}
+    for offset, layer in enumerate(top.layers):
+        for key, value in plain_layer_state(layer).items():
+            swaps[f"{prefix}.{first + offset}.{key}"] = value
+    if encoder.family == "decoder" and top.norm is not None and any(p.requires_grad for p in top.norm.parameters()):
+        norm, _ = _decoder_parts(base)
+        for key, value in top.norm.state_dict().items():
+            swaps[f"{modules[id(norm)]}.{key}"] = value.detach()
+    for name, value in swaps.items():
+        if name not in state or state[name].shape != value.shape:
+            raise ConfigError(f"cannot place trained tensor {name!r} into the base model")
+        state[name] = value
+    return state
+
+
+@torch.no_grad()
+def plain_layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A layer's state dict as the base architecture names it: LoRA wrappers unwrapped,
+    their deltas (B @ A * alpha / r) added to the base weights."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in layer.state_dict().items():
+        if ".lora_" in f".{key}":
+            continue
+        out[key.replace(".base_layer.", ".")] = value.detach()
+    for name, module in layer.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                key = f"{name}.weight"
+                out[key] = out[key] + module.get_delta_weight(adapter).to(out[key].dtype)
+    return out
+
+
+def _save_quietly(model: nn.Module, out: Path, state: dict[str, torch.Tensor]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _copy_sentence_transformers_files(source: Path, out: Path) -> None:
+    for name in _ST_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    pooling = source / "1_Pooling"
+    if pooling.is_dir():
+        shutil.copytree(pooling, out / "1_Pooling", dirs_exist_ok=True)
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu",
+                  max_tokens: Optional[int] = None) -> TextEncoder:
+    """An exported folder (merged or adapter) as a frozen ``TextEncoder``: ``.pooled(texts)``."""
+    info = json.loads((Path(path) / "recstream.json").read_text()) if (Path(path) / "recstream.json").is_file() else {}
+    return TextEncoder(str(path), 0, int(max_tokens or info.get("max_tokens", 32)), torch.device(device))
+
+
+__all__ = ["add_lora", "lora_config", "export_model", "load_exported", "merged_state_dict", "plain_layer_state",
+           "trainable_parameters", "trainable_state_dict", "load_trainable_state_dict"]

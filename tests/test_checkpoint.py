@@ -1,0 +1,426 @@
+"""Checkpoints: atomic folders, exact round trip, torn-checkpoint fallback, pruning, HF export.
+
+Uses the real default model (all-MiniLM-L6-v2) with a small learner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from learners.checkpoint import MANIFEST, CheckpointStore
+from learners.encoder import TextEncoder
+from learners.errors import CheckpointError, RecstreamError
+from learners.experience import make_experience
+from learners.learner import ContinualRecommender, LearnerConfig
+from learners.records import Event
+from learners.synthetic import SyntheticWorld
+from stream.config import default_model_path
+
+pytestmark = pytest.mark.integration  # real model; the whole module takes ~30-60 s on two cores
+
+WORLD = SyntheticWorld(n_items=50, n_users=40, seed=3)
+EVENTS = list(WORLD.events(460))
+ITEMS = WORLD.items()
+
+
+@pytest.fixture(scope="module")
+def config() -> LearnerConfig:
+    return LearnerConfig(model_path=default_model_path(), device="cpu", vector_dim=32, negatives=32,
+                         batch_size=32, history_length=16, max_text_tokens=24, replay_size=256,
+                         replay_batch=16, refresh_per_update=8, train_layers=1, seed=7)
+
+
+@pytest.fixture(scope="module")
+def encoder(config) -> TextEncoder:
+    return TextEncoder(config.model_path, config.train_layers, config.max_text_tokens, torch.device("cpu"))
+
+
+def train_learner(config, encoder=None) -> ContinualRecommender:
+    """Trained twice, with items added late, an item that never got text, and pending samples."""
+    learner = ContinualRecommender(config, encoder=encoder)
+    learner.add_items(ITEMS[:45])
+    for event in EVENTS[:200]:
+        learner.observe(event)
+    assert learner.learn() is not None
+    for event in EVENTS[200:330]:
+        learner.observe(event)
+    learner.observe(Event("e-textless", "user-1", "item-no-text", "click", 1.0))
+    assert learner.learn() is not None
+    learner.items_to_publish()
+    learner.add_items(ITEMS[45:])  # new texts after training: their rows come after the trained ones
+    for event in EVENTS[330:400]:
+        learner.observe(event)  # left pending
+    return learner
+
+
+def all_users(learner) -> list[str]:
+    return sorted(learner.users.user_ids()) + ["user-never-seen"]
+
+
+@pytest.fixture(scope="module")
+def trained(config, encoder) -> ContinualRecommender:
+    return train_learner(config, encoder)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, config, encoder):
+    """A state dir with two checkpoints; returns (dir, (version, extra) of the older, of the newer)."""
+    state = tmp_path_factory.mktemp("two") / "state"
+    learner = train_learner(config, encoder)
+    store = CheckpointStore(state)
+    store.save(learner, {"which": "older", "offsets": [["events", 0, 400]]})
+    older = learner.model_version
+    for event in EVENTS[400:460]:
+        learner.observe(event)
+    learner.learn()
+    store.save(learner, {"which": "newer", "offsets": [["events", 0, 460]]})
+    assert len(store.checkpoints()) == 2
+    return state, older, learner.model_version
+
+
+def optimizer_state_by_name(learner) -> dict:
+    opt = learner.parts.strategy.optimizer
+    return {name: opt.state[p] for name, p in learner.model.named_parameters() if p in opt.state}
+
+
+# -- round trip -------------------------------------------------------------------
+
+def test_round_trip_restores_identical_vectors_and_state(tmp_path, config, trained):
+    store = CheckpointStore(tmp_path / "state")
+    extra = {"event_offsets": [["events", 0, 400], ["events", 1, 12]], "ledger": [f"e-{i}" for i in range(1000)]}
+    path = store.save(trained, extra)
+    assert path.name.startswith(f"ckpt-{trained.model_version:012d}-")
+    assert (path / MANIFEST).is_file() and not list(path.parent.glob(".tmp-*"))
+    saved_rng = torch.get_rng_state()
+
+    fresh = ContinualRecommender(config)  # a restart: its own encoder, nothing shared
+    assert fresh.model_version == 0
+    loader = CheckpointStore(tmp_path / "state")
+    assert loader.load_latest(fresh) == extra
+    assert loader.fallbacks == 0
+
+    assert fresh.model_version == trained.model_version
+    assert fresh._seq == trained._seq and fresh._pending == trained._pending
+    assert fresh.catalogue.ids == trained.catalogue.ids and fresh.catalogue.texts == trained.catalogue.texts
+    assert fresh.users.user_ids() == trained.users.user_ids()
+    np.testing.assert_array_equal(fresh._published, trained._published)
+    np.testing.assert_array_equal(fresh.item_vectors(), trained.item_vectors())
+    np.testing.assert_array_equal(fresh.user_vectors(all_users(trained)), trained.user_vectors(all_users(trained)))
+    assert torch.equal(torch.get_rng_state(), saved_rng)
+
+    # Cached frozen features come back as they were (no re-encoding) and pooled ones too.
+    assert len(fresh.features.frozen) == len(trained.features.frozen)
+    for a, b in zip(fresh.features.frozen, trained.features.frozen):
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
+    n = len(trained.features.frozen)
+    assert torch.equal(fresh.features.pooled[:n], trained.features.pooled[:n])
+
+    # Optimizer moments map to the same parameters by name; EWC and replay survive.
+    old_opt, new_opt = optimizer_state_by_name(trained), optimizer_state_by_name(fresh)
+    assert old_opt.keys() == new_opt.keys() and old_opt
+    for name in old_opt:
+        for key, value in old_opt[name].items():
+            assert torch.equal(torch.as_tensor(new_opt[name][key]).cpu(), torch.as_tensor(value).cpu()), (name, key)
+    old_ewc, new_ewc = trained.parts.ewc.state(), fresh.parts.ewc.state()
+    assert old_ewc.keys() == new_ewc.keys() and old_ewc
+    assert all(torch.equal(old_ewc[k], new_ewc[k]) for k in old_ewc)
+    old_buf, new_buf = trained.parts.replay.storage_policy, fresh.parts.replay.storage_policy
+    assert len(new_buf.buffer) == len(old_buf.buffer) > 0
+    for i in (0, len(old_buf.buffer) - 1):
+        assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+                   for x, y in zip(old_buf.buffer[i][:3], new_buf.buffer[i][:3]))
+    assert torch.equal(old_buf._buffer_weights, new_buf._buffer_weights)
+
+
+def test_restored_learner_keeps_training_like_the_original(tmp_path, config, encoder):
+    original = train_learner(config, encoder)
+    store = CheckpointStore(tmp_path / "state")
+    store.save(original, {})
+    restored = ContinualRecommender(config, encoder=encoder)
+    store.load_latest(restored)
+    version = original.model_version
+
+    reports = []
+    for learner in (original, restored):
+        torch.manual_seed(123)  # same negatives and shuffles for both
+        for event in EVENTS[400:460]:
+            learner.observe(event)
+        report = learner.learn()
+        assert report is not None and math.isfinite(report.loss) and report.model_version == version + 1
+        reports.append(report)
+    assert reports[0].loss == pytest.approx(reports[1].loss, rel=1e-5)
+    np.testing.assert_allclose(restored.item_vectors(), original.item_vectors(), atol=1e-5)
+    users = all_users(original)
+    np.testing.assert_allclose(restored.user_vectors(users), original.user_vectors(users), atol=1e-5)
+    # And a second experience on the restored one: the optimizer keeps working with Avalanche's mapping.
+    for event in EVENTS[:60]:
+        restored.observe(event)
+    assert math.isfinite(restored.learn().loss) and restored.model_version == version + 2
+
+
+# -- the Hugging Face export --------------------------------------------------------
+
+def test_model_folder_loads_with_auto_model_and_holds_the_trained_top(tmp_path, config, trained):
+    from transformers import AutoModel, AutoTokenizer
+
+    path = CheckpointStore(tmp_path / "state").save(trained, {})
+    exported = AutoModel.from_pretrained(path / "model", local_files_only=True)
+    assert AutoTokenizer.from_pretrained(path / "model", local_files_only=True)("a film").input_ids
+    base = trained.encoder.model
+    last, base_last = exported.encoder.layer[-1].state_dict(), base.encoder.layer[-1].state_dict()
+    top = trained.top.layers[-1].state_dict()
+    assert last.keys() == top.keys()
+    assert all(torch.equal(last[k], top[k].cpu()) for k in top)
+    assert any(not torch.equal(top[k].cpu(), base_last[k].cpu()) for k in top)  # training moved it
+    first, base_first = exported.encoder.layer[0].state_dict(), base.encoder.layer[0].state_dict()
+    assert all(torch.equal(first[k], base_first[k].cpu()) for k in first)
+
+
+# -- torn and corrupt checkpoints -------------------------------------------------------
+
+def _newest(state: Path) -> Path:
+    return CheckpointStore(state).checkpoints()[0]
+
+
+def _delete_file(state):
+    (_newest(state) / "users.safetensors").unlink()
+
+
+def _truncate_file(state):
+    path = _newest(state) / "learner.safetensors"
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _truncate_model_weights(state):
+    path = _newest(state) / "model" / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 1)
+
+
+def _flip_a_byte(state):
+    path = _newest(state) / "features.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _corrupt_manifest(state):
+    path = _newest(state) / MANIFEST
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def _manifest_edited(state):
+    path = _newest(state) / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["files"]["state.json"]["size"] += 1
+    path.write_text(json.dumps(manifest))
+
+
+def _no_manifest(state):
+    (_newest(state) / MANIFEST).unlink()
+
+
+@pytest.mark.parametrize("damage", [_delete_file, _truncate_file, _truncate_model_weights, _flip_a_byte,
+                                    _corrupt_manifest, _manifest_edited, _no_manifest],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_torn_checkpoint_falls_back_to_the_previous_one(tmp_path, config, encoder, two_checkpoints, damage,
+                                                        caplog):
+    template, older_version, _ = two_checkpoints
+    state = tmp_path / "state"
+    shutil.copytree(template, state)
+    torn = _newest(state)
+    damage(state)
+    learner = ContinualRecommender(config, encoder=encoder)
+    store = CheckpointStore(state)
+    with caplog.at_level(logging.WARNING, logger="learners.checkpoint"):
+        extra = store.load_latest(learner)
+    assert extra["which"] == "older" and learner.model_version == older_version
+    assert store.fallbacks == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(torn.name in message for message in warnings), warnings
+    # The restored learner is usable, and the next save replaces the torn folder.
+    assert np.isfinite(learner.user_vectors(["user-1"])).all()
+    store.save(learner, {"which": "after"})
+    assert CheckpointStore(state).load_latest(ContinualRecommender(config, encoder=encoder))["which"] == "after"
+
+
+def test_leftover_tmp_folder_is_ignored_and_cleaned(tmp_path, config, encoder, two_checkpoints):
+    template, _, newer_version = two_checkpoints
+    state = tmp_path / "state"
+    shutil.copytree(template, state)
+    stale = state / f".tmp-{newer_version + 1}-999999999"  # a writer that died mid-way
+    shutil.copytree(_newest(state), stale)
+    (stale / MANIFEST).unlink()
+    (stale / "learner.safetensors").write_bytes(b"half")
+    learner = ContinualRecommender(config, encoder=encoder)
+    store = CheckpointStore(state)
+    assert store.load_latest(learner)["which"] == "newer"
+    assert store.fallbacks == 0 and learner.model_version == newer_version
+    store.save(learner, {"which": "again"})
+    assert not stale.exists()
+
+
+def test_all_checkpoints_torn_is_an_error_not_a_silent_fresh_start(tmp_path, config, encoder, two_checkpoints):
+    template, _, _ = two_checkpoints
+    state = tmp_path / "state"
+    shutil.copytree(template, state)
+    for path in CheckpointStore(state).checkpoints():
+        (path / MANIFEST).unlink()
+    store = CheckpointStore(state)
+    with pytest.raises(CheckpointError, match="torn or corrupt"):
+        store.load_latest(ContinualRecommender(config, encoder=encoder))
+    assert store.fallbacks == 2
+
+
+def test_empty_state_dir_loads_nothing(tmp_path, config, encoder):
+    store = CheckpointStore(tmp_path / "nothing-here")
+    learner = ContinualRecommender(config, encoder=encoder)
+    assert store.load_latest(learner) is None and store.fallbacks == 0
+    assert learner.model_version == 0
+
+
+# -- pruning ---------------------------------------------------------------------
+
+def test_keep_prunes_old_checkpoints(tmp_path, trained):
+    store = CheckpointStore(tmp_path / "state", keep=2)
+    paths = [store.save(trained, {"n": n}) for n in range(4)]
+    assert len(set(paths)) == 4  # same model version, distinct folders
+    assert store.checkpoints() == [paths[3], paths[2]]
+    assert not paths[0].exists() and not paths[1].exists()
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == sorted(p.name for p in paths[2:])
+
+
+# -- settings and input errors ------------------------------------------------------------
+
+@pytest.mark.parametrize("change", [{"vector_dim": 16}, {"history_length": 8}])
+def test_config_mismatch_refuses_to_load(tmp_path, config, encoder, trained, change):
+    store = CheckpointStore(tmp_path / "state")
+    store.save(trained, {})
+    other = ContinualRecommender(replace(config, **change), encoder=encoder)
+    with pytest.raises(CheckpointError, match="--state-dir") as info:
+        store.load_latest(other)
+    assert next(iter(change)) in str(info.value)
+    assert other.model_version == 0
+
+
+def test_other_model_path_is_a_mismatch_but_a_spelling_of_the_same_is_not(tmp_path, config, encoder, trained):
+    store = CheckpointStore(tmp_path / "state")
+    store.save(trained, {})
+    same = ContinualRecommender(replace(config, model_path=config.model_path + "/"), encoder=encoder)
+    assert store.load_latest(same) == {}
+    copy = tmp_path / "model-copy"
+    shutil.copytree(config.model_path, copy)
+    with pytest.raises(CheckpointError, match="model_path"):
+        store.load_latest(ContinualRecommender(replace(config, model_path=str(copy)), encoder=encoder))
+
+
+def test_extra_that_is_not_json_fails_cleanly(tmp_path, trained):
+    store = CheckpointStore(tmp_path / "state")
+    with pytest.raises(CheckpointError, match="JSON"):
+        store.save(trained, {"offsets": {("events", 0): 5}})
+    assert issubclass(CheckpointError, RecstreamError)
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())
+
+
+# -- size and speed at realistic scale ---------------------------------------------------
+
+def test_checkpoint_of_10k_items_and_1k_users_takes_seconds(tmp_path, encoder):
+    """Frozen features are synthesised (encoding 10k texts is not what is measured)."""
+    config = LearnerConfig(model_path=default_model_path(), device="cpu", train_layers=1, max_text_tokens=32,
+                           batch_size=128, negatives=256, replay_size=20_000, refresh_per_update=256)
+    learner = ContinualRecommender(config, encoder=encoder)
+    n_items, n_users, hidden = 10_000, 1_000, encoder.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n_items):
+        learner.catalogue.set_text(f"item-{i}", f"text of item {i}")
+    learner.features.ensure_rows(n_items)
+    lengths = torch.randint(8, 33, (n_items,), generator=gen)
+    for i in range(n_items):
+        learner.features.set_frozen(i, torch.randn(int(lengths[i]), hidden, generator=gen).to(torch.float16))
+    learner.features.pooled[:n_items] = torch.randn(n_items, hidden, generator=gen)
+    rng = np.random.default_rng(0)
+    for k in range(600):
+        learner.observe(Event(f"e{k}", f"user-{rng.integers(n_users)}", f"item-{rng.integers(n_items)}",
+                              "click", float(k)))
+    learner.learn()  # optimizer, EWC and replay state (training itself is not what is measured)
+    policy = learner.parts.replay.storage_policy
+    policy.update_from_dataset(make_experience(rng.integers(0, n_items, (20_000, 64)), rng.random((20_000, 64)),
+                                               rng.integers(0, n_items, 20_000), 1).dataset)  # a full buffer
+    for k in range(600, 6_000):
+        learner.observe(Event(f"e{k}", f"user-{k % n_users}", f"item-{rng.integers(n_items)}", "click", float(k)))
+
+    store = CheckpointStore(tmp_path / "state")
+    started = time.perf_counter()
+    path = store.save(learner, {"ledger": [f"e{k}" for k in range(6_000)]})
+    save_s = time.perf_counter() - started
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    restored = ContinualRecommender(config, encoder=encoder)
+    started = time.perf_counter()
+    CheckpointStore(tmp_path / "state").load_latest(restored)
+    load_s = time.perf_counter() - started
+    assert len(policy.buffer) == 20_000 and len(learner.users) == n_users
+    sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+    print("\n" + ", ".join(f"{name} {n / 1e6:.1f} MB" for name, n in sorted(sizes.items(), key=lambda kv: -kv[1])))
+    print(f"checkpoint of {n_items} items / {len(learner.users)} users: {size / 1e6:.1f} MB "
+          f"(model/ {sum(p.stat().st_size for p in (path / 'model').rglob('*') if p.is_file()) / 1e6:.1f} MB), "
+          f"save {save_s:.2f} s, load {load_s:.2f} s")
+    users = [f"user-{u}" for u in range(0, n_users, 7)]
+    np.testing.assert_array_equal(restored.user_vectors(users), learner.user_vectors(users))
+    np.testing.assert_array_equal(restored.item_vectors(), learner.item_vectors())
+    assert save_s < 20 and load_s < 20  # a few seconds on an idle machine; generous for a shared one
+
+
+def test_round_trip_without_trained_layers_or_ewc_and_replay(tmp_path, config):
+    """train_layers 0 caches pooled vectors instead of token states; naive has no EWC / replay state."""
+    from transformers import AutoModel
+
+    small = replace(config, train_layers=0, strategy="naive")
+    learner = train_learner(small)
+    path = CheckpointStore(tmp_path / "state").save(learner, {"k": 1})
+    restored = ContinualRecommender(small, encoder=learner.encoder)
+    assert CheckpointStore(tmp_path / "state").load_latest(restored) == {"k": 1}
+    np.testing.assert_array_equal(restored.item_vectors(), learner.item_vectors())
+    users = all_users(learner)
+    np.testing.assert_array_equal(restored.user_vectors(users), learner.user_vectors(users))
+    assert all((a is None and b is None) or torch.equal(a, b)
+               for a, b in zip(restored.features.frozen, learner.features.frozen))
+    for event in EVENTS[400:460]:
+        restored.observe(event)
+    assert math.isfinite(restored.learn().loss)
+    exported = AutoModel.from_pretrained(path / "model", local_files_only=True).state_dict()
+    base = learner.encoder.model.state_dict()
+    assert exported.keys() == base.keys() and all(torch.equal(exported[k], base[k]) for k in base)
+
+
+def test_round_trip_of_a_lora_learner(tmp_path, config):
+    """LoRA adapters (frozen base weights shared with the encoder) restore exactly and keep training."""
+    from transformers import AutoModel
+
+    lora = replace(config, train_params="lora", lora_rank=4)
+    learner = train_learner(lora)
+    path = CheckpointStore(tmp_path / "state").save(learner, {})
+    restored = ContinualRecommender(lora, encoder=learner.encoder)
+    CheckpointStore(tmp_path / "state").load_latest(restored)
+    np.testing.assert_array_equal(restored.item_vectors(), learner.item_vectors())
+    users = all_users(learner)
+    np.testing.assert_array_equal(restored.user_vectors(users), learner.user_vectors(users))
+    old_opt, new_opt = optimizer_state_by_name(learner), optimizer_state_by_name(restored)
+    assert old_opt.keys() == new_opt.keys() and any("lora" in name for name in old_opt)
+    for event in EVENTS[400:460]:
+        restored.observe(event)
+    assert math.isfinite(restored.learn().loss)
+    exported = AutoModel.from_pretrained(path / "model", local_files_only=True)
+    assert not any("lora" in key for key in exported.state_dict())  # merged into plain weights
+    with pytest.raises(CheckpointError, match="lora_rank"):
+        CheckpointStore(tmp_path / "state").load_latest(
+            ContinualRecommender(replace(lora, lora_rank=8), encoder=None))
