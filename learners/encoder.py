@@ -289,6 +289,10 @@ class TopLayers(nn.Module):
             if self.norm is not None:
                 for param in self.norm.parameters():
                     param.requires_grad_(True)
+        # Its state dict holds what trains, not the frozen weights under LoRA adapters (those
+        # come from the model folder): checkpoints cover exactly the trainable parameters.
+        self.register_state_dict_post_hook(_drop_frozen_state)
+        self.register_load_state_dict_pre_hook(_keep_frozen_on_load)
 
     @property
     def trainable(self) -> bool:
@@ -343,6 +347,18 @@ class TopLayers(nn.Module):
         if decoder and self.norm is not None:
             states = self.norm(states)
         return states
+
+
+def _drop_frozen_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            state_dict.pop(prefix + name, None)
+
+
+def _keep_frozen_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for name, param in module.named_parameters():
+        if not param.requires_grad and prefix + name not in state_dict:
+            state_dict[prefix + name] = param.detach()
 
 
 def _call_layer(layer: nn.Module, states: torch.Tensor, attn: torch.Tensor, kwargs: dict) -> torch.Tensor:
