@@ -210,6 +210,20 @@ class CheckpointStore:
                 "move the folder away to start fresh, or restore it from a backup")
         return None
 
+    def latest_extra(self) -> Optional[dict]:
+        """The ``extra`` dict of the checkpoint ``load_latest`` would restore, without a learner.
+
+        Same rule (newest complete one; torn or corrupt ones skipped with a WARNING),
+        for tools and tests that only need the caller's bookkeeping, e.g. the
+        worker's offsets and totals. None when there is no usable checkpoint.
+        """
+        for path in self.checkpoints():
+            try:
+                return json.loads(_verify(path)["extra.json"])
+            except (_Torn, ValueError) as exc:
+                log.warning("skipping torn or corrupt checkpoint %s: %s", path, exc)
+        return None
+
 
 # -- writing helpers --------------------------------------------------------------
 

@@ -35,22 +35,25 @@ class OnlineFisherEWC(EWCPlugin):
 
     @torch.no_grad()
     def after_backward(self, strategy, **kwargs):
-        penalty = 0.0
+        # Fused in-place ops, one temporary per parameter and one device sync per step: the
+        # plain-expression version was ~20% of a training step on CPU (recstream bench).
+        penalty = None
         for name, param in self._trainable(strategy.model):
-            if param.grad is None:
+            grad = param.grad
+            if grad is None:
                 continue
-            grad_sq = param.grad.pow(2)
             acc = self._grad_sq.get(name)
-            if acc is None or acc.shape != grad_sq.shape:
-                acc = _expand(acc, grad_sq.shape, param.device)
-            self._grad_sq[name] = acc.add_(grad_sq)
+            if acc is None or acc.shape != grad.shape:
+                acc = _expand(acc, grad.shape, param.device)
+            self._grad_sq[name] = acc.addcmul_(grad, grad)  # += grad ** 2 (task loss only)
             if name in self.importance and self.ewc_lambda > 0:
                 imp = self._fit(name, param)
-                diff = param - self.anchor[name]
-                param.grad.add_(2.0 * self.ewc_lambda * imp * diff)
-                penalty += float((imp * diff.pow(2)).sum())
+                diff = param.detach() - self.anchor[name]
+                grad.addcmul_(imp, diff, value=2.0 * self.ewc_lambda)  # d/dp of lambda * imp * diff^2
+                term = torch.dot(imp.reshape(-1), diff.mul_(diff).reshape(-1))
+                penalty = term if penalty is None else penalty + term
         self._steps += 1
-        self.last_penalty = self.ewc_lambda * penalty
+        self.last_penalty = self.ewc_lambda * (float(penalty) if penalty is not None else 0.0)
 
     def _fit(self, name: str, param: torch.Tensor) -> torch.Tensor:
         """Importance and anchor grown to the parameter's current shape (new rows: no penalty)."""

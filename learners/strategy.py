@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from avalanche.models.dynamic_optimizers import update_optimizer
 from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
-from avalanche.training.storage_policy import ReservoirSamplingBuffer
 from avalanche.training.supervised import Naive
 
 from learners.errors import ConfigError
 from learners.ewc import OnlineFisherEWC
+from learners.replay_buffer import CompactReservoirBuffer  # bounded memory: see its docstring
 
 STRATEGIES = ("naive", "ewc", "replay", "ewc_replay", "joint")
 
@@ -93,7 +93,7 @@ def build_strategy(kind: str, model: torch.nn.Module, *, lr: float, batch_size: 
         plugins.append(ewc)
     if kind in ("replay", "ewc_replay") and replay_size > 0 and replay_batch > 0:
         replay = ReplayPlugin(mem_size=replay_size, batch_size=batch_size, batch_size_mem=replay_batch,
-                              storage_policy=ReservoirSamplingBuffer(max_size=replay_size))
+                              storage_policy=CompactReservoirBuffer(max_size=replay_size))
         plugins.append(replay)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)

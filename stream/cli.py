@@ -61,6 +61,8 @@ def _logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "avalanche", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # While Kafka is unreachable this repeats many times a second; the worker says it once per retry.
+    logging.getLogger("kafka.cluster").setLevel(logging.ERROR)
 
 
 @click.group()
@@ -97,9 +99,9 @@ def _run_worker(settings: Settings) -> int:
         world = SyntheticWorld(n_items=settings.demo_items, n_users=settings.demo_users, seed=settings.seed)
         feeder = DemoFeeder(bootstrap, settings, world, rate_per_s=settings.demo_rate)
     app = Worker(settings)
-    app.connect()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before connect(): it may wait long for Kafka
         signal.signal(sig, lambda *_: app.stop())
+    app.connect()
     if feeder is not None:
         feeder.start()
         logging.getLogger("recstream").info(
@@ -198,6 +200,44 @@ def topk(user_id, k, bootstrap_servers, vectors_topic, timeout) -> None:
         raise click.ClickException(f"no vector for user {user_id!r} in {vectors_topic!r}")
     for rank, (item_id, score) in enumerate(index.topk(user_id, k=k), start=1):
         click.echo(f"{rank}\t{item_id}\t{score:.4f}")
+
+
+@main.command()
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
+              help="where the learner runs (cuda: bf16 autocast in the training figure)")
+@click.option("--seconds", default=600.0, type=float, show_default=True,
+              help="length of the steady run (freshness, memory); every other phase scales with it")
+@click.option("--bootstrap-servers", default=None,
+              help="use this cluster (topics named recstream-bench-*, deleted after); default: embedded broker")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="results JSON")
+@click.option("--users", default=10_000, type=int, show_default=True, help="distinct users of the main sections")
+@click.option("--items", default=1_000, type=int, show_default=True, help="distinct items of the main sections")
+@click.option("--rate", default=1000.0, type=float, show_default=True, help="events/s of the steady run")
+@click.option("--scales", default="1000,100000", show_default=True,
+              help="comma-separated user = item counts for the scale section")
+@click.option("--sections", default="ingest,training,freshness,scale", show_default=True,
+              help="comma-separated subset of ingest, training, freshness (with memory), scale")
+@click.option("--max-text-items", default=2_000, type=int, show_default=True,
+              help="items that get a text (encoded); the others are id-only")
+@click.option("--model", default=None, envvar="RECSTREAM_MODEL", help="local Hugging Face model folder")
+@click.option("--seed", default=0, type=int, show_default=True)
+def bench(device, seconds, bootstrap_servers, out_path, users, items, rate, scales, sections, max_text_items,
+          model, seed) -> None:
+    """Measure ingest, training, freshness, memory and scale side by side; print a table, write JSON."""
+    from stream.bench import BenchOptions, markdown_table, run_bench
+
+    _logging("WARNING")
+    try:
+        options = BenchOptions(
+            device=device, seconds=seconds, bootstrap_servers=bootstrap_servers, out=out_path, users=users,
+            items=items, rate=rate, scales=tuple(int(n) for n in scales.split(",") if n.strip()),
+            sections=tuple(x.strip() for x in sections.split(",") if x.strip()), max_text_items=max_text_items,
+            model=model, seed=seed)
+        results = run_bench(options, progress=lambda message: click.echo(message, err=True))
+    except (RecstreamError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(markdown_table(results))
+    click.echo(f"\nwritten to {out_path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

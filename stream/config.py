@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     background_training: bool = Field(
         True, description="train on a second thread while the loop keeps consuming and publishing user "
                           "vectors (an experience takes seconds on a CPU); false = train between polls")
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads; 0 = all cores but one with background training "
+                             "(the loop keeps a core to itself), else torch's default")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate")
     batch_size: int = Field(128, ge=1, description="training minibatch (new events)")
     negatives: int = Field(256, ge=1, description="shared uniform negatives per minibatch")

@@ -31,6 +31,13 @@ class ItemsFollower:
         self._next_try = 0.0
         self.offsets: dict[int, int] = dict(self._start)  # next offset to read, per partition
 
+    def restart_from(self, start_offsets: dict[int, int]) -> None:
+        """Read again from these offsets (the worker rolled back to a checkpoint)."""
+        self._start = dict(start_offsets)
+        self.offsets = dict(self._start)
+        self._assigned = False
+        self._next_try = 0.0
+
     def _assign(self) -> bool:
         if time.monotonic() < self._next_try:
             return False

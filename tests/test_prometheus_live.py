@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from learners.synthetic import SyntheticWorld
+from stream.broker import EmbeddedBroker
 from promql import alert_expressions, dashboard_panel_expressions
 from worker_harness import WorkerProcess, free_port, make_topics, produce, produce_events, produce_items
 
@@ -49,8 +50,15 @@ def prometheus(tmp_path):
     return binary
 
 
-def test_every_dashboard_and_alert_expression_returns_worker_data(broker, unique_topic, tmp_path, prometheus):
-    topics = make_topics(broker.bootstrap, unique_topic)
+def test_every_dashboard_and_alert_expression_returns_worker_data(tmp_path, prometheus):
+    # A broker of its own: the alert rules name the default topics ("events").
+    with EmbeddedBroker() as broker:
+        _run_against(broker, tmp_path, prometheus)
+
+
+def _run_against(broker, tmp_path, prometheus):
+    names = iter(["events", "items", "vectors", "events.dlq", "recstream"])
+    topics = make_topics(broker.bootstrap, lambda _prefix: next(names))
     world = SyntheticWorld(n_items=80, n_users=40, seed=5)
     produce_items(broker.bootstrap, topics.items, world.items())
     worker = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "worker.log",

@@ -1,0 +1,169 @@
+"""``recstream bench``: how close the worker runs to what the hardware allows.
+
+One run measures, side by side on the same machine and broker:
+
+1. ingest    -- worker events/s (training paused) vs bare kafka-python + json.loads
+2. training  -- Avalanche strategy samples/s (EWC, replay, stats, checkpoints) vs a bare PyTorch loop
+3. freshness -- event -> user vector and model update -> item vectors, p50/p99, at a steady rate
+4. memory    -- the worker's RSS over that steady run (growth after warm-up)
+5. scale     -- ingest and freshness again at other user/item counts
+
+Absolute figures depend on the machine and its neighbours; the ratios are
+measured in the same run, rounds alternating, and are the figures to compare.
+
+API::
+
+    from stream.bench import BenchOptions, run_bench, markdown_table
+    results = run_bench(BenchOptions(seconds=60, out="bench.json"))
+    print(markdown_table(results))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+from stream.bench.report import markdown_table
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "recstream-bench/1"
+SECTIONS = ("ingest", "training", "freshness", "scale")  # memory is measured during freshness
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    device: str = "auto"
+    seconds: float = 600.0           # the steady (freshness + memory) run; every other phase scales with it
+    bootstrap_servers: Optional[str] = None
+    out: Optional[str] = None
+    users: int = 10_000
+    items: int = 1_000
+    rate: float = 1000.0
+    scales: tuple[int, ...] = (1_000, 100_000)
+    sections: tuple[str, ...] = SECTIONS
+    max_text_items: int = 2_000      # items that get a text (and are encoded); the rest are id-only
+    model: Optional[str] = None
+    seed: int = 0
+    rounds: Optional[int] = None     # default: 3 from --seconds 60 up, else 1
+    settings: dict = field(default_factory=dict)  # extra Settings fields for every worker and learner
+
+    def plan(self) -> dict:
+        s = float(self.seconds)
+        rounds = self.rounds or (3 if s >= 60 else 1)
+        experiences = int(min(10, max(1, s // 60)))
+        return {
+            "ingest_events": int(min(100_000, max(3_000, 200 * s))),
+            "rounds": rounds,
+            "training_experiences_per_round": experiences,
+            "checkpoint_every": experiences,
+            "steady_seconds": s,
+            "memory_sample_every_s": 10.0 if s >= 300 else max(1.0, s / 30),
+            "memory_warmup_s": s / 10,  # the first minute of the full ten
+            "scale_seconds": min(60.0, max(10.0, s / 10)),
+        }
+
+
+def run_bench(options: BenchOptions, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Run the sections asked for; returns (and with ``out``, writes) the results dict."""
+    from stream.bench import freshness, ingest, training
+    from stream.bench.common import BenchWorld, Cluster, LearnerFactory
+    from stream.config import Settings
+
+    progress = progress or (lambda message: log.info("%s", message))
+    unknown = set(options.sections) - set(SECTIONS) - {"memory"}
+    if unknown:
+        raise ValueError(f"unknown bench sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    plan = options.plan()
+    base = Settings(**{"device": options.device, "seed": options.seed, "metrics_port": 0,
+                       **({"model": options.model} if options.model else {}), **options.settings})
+    results: dict = {"schema": SCHEMA, "started": time.time(), "options": _jsonable(asdict(options)),
+                     "plan": plan, "host": _host(base)}
+    world = BenchWorld(options.users, options.items, options.max_text_items, options.seed)
+    cluster = Cluster(options.bootstrap_servers, base)
+    results["broker"] = "embedded tansu" if cluster.embedded else options.bootstrap_servers
+    factory = LearnerFactory(cluster.settings)
+    sections = set(options.sections)
+    try:
+        if "ingest" in sections:
+            results["ingest"] = ingest.run(cluster, factory, world, events=plan["ingest_events"],
+                                           rounds=plan["rounds"], progress=progress)
+            _write(options.out, results)
+        if "training" in sections:
+            results["training"] = training.run(
+                factory, world, experiences_per_round=plan["training_experiences_per_round"],
+                rounds=plan["rounds"], checkpoint_every=plan["checkpoint_every"], progress=progress)
+            _write(options.out, results)
+        if "freshness" in sections or "memory" in sections:
+            steady = freshness.run(cluster, world, seconds=plan["steady_seconds"], rate=options.rate,
+                                   sample_every_s=plan["memory_sample_every_s"],
+                                   warmup_s=plan["memory_warmup_s"], progress=progress)
+            results["memory"] = steady.pop("memory")
+            results["freshness"] = steady
+            _write(options.out, results)
+        if "scale" in sections:
+            results["scale"] = []
+            for n in options.scales:
+                scaled = BenchWorld(n, n, options.max_text_items, options.seed)
+                row = {"users": n, "items": n, "item_texts": min(n, options.max_text_items)}
+                row["ingest"] = ingest.run(cluster, factory, scaled, events=plan["ingest_events"], rounds=1,
+                                           progress=progress, phase=f"scale{n}-ingest")
+                row["freshness"] = freshness.run(cluster, scaled, seconds=plan["scale_seconds"], rate=options.rate,
+                                                 sample_every_s=max(1.0, plan["scale_seconds"] / 10),
+                                                 warmup_s=0.0, progress=progress, phase=f"scale{n}")
+                results["scale"].append(row)
+                _write(options.out, results)
+        results["catalogue_encoding"] = {
+            "texts": factory.encoded_texts, "seconds": round(factory.encode_seconds, 2),
+            "texts_per_s": round(factory.encoded_texts / factory.encode_seconds, 1)
+            if factory.encode_seconds else None}
+    finally:
+        cluster.close()
+    results["finished"] = time.time()
+    results["host"]["load_average_end"] = list(os.getloadavg())
+    _write(options.out, results)
+    return results
+
+
+def _host(settings) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average_start": list(os.getloadavg()), "device": settings.device}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    try:
+        import psutil
+
+        info["memory_total_gb"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _write(path: Optional[str], results: dict) -> None:
+    """Write after every section, so an interrupted run keeps what it measured."""
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(results, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+__all__ = ["BenchOptions", "run_bench", "markdown_table", "SECTIONS", "SCHEMA"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: recstream bench --help")

@@ -1,0 +1,277 @@
+"""The worker's delivery and recovery rules on fakes (no broker, no model): backpressure,
+dead letters never sent twice, output never dropped, model versions never going back."""
+
+from __future__ import annotations
+
+import json
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from kafka import TopicPartition
+from kafka.errors import KafkaTimeoutError
+from kafka.future import Future
+
+from learners.errors import BrokerError
+from learners.learner import LearnReport
+from learners.records import BadRecord
+from stream.config import Settings
+from stream.kafka_io import DeadLetterSink, KafkaSource, SourceRecord, VectorSink
+from stream.metrics import WorkerMetrics
+from stream.recovery import PublishedVersionMark, dead_letter_source
+from stream.worker import Worker
+
+TP0 = TopicPartition("events", 0)
+
+
+def event_bytes(i: int) -> bytes:
+    return json.dumps({"event_id": f"e{i}", "user_id": f"u{i % 7}", "item_id": f"i{i % 5}",
+                       "event_type": "click", "ts": 1.0 + i}).encode()
+
+
+def consumer_record(offset: int, value: bytes, partition: int = 0):
+    return SimpleNamespace(topic="events", partition=partition, offset=offset, key=b"k", value=value,
+                           timestamp=1000 + offset, headers=[])
+
+
+class FakeConsumer:
+    """Enough of KafkaConsumer for KafkaSource: scripted polls, pause state, one partition."""
+
+    def __init__(self, polls=()):
+        self.polls = list(polls)
+        self.poll_calls = 0
+        self.paused_set = set()
+        self.commits = []
+
+    def poll(self, timeout_ms=0):
+        self.poll_calls += 1
+        if self.paused_set or not self.polls:
+            return {}
+        return self.polls.pop(0)
+
+    def subscribe(self, topics, listener=None):
+        pass
+
+    def assignment(self):
+        return {TP0}
+
+    def pause(self, *tps):
+        self.paused_set.update(tps)
+
+    def resume(self, *tps):
+        self.paused_set.difference_update(tps)
+
+    def paused(self):
+        return set(self.paused_set)
+
+    def commit(self, offsets):
+        self.commits.append(offsets)
+
+    def highwater(self, tp):
+        return None
+
+    def position(self, tp, timeout_ms=None):
+        return None
+
+    def close(self, autocommit=True):
+        pass
+
+
+class FakeProducer:
+    """Resolves every send at flush; ``fail_next`` sends fail once, ``refuse`` makes send() raise."""
+
+    def __init__(self):
+        self.sent = []
+        self.futures = []
+        self.fail_next = 0
+        self.refuse = False
+        self.send_calls = 0
+
+    def send(self, topic, key=None, value=None, headers=None):
+        self.send_calls += 1
+        if self.refuse:
+            raise KafkaTimeoutError("no metadata")
+        future = Future()
+        fail = self.fail_next > 0
+        self.fail_next -= fail
+        self.futures.append((future, fail, (topic, key, value, headers)))
+        return future
+
+    def flush(self, timeout=None):
+        futures, self.futures = self.futures, []
+        for n, (future, fail, record) in enumerate(futures):
+            if fail:
+                future.failure(KafkaTimeoutError("expired"))
+            else:
+                self.sent.append(record)
+                future.success(SimpleNamespace(partition=0, offset=len(self.sent) - 1))
+
+    def close(self, timeout=None):
+        pass
+
+
+class FakeItems:
+    offsets: dict = {}
+
+    def next_batch(self, timeout_ms=0):
+        return []
+
+    def close(self):
+        pass
+
+
+class FakeLearner:
+    """The verbs the worker loop uses; ``learn`` trains only once ``allow_training`` is set."""
+
+    def __init__(self):
+        self.model_version = 0
+        self._pending = []
+        self.lock = threading.RLock()
+        self.users, self.catalogue = {}, {}
+        self.allow_training = False
+
+    @property
+    def pending(self):
+        return len(self._pending)
+
+    def observe(self, event):
+        self._pending.append(event)
+        self.users[event.user_id] = True
+
+    def user_vectors(self, user_ids):
+        return np.full((len(user_ids), 4), 0.5, np.float32)
+
+    def on_step(self, callback):
+        pass
+
+    def shed_pending(self, keep):
+        return 0
+
+    def learn(self, max_samples=None):
+        if not self.allow_training or not self._pending:
+            return None
+        taken, self._pending = self._pending[:max_samples], self._pending[max_samples:]
+        self.model_version += 1
+        return LearnReport(self.model_version, len(taken), 0.01, 1.0, 0.0, 0, 1, 0)
+
+    def items_to_publish(self, min_change=0.0):
+        return [], np.zeros((0, 4), np.float32)
+
+
+def make_worker(tmp_path, polls=(), **settings) -> tuple[Worker, FakeConsumer, FakeProducer]:
+    config = Settings(bootstrap_servers="127.0.0.1:1", state_dir=tmp_path / "state", metrics_port=0,
+                      background_training=False, checkpoint_interval_s=1000, max_experience_wait_s=1000,
+                      progress_interval_s=1000, **settings)
+    worker = Worker(config, learner=FakeLearner(), metrics=WorkerMetrics())
+    consumer, producer = FakeConsumer(polls), FakeProducer()
+    worker.events = KafkaSource(consumer, sleep=lambda s: None)
+    worker.items = FakeItems()
+    worker.producer = producer
+    worker.vectors = VectorSink(producer, "vectors")
+    worker.dead_letters = DeadLetterSink(producer, "events.dlq")
+    worker._sleep = lambda seconds: None  # no real waits between delivery attempts
+    worker._connected = True
+    return worker, consumer, producer
+
+
+def gauge(metric) -> float:
+    return metric._value.get()  # noqa: SLF001
+
+
+def test_overload_pause_stops_fetching_until_training_catches_up(tmp_path):
+    batch = {TP0: [consumer_record(i, event_bytes(i)) for i in range(120)]}
+    worker, consumer, _ = make_worker(tmp_path, [batch], overload="pause", max_pending_events=100,
+                                      experience_size=50)
+    worker.turn()  # 120 events wait, training cannot keep up: fetching pauses
+    assert worker.learner.pending == 120
+    assert worker.events.paused and consumer.paused_set == {TP0}
+    assert gauge(worker.metrics.fetch_paused) == 1
+
+    polls = consumer.poll_calls
+    worker.turn()  # still paused, yet still polling: the group membership stays alive
+    assert consumer.poll_calls > polls and gauge(worker.metrics.fetch_paused) == 1
+
+    worker.learner.allow_training = True
+    worker.turn()  # 120 -> 70: still above experience_size
+    assert worker.events.paused and gauge(worker.metrics.fetch_paused) == 1
+    worker.turn()  # 70 -> 20: below experience_size, fetching resumes
+    assert worker.learner.pending == 20
+    assert not worker.events.paused and consumer.paused_set == set()
+    assert gauge(worker.metrics.fetch_paused) == 0
+
+
+def test_overload_sample_never_pauses(tmp_path):
+    batch = {TP0: [consumer_record(i, event_bytes(i)) for i in range(120)]}
+    worker, consumer, _ = make_worker(tmp_path, [batch], overload="sample", max_pending_events=100,
+                                      experience_size=50)
+    worker.turn()
+    assert not worker.events.paused and gauge(worker.metrics.fetch_paused) == 0
+
+
+def test_dead_letters_already_sent_before_a_restart_are_not_sent_again(tmp_path):
+    batch = {TP0: [consumer_record(5, b"not json"), consumer_record(6, b"also not json"),
+                   consumer_record(7, event_bytes(7))]}
+    worker, _, producer = make_worker(tmp_path, [batch])
+    worker._dlq_done = {("events", 0, 5)}  # found in the dead-letter topic at start-up
+    worker.turn()
+    assert [dead_letter_source(headers) for _, _, _, headers in producer.sent if headers] == [("events", 0, 6)]
+    assert worker.totals.dead_lettered == 2 and worker.totals.valid == 1 and worker.totals.consumed == 3
+    # Once a checkpoint covers their offsets they need not be remembered any longer.
+    worker._dirty_since_checkpoint = True
+    worker.store.save = lambda learner, extra: None  # no real learner to save
+    assert worker.checkpoint()
+    assert worker._dlq_done == set()
+
+
+def test_output_the_broker_refused_is_sent_again_until_delivered(tmp_path):
+    batch = {TP0: [consumer_record(0, event_bytes(0)), consumer_record(1, b"bad")]}
+    worker, _, producer = make_worker(tmp_path, [batch])
+    producer.fail_next = 2  # the user vector and the dead letter both fail once
+    worker.turn()
+    keys = sorted(key for _, key, _, _ in producer.sent)
+    assert keys == [b"k", b"user:u0"]  # each delivered exactly once in the end
+    assert worker.metrics.broker_errors.labels(operation="produce")._value.get() >= 1  # noqa: SLF001
+
+
+def test_sink_parks_refused_records_without_blocking_per_record():
+    producer = FakeProducer()
+    sink = VectorSink(producer, "vectors")
+    producer.refuse = True
+    sink.write_batch([(b"a", b"1"), (b"b", b"2"), (b"c", b"3")])
+    assert producer.send_calls == 1  # the first refusal parks the rest untried
+    with pytest.raises(BrokerError, match="3 record"):
+        sink.flush(1.0)
+    assert sink.undelivered == 3
+    producer.refuse = False
+    assert sink.resend() == 3
+    sink.flush(1.0)
+    assert [key for _, key, _, _ in producer.sent] == [b"a", b"b", b"c"] and sink.undelivered == 0
+
+
+def test_dead_letter_sink_tracks_the_offsets_it_wrote():
+    producer = FakeProducer()
+    sink = DeadLetterSink(producer, "events.dlq")
+    raw = SourceRecord("events", 1, 9, b"k", b"x", 5, ())
+    sink.write_batch([(BadRecord("not_json", b"x", "d"), raw)] * 3)
+    sink.flush(1.0)
+    assert sink.next_offsets == {0: 3}
+
+
+def test_published_version_mark_is_durable_and_only_goes_up(tmp_path):
+    mark = PublishedVersionMark(tmp_path / "state")
+    assert mark.value == 0
+    mark.advance(7)
+    mark.advance(3)
+    assert mark.value == 7 and PublishedVersionMark(tmp_path / "state").value == 7
+    (tmp_path / "state" / PublishedVersionMark.FILE).write_text("garbage")
+    assert PublishedVersionMark(tmp_path / "state").value == 0  # unreadable: the checkpoint's version applies
+
+
+def test_user_vectors_never_go_out_before_their_version_is_marked(tmp_path):
+    batch = {TP0: [consumer_record(0, event_bytes(0))]}
+    worker, _, producer = make_worker(tmp_path, [batch])
+    worker.learner.model_version = 12
+    worker.turn()
+    assert json.loads(producer.sent[0][2])["payload"]["model_version"] == 12
+    assert PublishedVersionMark(tmp_path / "state").value == 12
