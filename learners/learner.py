@@ -53,6 +53,9 @@ class LearnerConfig:
     max_users: int = 1_000_000
     refresh_per_update: int = 2048
     seed: int = 0
+    text_batch: int = 0  # distinct positives per step through the trainable top (0: all)
+    id_lr_scale: float = 1.0  # learning rate multipliers (Adam groups): id tables
+    text_lr_scale: float = 1.0  # ... and the encoder's trainable top
     # What of the encoder trains: "top" (top train_layers layers), "lora" (LoRA adapters on
     # them), "full" (every layer; embeddings frozen). See learners/encoder.py.
     train_params: str = "top"
@@ -87,13 +90,15 @@ class ContinualRecommender:
         self.catalogue = Catalogue()
         self.users = UserHistories(config.history_length, config.max_users, config.recency_decay)
         self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim,
-                              config.negatives, config.temperature, self.device).to(self.device)
+                              config.negatives, config.temperature, self.device,
+                              text_batch=config.text_batch).to(self.device)
         self._step_hook = StepCallbackPlugin()
         self.parts = build_strategy(
             config.strategy, self.model, lr=config.learning_rate, batch_size=config.batch_size,
             epochs=config.epochs, ewc_lambda=config.ewc_lambda, ewc_decay=config.ewc_decay,
             replay_size=config.replay_size, replay_batch=config.replay_batch, device=self.device,
-            extra_plugins=(self._step_hook,))
+            extra_plugins=(self._step_hook,), id_lr_scale=config.id_lr_scale,
+            text_lr_scale=config.text_lr_scale)
         self.model_version = 0
         self._seq = 0
         self._pending: list[tuple[int, int, int]] = []  # (user slot, event seq, item row)
@@ -228,7 +233,9 @@ class ContinualRecommender:
             start = self._refresh_cursor % max(n, 1)
             sweep_rows = (np.arange(start, start + sweep) % max(n, 1)) if n else np.zeros(0, np.int64)
             self._refresh_cursor = start + sweep
-            rows = np.unique(np.concatenate([touched, sweep_rows]))
+            trained = np.fromiter(self.model.text_trained, np.int64, len(self.model.text_trained))
+            self.model.text_trained.clear()
+            rows = np.unique(np.concatenate([trained, sweep_rows]))
             self._refresh_pooled(torch.from_numpy(rows))
         self._tables_stale = True
 

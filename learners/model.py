@@ -23,9 +23,17 @@ _ROW_CHUNK = 4096
 
 
 class TwoTower(nn.Module):
+    # Id tables: a step reaches a few of their rows; RowSparseAdam and the EWC plugin
+    # update only those rows (see learners/optim.py).
+    row_sparse_params = ("item_emb", "ctx_emb")
+
     def __init__(self, top: TopLayers, features: ItemFeatures, hidden_size: int, dim: int,
-                 negatives: int, temperature: float, device: torch.device) -> None:
+                 negatives: int, temperature: float, device: torch.device, text_batch: int = 0) -> None:
         super().__init__()
+        # At most this many distinct positives per step run through the trainable top (with
+        # gradient); the rest use their cached pooled features. 0: all of them.
+        self.text_batch = text_batch
+        self.text_trained: set[int] = set()  # rows whose text went through the top since last asked
         self.top = top
         self.features = features  # cached text features (not parameters)
         self.dim = dim
@@ -64,10 +72,15 @@ class TwoTower(nn.Module):
         if not bool(has.any()):
             return out
         with_text = rows[has]
+        pooled = feats.pooled[with_text.cpu()].to(rows.device)
         if train_top and self.top.trainable:
-            pooled = self.top([feats.frozen[r] for r in with_text.tolist()], rows.device)
-        else:
-            pooled = feats.pooled[with_text.cpu()].to(rows.device)
+            pick = torch.arange(len(with_text), device=rows.device)
+            if 0 < self.text_batch < len(pick):
+                pick = torch.randperm(len(pick), device=rows.device)[: self.text_batch]
+            chosen = with_text[pick].tolist()
+            self.text_trained.update(chosen)
+            fresh = self.top([feats.frozen[r] for r in chosen], rows.device)
+            pooled = pooled.index_put((pick,), fresh)
         out[has] = proj(pooled)
         return out
 

@@ -3,27 +3,105 @@
 Every behaviour is a plugin on a named step of the loop: EWC (online, decayed
 importances), experience replay (fixed-size reservoir) and training stats.
 Strategy names follow CONTRACTS section 4.
+
+Two things are done the cheap way because a sample here is three small
+tensors, not an image: an experience's minibatches are sliced straight out of
+its tensors (Avalanche's per-sample ``__getitem__`` and collate cost more than
+the model step on a CPU), and the replay plugin mixes ``replay_batch``
+replayed samples into every minibatch by indexing the buffer's tensors. The
+buffer itself is Avalanche's reservoir (``CompactReservoirBuffer``), so what
+is kept, checkpointed and restored does not change.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
-from avalanche.models.dynamic_optimizers import update_optimizer
-from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
+from avalanche.training.plugins import ReplayPlugin as AvalancheReplayPlugin
+from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.supervised import Naive
 
 from learners.errors import ConfigError
 from learners.ewc import OnlineFisherEWC
-from learners.replay_buffer import CompactReservoirBuffer  # bounded memory: see its docstring
+from learners.optim import RowSparseAdam
+from learners.replay_buffer import CompactReservoirBuffer
 
 STRATEGIES = ("naive", "ewc", "replay", "ewc_replay", "joint")
 
 
+def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(history rows, history weights, item rows) of an experience dataset, in dataset order."""
+    flat = getattr(dataset, "_flat_data", None)
+    leaves = getattr(flat, "_datasets", None)
+    if leaves and all(isinstance(d, torch.utils.data.TensorDataset) and len(d.tensors) >= 3 for d in leaves):
+        try:
+            indices = torch.as_tensor(list(flat._get_lazy_indices()), dtype=torch.long)
+            return tuple(torch.cat([d.tensors[k] for d in leaves])[indices] for k in range(3))  # type: ignore
+        except Exception:  # noqa: BLE001 - Avalanche internals changed: the public path below
+            pass
+    samples = [dataset[i] for i in range(len(dataset))]
+    return tuple(torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in range(3))  # type: ignore
+
+
+class TensorBatches:
+    """Shuffled minibatches [history rows, weights, items, task labels] sliced from tensors."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool = True) -> None:
+        self.tensors = tensors
+        self.batch_size = max(1, int(batch_size))
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.tensors[2]) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.tensors[2])
+        order = torch.randperm(n) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield [t[idx] for t in self.tensors] + [torch.zeros(len(idx), dtype=torch.long)]
+
+
 class RecommenderTemplate(Naive):
     """Naive SGD loop whose minibatches are [history rows, history weights, item rows, task]."""
+
+    def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None, persistent_workers=False,
+                              drop_last=False, **kwargs):
+        self.experience_tensors = dataset_tensors(self.adapted_dataset)
+        self.dataloader = TensorBatches(self.experience_tensors, self.train_mb_size, shuffle)
+
+    def make_optimizer(self, reset_optimizer_state=False, **kwargs):
+        """Point the optimizer's groups at the model's current parameters, by name.
+
+        The id tables are replaced by larger ones as the catalogue grows; each keeps its
+        group (learning rate, row-sparse updates) and its moments (``RowSparseAdam`` pads
+        them for the new rows). Avalanche's own version infers groups from the module
+        tree, which fails when siblings sit in different groups.
+        """
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        previous = self.optimized_param_id or named
+        name_of = {id(p): n for n, p in previous.items()}
+        placed = set()
+        for group in self.optimizer.param_groups:
+            fresh = []
+            for param in group["params"]:
+                name = name_of.get(id(param))
+                current = named.get(name, param) if name is not None else param
+                if current is not param and param in self.optimizer.state:
+                    self.optimizer.state[current] = self.optimizer.state.pop(param)
+                fresh.append(current)
+                placed.add(id(current))
+            group["params"] = fresh
+        missing = [p for p in named.values() if id(p) not in placed]
+        if missing:  # a parameter the model gained: the last group (projections and the like)
+            self.optimizer.param_groups[-1]["params"].extend(missing)
+        if reset_optimizer_state:
+            self.optimizer.state.clear()
+        self.optimized_param_id = named
 
     def forward(self):
         return self.model(self.mbatch)
@@ -31,13 +109,38 @@ class RecommenderTemplate(Naive):
     def criterion(self):
         return self.model.loss(self.mb_output)
 
-    def make_optimizer(self, reset_optimizer_state=False, remove_params=False, verbose_optimizer=False, **kwargs):
-        """As Avalanche's, but only parameters that train go to the optimizer (a LoRA top
-        holds frozen base weights, which would otherwise sit in its parameter groups)."""
-        self.optimized_param_id = update_optimizer(
-            self.optimizer, {n: p for n, p in self.model.named_parameters() if p.requires_grad},
-            self.optimized_param_id, reset_state=reset_optimizer_state, remove_params=remove_params,
-            verbose=verbose_optimizer)
+
+class ReplayPlugin(AvalancheReplayPlugin):
+    """Experience replay: ``batch_size_mem`` samples drawn uniformly from the reservoir join
+    every minibatch (after the first experience); the experience's samples then enter the
+    reservoir. Same buffer and sampling as Avalanche's plugin, minus its per-sample loader."""
+
+    def __init__(self, mem_size: int, batch_size_mem: int, storage_policy=None) -> None:
+        super().__init__(mem_size=mem_size, batch_size_mem=batch_size_mem,
+                         storage_policy=storage_policy or CompactReservoirBuffer(max_size=mem_size))
+        self._cached_buffer = None
+        self._tensors: Optional[tuple[torch.Tensor, ...]] = None
+
+    def buffer_tensors(self) -> Optional[tuple[torch.Tensor, ...]]:
+        buffer = self.storage_policy.buffer
+        if len(buffer) == 0:
+            return None
+        if buffer is not self._cached_buffer:  # updated (or restored from a checkpoint)
+            self._tensors = dataset_tensors(buffer)
+            self._cached_buffer = buffer
+        return self._tensors
+
+    def before_training_exp(self, strategy, **kwargs):
+        pass  # no replay data loader: see before_training_iteration
+
+    def before_training_iteration(self, strategy, **kwargs):
+        tensors = self.buffer_tensors()
+        if tensors is None or not self.batch_size_mem:
+            return
+        pick = torch.randint(0, len(tensors[2]), (self.batch_size_mem,))
+        device = strategy.mbatch[0].device
+        extra = [t[pick].to(device) for t in tensors] + [torch.zeros(len(pick), dtype=torch.long, device=device)]
+        strategy.mbatch = [torch.cat([a, b]) for a, b in zip(strategy.mbatch, extra)]
 
 
 @dataclass
@@ -80,9 +183,27 @@ class StrategyParts:
     replay: ReplayPlugin | None
 
 
+def param_groups(model: torch.nn.Module, lr: float, id_lr_scale: float = 1.0,
+                 text_lr_scale: float = 1.0) -> list[dict]:
+    """Adam groups by parameter name: the encoder's trainable top (``top.``), the id
+    tables (the model's ``row_sparse_params``, updated row by row) and everything else
+    (projections, global context)."""
+    sparse = set(getattr(model, "row_sparse_params", ()))
+    groups: dict[str, list] = {"text": [], "ids": [], "rest": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        kind = "text" if name.startswith("top.") else "ids" if name in sparse else "rest"
+        groups[kind].append(param)
+    scale = {"text": text_lr_scale, "ids": id_lr_scale, "rest": 1.0}
+    return [{"params": params, "lr": lr * scale[kind], "row_sparse": kind == "ids"}
+            for kind, params in groups.items() if params]
+
+
 def build_strategy(kind: str, model: torch.nn.Module, *, lr: float, batch_size: int, epochs: int,
                    ewc_lambda: float, ewc_decay: float, replay_size: int, replay_batch: int,
-                   device: torch.device, extra_plugins: tuple = ()) -> StrategyParts:
+                   device: torch.device, extra_plugins: tuple = (), id_lr_scale: float = 1.0,
+                   text_lr_scale: float = 1.0) -> StrategyParts:
     if kind not in STRATEGIES:
         raise ConfigError(f"unknown strategy {kind!r}; choose one of {', '.join(STRATEGIES)}")
     stats = TrainingStats()
@@ -92,12 +213,12 @@ def build_strategy(kind: str, model: torch.nn.Module, *, lr: float, batch_size: 
         ewc = OnlineFisherEWC(ewc_lambda, ewc_decay)
         plugins.append(ewc)
     if kind in ("replay", "ewc_replay") and replay_size > 0 and replay_batch > 0:
-        replay = ReplayPlugin(mem_size=replay_size, batch_size=batch_size, batch_size_mem=replay_batch,
-                              storage_policy=CompactReservoirBuffer(max_size=replay_size))
+        replay = ReplayPlugin(mem_size=replay_size, batch_size_mem=replay_batch)
         plugins.append(replay)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = RowSparseAdam(param_groups(model, lr, id_lr_scale, text_lr_scale), lr=lr)
     strategy = RecommenderTemplate(model=model, optimizer=optimizer, train_mb_size=batch_size,
                                    train_epochs=epochs, eval_mb_size=batch_size, device=device,
                                    plugins=plugins, evaluator=None)
+    # Names of what the optimizer holds now: later calls map replaced (grown) tables by name.
+    strategy.optimized_param_id = {n: p for n, p in model.named_parameters() if p.requires_grad}
     return StrategyParts(strategy, stats, ewc, replay)

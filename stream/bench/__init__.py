@@ -73,7 +73,7 @@ class BenchOptions:
 def run_bench(options: BenchOptions, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Run the sections asked for; returns (and with ``out``, writes) the results dict."""
     from stream.bench import freshness, ingest, training
-    from stream.bench.common import BenchWorld, Cluster, LearnerFactory
+    from stream.bench.common import BenchWorld, Cluster, LearnerFactory, remove_state_dirs
     from stream.config import Settings
 
     progress = progress or (lambda message: log.info("%s", message))
@@ -125,6 +125,7 @@ def run_bench(options: BenchOptions, progress: Optional[Callable[[str], None]] =
             if factory.encode_seconds else None}
     finally:
         cluster.close()
+        remove_state_dirs()
     results["finished"] = time.time()
     results["host"]["load_average_end"] = list(os.getloadavg())
     _write(options.out, results)

@@ -252,5 +252,18 @@ def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[
     return round(numerator / denominator, 4)
 
 
+_STATE_DIRS: list[str] = []
+
+
 def temp_state_dir(tag: str) -> str:
-    return tempfile.mkdtemp(prefix=f"recstream-bench-{tag}-")
+    """A fresh checkpoint folder; ``remove_state_dirs`` deletes them all (each can hold GBs)."""
+    path = tempfile.mkdtemp(prefix=f"recstream-bench-{tag}-")
+    _STATE_DIRS.append(path)
+    return path
+
+
+def remove_state_dirs() -> None:
+    import shutil
+
+    while _STATE_DIRS:
+        shutil.rmtree(_STATE_DIRS.pop(), ignore_errors=True)
