@@ -116,8 +116,10 @@ class EmbeddedBroker:
                "--storage-engine", "memory://tansu/"]
         # A file, never a pipe: an unread pipe fills up and stalls the broker.
         with open(self._log_path, "ab") as log_file:
+            # Own session: Ctrl-C in a terminal signals the whole foreground group, and the
+            # broker must outlive the worker's drain (final publish, checkpoint, commit).
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
