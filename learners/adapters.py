@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 from torch import nn
 
-from learners.encoder import TextEncoder, TopLayers, _decoder_parts, _encoder_layers, _layer_path
+from learners.encoder import TextEncoder, TopLayers
+from learners.encoder.layers import decoder_parts, encoder_layers, layer_path
 from learners.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def export_model(learner: "ContinualRecommender", out_dir: str | Path, merged: b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = encoder.model
-    n_layers = len(_encoder_layers(base))
+    n_layers = len(encoder_layers(base))
     trained = list(range(n_layers - encoder.train_layers, n_layers)) if top.trainable else []
     if merged or mode != "lora":
         _save_quietly(base, out, merged_state_dict(encoder, top))
@@ -123,10 +124,10 @@ def export_model(learner: "ContinualRecommender", out_dir: str | Path, merged: b
         memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
         shell = copy.deepcopy(base, memo)
         config = lora_config(encoder.lora_rank, encoder.lora_alpha, encoder.lora_targets, trained,
-                             _layer_path(base).split(".")[-1])
+                             layer_path(base).split(".")[-1])
         config.base_model_name_or_path = str(Path(encoder.path).resolve())
         model = get_peft_model(shell, config)
-        layers = _encoder_layers(model)
+        layers = encoder_layers(model)
         with torch.no_grad():
             for source, index in zip(top.layers, trained):
                 adapter = {k: v.detach() for k, v in source.state_dict().items() if ".lora_" in f".{k}"}
@@ -156,7 +157,7 @@ def merged_state_dict(encoder: TextEncoder, top: TopLayers) -> dict[str, torch.T
     state = dict(base.state_dict())
     if not top.trainable:
         return state
-    layers = _encoder_layers(base)
+    layers = encoder_layers(base)
     modules = {id(m): name for name, m in base.named_modules()}
     prefix = modules[id(layers)]
     first = len(layers) - len(top.layers)
@@ -165,7 +166,7 @@ def merged_state_dict(encoder: TextEncoder, top: TopLayers) -> dict[str, torch.T
         for key, value in plain_layer_state(layer).items():
             swaps[f"{prefix}.{first + offset}.{key}"] = value
     if encoder.family == "decoder" and top.norm is not None and any(p.requires_grad for p in top.norm.parameters()):
-        norm, _ = _decoder_parts(base)
+        norm, _ = decoder_parts(base)
         for key, value in top.norm.state_dict().items():
             swaps[f"{modules[id(norm)]}.{key}"] = value.detach()
     for name, value in swaps.items():

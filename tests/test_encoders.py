@@ -17,7 +17,8 @@ import torch
 
 from learners.adapters import (export_model, load_exported, load_trainable_state_dict, trainable_parameters,
                                trainable_state_dict)
-from learners.encoder import TextEncoder, _encoder_layers, last_token_pool
+from learners.encoder import TextEncoder, last_token_pool
+from learners.encoder.layers import encoder_layers
 from learners.errors import ConfigError
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.synthetic import SyntheticWorld
@@ -345,7 +346,7 @@ def _check_plain_peft_load(folder: Path, learner, texts, expected) -> None:
 def test_full_training_runs(models, tmp_path):
     world = SyntheticWorld(n_items=40, n_users=20, drift_every=10)
     learner = _learner(models["llama"], "full")
-    assert learner.encoder.train_layers == len(_encoder_layers(learner.encoder.model))
+    assert learner.encoder.train_layers == len(encoder_layers(learner.encoder.model))
     reports = _run(learner, world, 140)
     assert all(np.isfinite(r.loss) for r in reports)
     assert learner.parts.ewc.state_bytes() == 2 * trainable_parameters(learner.model) * 4

@@ -1,0 +1,132 @@
+"""What goes into a checkpoint: a learner's whole state as file contents, and its encoder as a HF folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+
+from learners.checkpoint.atomic import fsync_path
+from learners.checkpoint.manifest import FORMAT, hash_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    from learners.learner import ContinualRecommender
+
+
+def compact_json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _tensors(items: dict) -> bytes:
+    return st_save({k: _cpu(v) for k, v in items.items()})
+
+
+def _cpu(value) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+    return tensor.detach().to("cpu").contiguous()
+
+
+def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, bytes]:
+    """Every file of a checkpoint except ``model/`` and the manifest, as bytes."""
+    model, parts = learner.model, learner.parts
+    out: dict[str, bytes] = {"config.json": compact_json(asdict(learner.config)), "extra.json": extra_bytes}
+
+    # The module's own parameters; id tables are saved at full capacity (exact shapes).
+    out["learner.safetensors"] = _tensors(dict(model.state_dict()))
+
+    # Optimizer state keyed by parameter *name*: Avalanche re-registers parameters
+    # (and grown tables replace Parameter objects), so positions are not stable.
+    optimizer = parts.strategy.optimizer
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups, opt_tensors, opt_scalars = [], {}, {}
+    for group in optimizer.param_groups:
+        names = [name_of[id(p)] for p in group["params"] if id(p) in name_of]
+        groups.append(names)
+        for param in group["params"]:
+            name = name_of.get(id(param))
+            for key, value in (optimizer.state.get(param) or {}).items() if name else ():
+                if torch.is_tensor(value):
+                    opt_tensors[f"{name}/{key}"] = value
+                else:
+                    opt_scalars[f"{name}/{key}"] = value
+    out["optimizer.safetensors"] = _tensors(opt_tensors)
+
+    if parts.ewc is not None:
+        out["ewc.safetensors"] = _tensors(parts.ewc.state())
+
+    replay_meta = None
+    if parts.replay is not None:
+        from learners.replay_buffer import buffer_tensors
+
+        policy = parts.replay.storage_policy
+        rows, weights, items = buffer_tensors(policy.buffer, learner.config.history_length)
+        replay = {"hist_rows": rows, "hist_weights": weights, "item_rows": items}
+        if torch.is_tensor(getattr(policy, "_buffer_weights", None)):
+            replay["reservoir_weights"] = policy._buffer_weights
+        out["replay.safetensors"] = _tensors(replay)
+        replay_meta = {"samples": int(len(items)), "seen_samples": getattr(policy, "seen_samples", None)}
+
+    users = learner.users.state()
+    out["users.safetensors"] = _tensors({k: users[k] for k in ("slots", "rows", "weights", "seq", "count")})
+    out["users.json"] = compact_json({"user_ids": users["user_ids"], "length": int(users["length"]),
+                                      "evictions": int(users["evictions"])})
+
+    features = learner.features
+    n_rows = len(features.frozen)
+    present = [f for f in features.frozen if f is not None]
+    kind = "tokens" if present and present[0].dim() == 2 else "pooled"
+    dtype = present[0].dtype if present else torch.float16
+    lengths = np.array([-1 if f is None else (f.shape[0] if f.dim() == 2 else 1) for f in features.frozen], np.int64)
+    data = (torch.cat([f.reshape(-1, features.hidden_size).to(dtype) for f in present]) if present
+            else torch.zeros(0, features.hidden_size, dtype=dtype))
+    out["features.safetensors"] = _tensors({
+        "frozen_data": data, "frozen_lengths": lengths,
+        "pooled": features.pooled[:n_rows], "has_text": features.has_text[:n_rows]})
+    out["catalogue.json"] = compact_json(learner.catalogue.state())
+
+    pending = np.array(learner._pending, dtype=np.int64).reshape(-1, 3)
+    state_tensors = {"pending": pending, "published": np.asarray(learner._published, np.float32),
+                     "rng_cpu": torch.get_rng_state()}
+    if learner.device.type == "cuda":
+        state_tensors["rng_cuda"] = torch.cuda.get_rng_state(learner.device)
+    out["state.safetensors"] = _tensors(state_tensors)
+    stats = parts.stats
+    out["state.json"] = compact_json({
+        "format": FORMAT,
+        "model_version": int(learner.model_version),
+        "event_seq": int(learner._seq),
+        "refresh_cursor": int(learner._refresh_cursor),
+        "samples_shed": int(getattr(learner, "samples_shed", 0)),
+        "n_items": int(model.n_items),
+        "features": {"rows": n_rows, "kind": kind},
+        "optimizer": {"groups": groups, "scalars": opt_scalars},
+        "ewc": {"last_penalty": float(parts.ewc.last_penalty)} if parts.ewc is not None else None,
+        "replay": replay_meta,
+        "stats": {"steps": stats.steps, "samples": stats.samples, "seconds": stats.seconds,
+                  "last_loss": stats.last_loss},
+    })
+    return out
+
+
+def export_hf_model(learner: "ContinualRecommender", folder: Path) -> dict[str, dict]:
+    """The encoder with the learner's trained layers merged in, as a Hugging Face folder.
+
+    ``learners.adapters.export_model(merged=True)``: the base model's state dict
+    with the trained top swapped in (LoRA deltas merged), the tokenizer,
+    ``recstream.json`` and the base folder's sentence-transformers files.
+    Returns the manifest entries of the files written, keyed ``model/...``.
+    """
+    from learners.adapters import export_model
+
+    export_model(learner, folder, merged=True)
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        fsync_path(path)
+        size, digest, _ = hash_file(path, keep=False)
+        files[path.relative_to(folder.parent).as_posix()] = {"size": size, "sha256": digest}
+    return files

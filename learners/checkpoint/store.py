@@ -1,0 +1,182 @@
+"""``CheckpointStore``: numbered checkpoint folders in ``state_dir``; save, prune, newest complete one wins."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from learners.checkpoint.atomic import commit_folder, write_file
+from learners.checkpoint.collect import collect, compact_json, export_hf_model
+from learners.checkpoint.compatibility import check_config
+from learners.checkpoint.manifest import (FORMAT, MANIFEST, MODEL_DIR, TornCheckpoint, manifest_bytes, quick_check,
+                                          verify)
+from learners.checkpoint.restore import apply, parse
+from learners.errors import CheckpointError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from learners.learner import ContinualRecommender
+
+log = logging.getLogger(__name__)
+
+_CKPT = re.compile(r"^ckpt-(\d+)-(\d+)$")
+_TMP = re.compile(r"^\.tmp-(\d+)-(\d+)$")
+
+
+class CheckpointStore:
+    """Saves and restores a ``ContinualRecommender`` plus the caller's ``extra`` dict."""
+
+    def __init__(self, state_dir: os.PathLike | str, keep: int = 3) -> None:
+        if keep < 1:
+            raise CheckpointError(f"keep must be at least 1 (got {keep})")
+        self.state_dir = Path(state_dir)
+        self.keep = int(keep)
+        self.fallbacks = 0  # torn/corrupt checkpoints skipped by the last load_latest
+        self.last_path: Optional[Path] = None
+        self.last_bytes = 0
+        self.last_seconds = 0.0
+
+    # -- listing ----------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Final-named checkpoint folders, newest first (complete or not)."""
+        if not self.state_dir.is_dir():
+            return []
+        found = []
+        for entry in self.state_dir.iterdir():
+            match = _CKPT.match(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match.group(2)), int(match.group(1)), entry))
+        return [path for *_, path in sorted(found, reverse=True)]
+
+    def _next_seq(self) -> int:
+        seqs = [int(m.group(2)) for p in self.checkpoints() if (m := _CKPT.match(p.name))]
+        return max(seqs, default=0) + 1
+
+    # -- saving -----------------------------------------------------------------
+    def save(self, learner: "ContinualRecommender", extra: Optional[dict] = None) -> Path:
+        """Write a complete checkpoint atomically; returns its folder.
+
+        Raises ``OSError`` (disk) or ``CheckpointError`` (anything else); a failed
+        save leaves the previous checkpoints untouched.
+        """
+        started = time.perf_counter()
+        try:
+            extra_bytes = compact_json(extra if extra is not None else {})
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"the checkpoint's extra dict is not JSON-serialisable: {exc}") from exc
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        version = int(learner.model_version)
+        seq = self._next_seq()
+        tmp = self.state_dir / f".tmp-{version}-{os.getpid()}"
+        final = self.state_dir / f"ckpt-{version:012d}-{seq}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            tmp.mkdir()
+            files: dict[str, dict] = {}
+            for name, data in collect(learner, extra_bytes).items():
+                files[name] = write_file(tmp / name, data)
+            files.update(export_hf_model(learner, tmp / MODEL_DIR))
+            head = {"format": FORMAT, "model_version": version, "seq": seq, "created": time.time()}
+            commit_folder(tmp, final, MANIFEST, manifest_bytes(head, files))
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, (OSError, CheckpointError)) or not isinstance(exc, Exception):
+                raise
+            raise CheckpointError(f"could not write a checkpoint to {self.state_dir}: {exc!r}") from exc
+        self.last_path = final
+        self.last_bytes = sum(f["size"] for f in files.values())
+        try:
+            self._prune(keep_path=final)
+        except OSError as exc:  # the checkpoint itself is committed: pruning can wait for the next one
+            log.warning("could not prune old checkpoints in %s: %s", self.state_dir, exc)
+        self.last_seconds = time.perf_counter() - started
+        log.info("checkpoint %s written: model version %d, %.1f MB in %.2f s",
+                 final.name, version, self.last_bytes / 1e6, self.last_seconds)
+        return final
+
+    def _prune(self, keep_path: Path) -> None:
+        """Keep the newest ``keep`` complete checkpoints; drop older ones and stale tmp folders."""
+        kept = 0
+        for path in self.checkpoints():
+            complete = path == keep_path or quick_check(path)
+            if complete and kept < self.keep:
+                kept += 1
+                continue
+            log.info("removing %s checkpoint %s", "old" if complete else "incomplete", path.name)
+            shutil.rmtree(path, ignore_errors=True)
+        for entry in self.state_dir.iterdir():
+            match = _TMP.match(entry.name)
+            if match and entry.is_dir() and not _pid_alive_elsewhere(int(match.group(2))):
+                log.info("removing stale temporary checkpoint folder %s", entry.name)
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # -- loading ----------------------------------------------------------------
+    def load_latest(self, learner: "ContinualRecommender") -> Optional[dict]:
+        """Restore the newest complete checkpoint into ``learner``; returns its ``extra``.
+
+        None when ``state_dir`` holds no checkpoint. Torn or corrupt ones are
+        skipped (WARNING, counted in ``fallbacks``). Raises ``CheckpointError``
+        when the checkpoint was written with incompatible settings, or when
+        checkpoints exist but none is usable.
+        """
+        self.fallbacks = 0
+        candidates = self.checkpoints()
+        for path in candidates:
+            try:
+                loaded = parse(verify(path))
+            except TornCheckpoint as exc:
+                self.fallbacks += 1
+                log.warning("skipping torn or corrupt checkpoint %s: %s; falling back to the previous one",
+                            path, exc)
+                continue
+            check_config(loaded["config.json"], learner, path)
+            try:
+                apply(loaded, learner)
+            except Exception as exc:  # noqa: BLE001 - verified files that still do not fit this learner
+                raise CheckpointError(
+                    f"checkpoint {path} could not be restored into this learner ({exc!r}); start with a fresh "
+                    "--state-dir, or run with the settings and version it was written with") from exc
+            self.last_path = path
+            log.info("restored checkpoint %s: model version %d (%d fallbacks)", path.name,
+                     learner.model_version, self.fallbacks)
+            return loaded["extra.json"]
+        if candidates:
+            raise CheckpointError(
+                f"all {len(candidates)} checkpoints in {self.state_dir} are torn or corrupt (see the warnings above); "
+                "move the folder away to start fresh, or restore it from a backup")
+        return None
+
+    def latest_extra(self) -> Optional[dict]:
+        """The ``extra`` dict of the checkpoint ``load_latest`` would restore, without a learner.
+
+        Same rule (newest complete one; torn or corrupt ones skipped with a WARNING),
+        for tools and tests that only need the caller's bookkeeping, e.g. the
+        worker's offsets and totals. None when there is no usable checkpoint.
+        """
+        for path in self.checkpoints():
+            try:
+                return json.loads(verify(path)["extra.json"])
+            except (TornCheckpoint, ValueError) as exc:
+                log.warning("skipping torn or corrupt checkpoint %s: %s", path, exc)
+        return None
+
+
+def _pid_alive_elsewhere(pid: int) -> bool:
+    """True when another live process may still be writing that tmp folder."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
