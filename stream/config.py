@@ -86,6 +86,10 @@ class Settings(BaseSettings):
         "sample", description="when training falls behind: sample = train on a uniform sample of the backlog "
                               "(every event still updates state and vectors); pause = stop fetching until it catches up")
     item_publish_min_change: float = Field(0.002, ge=0, description="republish an item when its vector moved by more than this (1 - cosine)")
+    refresh_per_update: int = Field(
+        512, ge=0, description="items re-embedded per model update besides the trained ones (a rolling sweep "
+                               "of the catalogue keeps untrained items' text part current); the update -> item "
+                               "vectors time grows with it")
     max_users: int = Field(1_000_000, ge=1, description="users kept in memory (least recently active evicted)")
     seed: int = Field(0, description="random seed")
 

@@ -121,6 +121,11 @@ class FakeItems:
         pass
 
 
+class _StateDict(dict):
+    def state(self):
+        return {"ids": list(self)}
+
+
 class FakeLearner:
     """The verbs the worker loop uses; ``learn`` trains only once ``allow_training`` is set."""
 
@@ -128,8 +133,15 @@ class FakeLearner:
         self.model_version = 0
         self._pending = []
         self.lock = threading.RLock()
-        self.users, self.catalogue = {}, {}
+        self.users, self.catalogue = _StateDict(), _StateDict()
         self.allow_training = False
+        # What a checkpoint snapshot reads (stream/checkpoint_writer.py).
+        self.training_in_flight = False
+        self._published = np.zeros((0, 4), np.float32)
+        self._seq = self._refresh_cursor = self.samples_shed = 0
+
+    def item_vectors(self, item_ids=None):
+        return np.zeros((0, 4), np.float32)
 
     @property
     def pending(self):

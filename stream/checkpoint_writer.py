@@ -1,0 +1,142 @@
+"""Checkpoints written off the worker's loop.
+
+A checkpoint has two halves. The *snapshot* is taken on the loop thread, in
+one go, between two batches: the worker's bookkeeping (offsets, totals,
+dead-letter positions, the de-duplication window) and a ``LearnerSnapshot``
+holding copies of everything of the learner that the loop changes while
+events arrive (user histories, catalogue ids, pending samples, counters).
+Taking it costs milliseconds. The *write* (JSON and safetensors
+serialisation, the Hugging Face model export, sha256, fsync, rename) runs on
+the single background thread that also trains, so the model, the optimizer,
+EWC and the replay buffer -- which only training changes -- stand still
+while they are written, and no experience starts before the write ends.
+
+While a write is in flight the learner is marked ``training_in_flight``, as
+during an experience: the loop keeps publishing user vectors from the last
+vector tables and does not grow the model or encode new item texts. The
+worker commits a checkpoint's offsets only after ``CheckpointJob.result()``
+reports it durable (stream/worker_checkpoints.py), so the exactly-once
+guarantees are those of a checkpoint written on the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from learners.checkpoint import CheckpointStore
+from stream.dedup import LedgerSnapshot
+
+
+class _Frozen:
+    """Stands in for a learner part whose ``state()`` was taken at snapshot time."""
+
+    def __init__(self, state: dict, length: int) -> None:
+        self._state, self._length = state, length
+
+    def state(self) -> dict:
+        return self._state
+
+    def __len__(self) -> int:
+        return self._length
+
+
+def _copy_state(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            out[key] = value.copy()
+        elif isinstance(value, (list, dict)):
+            out[key] = type(value)(value)
+        else:
+            out[key] = value
+    return out
+
+
+class LearnerSnapshot:
+    """A learner as ``CheckpointStore.save`` reads it, frozen at one moment.
+
+    What the loop thread changes between experiences is copied here; the rest
+    (model, optimizer, EWC, replay buffer, item features, encoder) is read from
+    the live learner, which stays still while the write runs on the training
+    thread (see the module docstring).
+    """
+
+    def __init__(self, learner) -> None:
+        self._live = learner
+        self.users = _Frozen(_copy_state(learner.users.state()), len(learner.users))
+        self.catalogue = _Frozen(_copy_state(learner.catalogue.state()), len(learner.catalogue))
+        self._pending = list(learner._pending)  # noqa: SLF001 - the fields a checkpoint holds
+        self._published = np.array(learner._published, copy=True)  # noqa: SLF001
+        self.model_version = int(learner.model_version)
+        self._seq = int(learner._seq)  # noqa: SLF001
+        self._refresh_cursor = int(learner._refresh_cursor)  # noqa: SLF001
+        self.samples_shed = int(getattr(learner, "samples_shed", 0))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live, name)
+
+
+@dataclass
+class CheckpointJob:
+    """One checkpoint: what it covers, and its write in flight."""
+    offsets: dict                 # event offsets it holds, per (topic, partition): committed once durable
+    extra: dict                   # the worker's bookkeeping, the ledger added when written
+    snapshot_s: float             # loop time spent taking the snapshot
+    started: float = field(default_factory=time.monotonic)
+    future: Optional[Future] = None
+    path: Optional[Path] = None
+    write_s: float = 0.0
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def result(self) -> Path:
+        """The checkpoint folder once durable; raises what the write raised."""
+        if self.future is not None:
+            self.path = self.future.result()
+        return self.path
+
+
+class CheckpointWriter:
+    """Takes snapshots on the loop and writes them with ``store`` on ``executor``'s thread."""
+
+    def __init__(self, store: CheckpointStore, learner, executor: Executor) -> None:
+        self.store = store
+        self.learner = learner
+        self.executor = executor
+
+    def start(self, offsets: dict, extra: dict, ledger: LedgerSnapshot) -> CheckpointJob:
+        """Snapshot now (loop thread, learner idle) and hand the write to the background thread."""
+        began = time.perf_counter()
+        learner = self.learner
+        if len(learner.catalogue):
+            learner.item_vectors()  # fresh vector tables to publish from while the write runs
+        with learner.lock:
+            snapshot = LearnerSnapshot(learner)
+            learner.training_in_flight = True  # the model stays as it is until the write ends
+        job = CheckpointJob(offsets=dict(offsets), extra=extra, snapshot_s=time.perf_counter() - began)
+        try:
+            job.future = self.executor.submit(self._write, job, snapshot, ledger)
+        except BaseException:
+            self._release()
+            raise
+        return job
+
+    def _write(self, job: CheckpointJob, snapshot: LearnerSnapshot, ledger: LedgerSnapshot) -> Path:
+        began = time.perf_counter()
+        try:
+            extra = {**job.extra, "ledger": ledger.state()}
+            return self.store.save(snapshot, extra)  # looked up now: tools may wrap store.save
+        finally:
+            self._release()
+            job.write_s = time.perf_counter() - began
+
+    def _release(self) -> None:
+        with self.learner.lock:
+            self.learner.training_in_flight = False

@@ -1,0 +1,40 @@
+"""Building the worker's learner from ``Settings``, and torch's thread count for the worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from learners.learner import LearnerConfig
+from stream.config import Settings
+
+log = logging.getLogger("stream.worker")
+
+
+def set_torch_threads(settings: Settings) -> None:
+    """With background training, leave one core to the loop and Kafka's I/O threads: on a
+    2-core machine torch's two OpenMP threads and the loop fought for both, and an experience
+    ran 3x slower than on one thread while the loop fell behind (recstream bench)."""
+    threads = settings.torch_threads
+    if not threads and settings.background_training:
+        threads = max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") \
+            else max(1, (os.cpu_count() or 2) - 1)
+    if threads and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        log.info("torch intra-op threads: %d", threads)
+
+
+def learner_config(settings: Settings) -> LearnerConfig:
+    return LearnerConfig(
+        model_path=settings.model_path(), device=settings.device, train_layers=settings.train_layers,
+        max_text_tokens=settings.max_text_tokens, vector_dim=settings.vector_dim,
+        history_length=settings.history_length, batch_size=settings.batch_size, negatives=settings.negatives,
+        learning_rate=settings.learning_rate, ewc_lambda=settings.ewc_lambda, ewc_decay=settings.ewc_decay,
+        replay_size=settings.replay_size, replay_batch=settings.replay_batch, max_users=settings.max_users,
+        seed=settings.seed, train_params=settings.train_params, lora_rank=settings.lora_rank,
+        lora_alpha=settings.lora_alpha, gradient_checkpointing=settings.gradient_checkpointing,
+        lora_targets=tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
+        if settings.lora_targets else None,
+        refresh_per_update=settings.refresh_per_update)

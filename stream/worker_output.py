@@ -1,0 +1,132 @@
+"""What the worker sends to Kafka: user and item vectors, dead letters, and their delivery.
+
+Nothing is dropped: ``_deliver`` waits until everything sent is acknowledged,
+sending again (through a fresh producer if need be) for as long as Kafka
+refuses it; a checkpoint -- and so a commit -- never happens before that.
+``PublishedVersionMark`` is advanced before any vector of a new model version
+goes out (stream/recovery.py).
+
+A mixin of ``stream.worker.Worker``: it reads and sets the worker's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from learners.errors import BrokerError, RecstreamError
+from learners.records import BadRecord
+from stream.kafka_io import SourceRecord, make_producer
+from stream.messages import encode_vectors
+
+log = logging.getLogger("stream.worker")
+
+# Broker trouble: waits between attempts double from the first to the last value.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 10.0
+# One attempt to reach the cluster when (re)connecting; kafka-python's default is 30 s.
+BOOTSTRAP_TIMEOUT_MS = 5000
+
+
+class Undelivered(RecstreamError):
+    """Asked to stop while Kafka still refuses records this worker sent: no final checkpoint."""
+
+
+class OutputMixin:
+    def _dead_letter(self, bad: list[tuple[BadRecord, SourceRecord]]) -> None:
+        if not bad:
+            return
+        fresh = []
+        for parsed, record in bad:
+            source = (record.topic, record.partition, record.offset)
+            if source not in self._dlq_done:
+                # Remembered until a checkpoint holds its offset: if this worker goes back to the
+                # last checkpoint (_roll_back), the record is read again but not sent again.
+                self._dlq_done.add(source)
+                fresh.append((parsed, record))
+            self.metrics.dead_lettered.labels(reason=parsed.reason).inc()
+            if record.topic == self.settings.events_topic:
+                self.totals.dead_lettered += 1
+        if fresh:
+            self.dead_letters.write_batch(fresh)
+        if len(fresh) < len(bad):
+            log.info("%d bad record(s) were already in the dead-letter topic (sent before a restart or "
+                     "rollback): not sent again", len(bad) - len(fresh))
+        log.debug("dead-lettered %d record(s)", len(fresh))
+
+    def _deliver(self, *sinks) -> None:
+        """Wait until everything sent to ``sinks`` (default: vectors and dead letters) is in Kafka.
+
+        Nothing is dropped: records the producer gave up on are sent again, with a
+        growing pause, for as long as the broker refuses them; a checkpoint (and so a
+        commit) never happens before this returns. Asked to stop meanwhile, it raises
+        ``Undelivered`` and the worker exits without a final checkpoint.
+        """
+        sinks = sinks or (self.vectors, self.dead_letters)
+        delay = RETRY_FIRST_S
+        attempts = 0
+        while True:
+            producer = self.producer
+            errors = []
+            for sink in sinks:
+                try:
+                    sink.flush(timeout=10.0)
+                except BrokerError as exc:
+                    errors.append(exc)
+            if not errors:
+                return
+            for exc in errors:
+                self._broker_error("produce", exc)
+            if self._stop:
+                raise Undelivered(str(errors[0]))
+            log.warning("Kafka did not take our output (%s); sending again in %.1fs", errors[0], delay)
+            self._sleep(delay)
+            delay = min(2 * delay, RETRY_MAX_S)
+            attempts += 1
+            if attempts % 3 == 0:
+                # A producer can get stuck for good (e.g. its idempotent producer id is unknown to a
+                # broker that lost its state): a fresh one gets a new id.
+                self._renew_producer(producer)
+            for sink in sinks:
+                sink.resend()
+
+    def _renew_producer(self, failing) -> None:
+        with self._producer_lock:
+            if self.producer is not failing:
+                return  # the other thread renewed it already
+            try:
+                fresh = make_producer(self.settings, bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
+            except BrokerError as exc:
+                self._broker_error("connect", exc)
+                log.warning("could not create a new Kafka producer (%s); trying again later", exc)
+                return
+            log.warning("Kafka keeps refusing our output: replaced the producer; records the old one had not "
+                        "delivered are sent again through the new one")
+            for sink in (self.vectors, self.dead_letters):
+                sink.use_producer(fresh)
+            self.producer = fresh
+        try:
+            failing.close(timeout=0)  # its undelivered records fail now and are parked for resend()
+        except Exception as exc:  # noqa: BLE001 - whatever state the old producer is in, it is given up
+            log.warning("closing the old producer failed: %s", exc)
+
+    def _publish_users(self, touched: dict) -> None:
+        if not touched:
+            return
+        user_ids = list(touched)
+        with self.learner.lock:  # vectors and their version from the same model
+            vectors = self.learner.user_vectors(user_ids)
+            version = self.learner.model_version
+        self._version_mark.advance(version)  # durable before any vector of it goes out
+        self.vectors.write_batch(encode_vectors("user", user_ids, vectors, version, time.time()))
+        self.metrics.vectors_published.labels(kind="user").inc(len(user_ids))
+
+    def _publish_items(self, ids_and_vectors, version: Optional[int] = None) -> None:
+        ids, vectors = ids_and_vectors
+        if not ids:
+            return
+        version = self.learner.model_version if version is None else version
+        self._version_mark.advance(version)  # durable before any vector of it goes out
+        self.vectors.write_batch(encode_vectors("item", ids, vectors, version, time.time()))
+        self.metrics.vectors_published.labels(kind="item").inc(len(ids))
