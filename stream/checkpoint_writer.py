@@ -30,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from learners.checkpoint import CheckpointStore
+from stream import heap
 from stream.dedup import LedgerSnapshot
 
 
@@ -135,6 +136,7 @@ class CheckpointWriter:
             return self.store.save(snapshot, extra)  # looked up now: tools may wrap store.save
         finally:
             self._release()
+            heap.trim()
             job.write_s = time.perf_counter() - began
 
     def _release(self) -> None:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     ssl_cafile: Optional[str] = Field(None, description="CA bundle for SSL")
     max_poll_records: int = Field(2000, ge=1, description="records fetched per poll")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="consumer max.poll.interval.ms")
+    fetch_max_wait_ms: int = Field(
+        50, ge=0, description="consumer fetch.max.wait.ms: how long a fetch may wait for new records (kafka-python's "
+                              "500 ms default was most of the event -> vector time on the embedded broker)")
     session_timeout_ms: int = Field(10_000, ge=1000, description="consumer session.timeout.ms")
 
     # --- model and learning ------------------------------------------------
@@ -141,6 +144,7 @@ class Settings(BaseSettings):
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
             "max_poll_records": self.max_poll_records,
+            "fetch_max_wait_ms": self.fetch_max_wait_ms,
             "max_poll_interval_ms": self.max_poll_interval_ms,
             "session_timeout_ms": self.session_timeout_ms,
             "heartbeat_interval_ms": max(1000, self.session_timeout_ms // 3),

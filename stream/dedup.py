@@ -40,7 +40,7 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-STATE_FORMAT = "blake2b-64"
+STATE_FORMAT = "hash64-v1"  # hash_ids below; a new hash needs a new name
 _GENERATIONS = 16  # the newest generation, a dict, holds at most 1/16 of the window
 _MAX_GENERATION = 1 << 17
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 
@@ -11,6 +12,8 @@ from learners.learner import LearnerConfig
 from stream.config import Settings
 
 log = logging.getLogger("stream.worker")
+
+_SWITCH_INTERVAL_S = 0.001
 
 
 def set_torch_threads(settings: Settings) -> None:
@@ -24,6 +27,11 @@ def set_torch_threads(settings: Settings) -> None:
     if threads and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
         log.info("torch intra-op threads: %d", threads)
+    if settings.background_training:
+        # The loop releases the GIL at every socket call and must win it back from the trainer
+        # thread, which holds it between torch ops: with the default 5 ms switch interval each
+        # of those waits could cost the loop 5 ms.
+        sys.setswitchinterval(_SWITCH_INTERVAL_S)
 
 
 def learner_config(settings: Settings) -> LearnerConfig:

@@ -87,6 +87,8 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self._checkpoint_job: Optional[CheckpointJob] = None
         self._paused_for_keepalive = False
         self._stash: list[SourceRecord] = []
+        self._unpublished: dict[str, list[int]] = {}  # users whose vectors wait for the publish window
+        self._unpublished_since = 0.0
         self._last_poll = time.monotonic()
         self._last_train = time.monotonic()
         self._last_checkpoint = time.monotonic()
@@ -245,7 +247,7 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
             self._ingest_items()
         if self.events.rejoin_pending() and self.events.assignment():
             self._before_rebalance()
-        timeout = 50 if self.learner.pending else 500
+        timeout = 50 if self.learner.pending or self._unpublished else 500
         records = self.events.next_batch(timeout_ms=timeout)
         self._last_poll = time.monotonic()
         if self._rollback_reason:  # set by a rebalance callback inside that poll
@@ -256,6 +258,8 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self._watch_idle(records)
         if records:
             self._ingest_events(records)
+        self._publish_queued_users()
+        self._deliver_refused()
         checkpoint_due = time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_s
         if not self._busy and not checkpoint_due and self._training_due() and not self.events.rejoin_pending():
             self._train()  # (not while the group waits for this member to rejoin)
@@ -336,11 +340,7 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
                         valid_by_type[event.event_type] += 1
                         touched.setdefault(event.user_id, []).append(stamp)
         self._dead_letter(bad)
-        self._publish_users(touched)
-        self._deliver()
-        published_at = time.time()
-        self.metrics.observe_event_to_vector(
-            [max(0.0, published_at - stamp / 1000.0) for stamps in touched.values() for stamp in stamps])
+        self._queue_users(touched)  # published by this turn once the window is over
         valid = sum(valid_by_type.values())
         consumed = len(records) - redelivered
         self.totals.consumed += consumed

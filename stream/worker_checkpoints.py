@@ -16,6 +16,7 @@ A mixin of ``stream.worker.Worker``: it reads and sets the worker's state.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -146,6 +147,7 @@ class CheckpointMixin:
             return True
         if self._rollback_reason:
             return False  # this state holds records of partitions given up uncommitted: never save it
+        self._publish_queued_users(force=True)
         self._deliver()  # what the checkpoint covers is in Kafka before its offsets are committed
         dlq_positions = dict(self._dlq_positions)
         for partition, offset in self.dead_letters.next_offsets.items():
@@ -208,7 +210,20 @@ class CheckpointMixin:
         other members without a commit, and they read those records again."""
         reason, self._rollback_reason = self._rollback_reason, None
         self._collect_training(wait=True)
-        self._collect_checkpoint(wait=True)  # the newest checkpoint is the one to go back to
+        job, self._checkpoint_job = self._checkpoint_job, None
+        if job is not None:
+            # Only a loss of the partitions (_on_lost) leaves a write in flight here: it becomes
+            # durable after they went, its offsets can be committed nowhere, and the next owners
+            # read on from the commit before it. Going back to it would hold their records
+            # twice: go back to the one before.
+            try:
+                path = job.result()
+            except (OSError, RecstreamError):
+                path = None
+            if path is not None:
+                log.warning("checkpoint %s was written after the partitions were lost and cannot be committed: "
+                            "removing it", path.name)
+                shutil.rmtree(path, ignore_errors=True)
         self._rollback_reason = None  # a callback during that wait changes nothing: we go back anyway
         log.warning("%s: going back to the last checkpoint (records after it are read again; "
                     "nothing is applied twice)", reason)
@@ -218,5 +233,6 @@ class CheckpointMixin:
         if self.items is not None:
             self.items.restart_from(self._item_start)
         self._stash = []
+        self._unpublished = {}  # their events are read again
         self._dirty_since_checkpoint = False
         self.metrics.pending.set(self.learner.pending)

@@ -27,6 +27,10 @@ RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
 # One attempt to reach the cluster when (re)connecting; kafka-python's default is 30 s.
 BOOTSTRAP_TIMEOUT_MS = 5000
+# Users touched by events are published together once the first of them waited this long
+# (and always before a checkpoint): each user at most once per window, one vector
+# computation and one hand-over to the producer per window, however many polls it spans.
+USER_PUBLISH_WINDOW_S = 0.05
 
 
 class Undelivered(RecstreamError):
@@ -110,6 +114,36 @@ class OutputMixin:
             failing.close(timeout=0)  # its undelivered records fail now and are parked for resend()
         except Exception as exc:  # noqa: BLE001 - whatever state the old producer is in, it is given up
             log.warning("closing the old producer failed: %s", exc)
+
+    def _queue_users(self, touched: dict) -> None:
+        """Remember the users ``touched`` (user id -> their events' Kafka timestamps, ms) for publishing."""
+        if not touched:
+            return
+        if not self._unpublished:
+            self._unpublished_since = time.monotonic()
+        queued = self._unpublished
+        for user_id, stamps in touched.items():
+            if user_id in queued:
+                queued[user_id].extend(stamps)
+            else:
+                queued[user_id] = stamps
+
+    def _publish_queued_users(self, force: bool = False) -> None:
+        """Publish the queued users' vectors once the window is over (or now, with ``force``)."""
+        queued = self._unpublished
+        if not queued or not (force or time.monotonic() - self._unpublished_since >= USER_PUBLISH_WINDOW_S):
+            return
+        self._unpublished = {}
+        self._publish_users(queued)
+        sent_at = time.time()
+        self.metrics.observe_event_to_vector(
+            [max(0.0, sent_at - stamp / 1000.0) for stamps in queued.values() for stamp in stamps])
+
+    def _deliver_refused(self) -> None:
+        """Between checkpoints output is only handed to the producer, which batches it (no round
+        trip per poll); what Kafka refused is sent again at once. Checkpoints wait for all of it."""
+        if self.vectors.undelivered or self.dead_letters.undelivered:
+            self._deliver()
 
     def _publish_users(self, touched: dict) -> None:
         if not touched:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import time
 
+from stream import heap
+
 log = logging.getLogger("stream.worker")
 
 
@@ -78,6 +80,7 @@ class TrainingMixin:
         m.replay_samples.set(report.replay_samples)
         m.pending.set(self.learner.pending)
         self._dirty_since_checkpoint = True
+        heap.trim()
 
     def _keepalive(self) -> None:
         """Called after every training step: poll (with fetching paused) often enough that

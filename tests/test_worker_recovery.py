@@ -20,6 +20,7 @@ from stream.config import Settings
 from stream.kafka_io import DeadLetterSink, KafkaSource, SourceRecord, VectorSink
 from stream.metrics import WorkerMetrics
 from stream.recovery import PublishedVersionMark, dead_letter_source
+from stream import worker_output
 from stream.worker import Worker
 
 TP0 = TopicPartition("events", 0)
@@ -227,6 +228,7 @@ def test_dead_letters_already_sent_before_a_restart_are_not_sent_again(tmp_path)
     worker, _, producer = make_worker(tmp_path, [batch])
     worker._dlq_done = {("events", 0, 5)}  # found in the dead-letter topic at start-up
     worker.turn()
+    worker._deliver()  # output is handed to the producer in the turn, delivered by a checkpoint at the latest
     assert [dead_letter_source(headers) for _, _, _, headers in producer.sent if headers] == [("events", 0, 6)]
     assert worker.totals.dead_lettered == 2 and worker.totals.valid == 1 and worker.totals.consumed == 3
     # Once a checkpoint covers their offsets they need not be remembered any longer.
@@ -241,6 +243,9 @@ def test_output_the_broker_refused_is_sent_again_until_delivered(tmp_path):
     worker, _, producer = make_worker(tmp_path, [batch])
     producer.fail_next = 2  # the user vector and the dead letter both fail once
     worker.turn()
+    assert producer.sent == []  # handed to the producer, not yet delivered: the checkpoint waits for it
+    worker.store.save = lambda learner, extra: None  # no real learner to save
+    assert worker.checkpoint()
     keys = sorted(key for _, key, _, _ in producer.sent)
     assert keys == [b"k", b"user:u0"]  # each delivered exactly once in the end
     assert worker.metrics.broker_errors.labels(operation="produce")._value.get() >= 1  # noqa: SLF001
@@ -280,10 +285,27 @@ def test_published_version_mark_is_durable_and_only_goes_up(tmp_path):
     assert PublishedVersionMark(tmp_path / "state").value == 0  # unreadable: the checkpoint's version applies
 
 
+def test_touched_users_are_published_once_per_window_and_before_every_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(worker_output, "USER_PUBLISH_WINDOW_S", 3600.0)  # a slow machine stays inside it
+    # event_bytes(i) belongs to user u{i % 7}: three events of u0, one of u1, over two polls.
+    first = {TP0: [consumer_record(0, event_bytes(0)), consumer_record(1, event_bytes(7))]}
+    second = {TP0: [consumer_record(2, event_bytes(14)), consumer_record(3, event_bytes(1))]}
+    worker, _, producer = make_worker(tmp_path, [first, second])
+    worker.turn()
+    worker.turn()  # both polls inside one publish window
+    assert producer.futures == [] and producer.sent == []
+    worker.store.save = lambda learner, extra: None  # no real learner to save
+    assert worker.checkpoint()  # publishes and delivers what the checkpoint covers first
+    assert sorted(key for _, key, _, _ in producer.sent) == [b"user:u0", b"user:u1"]  # u0 once for 3 events
+    assert worker.metrics.registry.get_sample_value("recstream_event_to_vector_seconds_count") == 4
+
+
 def test_user_vectors_never_go_out_before_their_version_is_marked(tmp_path):
     batch = {TP0: [consumer_record(0, event_bytes(0))]}
     worker, _, producer = make_worker(tmp_path, [batch])
     worker.learner.model_version = 12
     worker.turn()
+    worker._publish_queued_users(force=True)  # the publish window is 50 ms
+    worker._deliver()
     assert json.loads(producer.sent[0][2])["payload"]["model_version"] == 12
     assert PublishedVersionMark(tmp_path / "state").value == 12

@@ -67,7 +67,7 @@ def markdown_table(results: dict) -> str:
     mem = results.get("memory")
     if mem and mem.get("growth") is not None:
         rows.append(f"| worker RSS growth after warm-up ({mem['warmup_s']:.0f} s), sampled every "
-                    f"{mem['sample_every_s']:.0f} s | {_num(mem['rss_at_warmup_mb'])} -> {_num(mem['rss_end_mb'])} MiB "
+                    f"{mem['sample_every_s']:.0f} s, medians of {mem.get('window_s', 0):.0f} s windows | {_num(mem['rss_at_warmup_mb'])} -> {_num(mem['rss_end_mb'])} MiB "
                     f"| peak {_num(mem['rss_peak_mb'])} MiB | {mem['growth'] * 100:+.1f} % "
                     f"| <= {mem['target_growth'] * 100:.0f} % | {_ok(mem['met'])} |")
     out = "\n".join(rows)
