@@ -43,19 +43,23 @@ class LearnerConfig:
     recency_decay: float = 0.97
     batch_size: int = 128
     epochs: int = 1
-    negatives: int = 256
+    negatives: int = 1024
     temperature: float = 0.05
     learning_rate: float = 2e-3
     ewc_lambda: float = 50.0
     ewc_decay: float = 0.9
-    replay_size: int = 20_000
-    replay_batch: int = 32
+    replay_size: int = 100_000
+    replay_batch: int = 128
     max_users: int = 1_000_000
     refresh_per_update: int = 2048
     seed: int = 0
     text_batch: int = 0  # distinct positives per step through the trainable top (0: all)
     id_lr_scale: float = 1.0  # learning rate multipliers (Adam groups): id tables
     text_lr_scale: float = 1.0  # ... and the encoder's trainable top
+    profile_length: int = 0  # >0: user vectors from a uniform sample of this many of the user's events (else the ring)
+    popularity_weight: float = 0.5  # popularity prior coordinate of item vectors (0: none)
+    popularity_half_life: float = 30_000.0  # events
+    user_popularity: float = 0.5  # the users' constant on that coordinate
     # What of the encoder trains: "top" (top train_layers layers), "lora" (LoRA adapters on
     # them), "full" (every layer; embeddings frozen). See learners/encoder.py.
     train_params: str = "top"
@@ -88,10 +92,13 @@ class ContinualRecommender:
         self.top = copy.deepcopy(self.encoder.top)
         self.features = ItemFeatures(self.encoder.hidden_size)
         self.catalogue = Catalogue()
-        self.users = UserHistories(config.history_length, config.max_users, config.recency_decay)
+        self.users = UserHistories(config.history_length, config.max_users, config.recency_decay,
+                                   profile_length=config.profile_length)
         self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim,
                               config.negatives, config.temperature, self.device,
-                              text_batch=config.text_batch).to(self.device)
+                              text_batch=config.text_batch, popularity_weight=config.popularity_weight,
+                              popularity_half_life=config.popularity_half_life,
+                              user_popularity=config.user_popularity).to(self.device)
         self._step_hook = StepCallbackPlugin()
         self.parts = build_strategy(
             config.strategy, self.model, lr=config.learning_rate, batch_size=config.batch_size,
@@ -105,8 +112,8 @@ class ContinualRecommender:
         self.samples_shed = 0
         self._refresh_cursor = 0
         self._item_table = np.zeros((0, config.vector_dim), np.float32)
-        self._ctx_table = np.zeros((0, config.vector_dim), np.float32)
-        self._global_ctx = np.zeros(config.vector_dim, np.float32)
+        self._ctx_table = np.zeros((0, self.model.dim), np.float32)
+        self._global_ctx = np.zeros(self.model.dim, np.float32)
         self._published = np.zeros((0, config.vector_dim), np.float32)
         self._tables_stale = True
         # Training on another thread (stream.worker's background training): ``lock`` guards
@@ -210,6 +217,7 @@ class ContinualRecommender:
             samples_before, seconds_before, steps_before = stats.samples, stats.seconds, stats.steps
             self.parts.strategy.train(experience, eval_streams=[])
             touched = np.unique(items)
+            self.model.observe_popularity(torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64)))
             self._refresh_after_update(touched)
             updated = True
         finally:
@@ -270,14 +278,26 @@ class ContinualRecommender:
         return self._item_table[rows]
 
     def user_vectors(self, user_ids: Sequence[str]) -> np.ndarray:
-        self._tables()
+        return self.user_vectors_from(*self.users.histories_of(user_ids))
+
+    def user_histories(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """What these users' vectors are made of now: (item rows, weights), [users, length], copies."""
         rows, weights = self.users.histories_of(user_ids)
+        return rows.copy(), weights.copy()
+
+    def user_vectors_from(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """User vectors of given histories (from ``user_histories``) with the current model."""
+        self._tables()
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        if rows.shape[1] == 0:
+            return self.model.finish_users(np.repeat(self._global_ctx[None, :], len(rows), axis=0))
         # Weighted sum of context rows without building a [users, length, dim] gather first:
         # 4-9x faster than einsum over ctx[rows], the top learner cost of publishing (recstream bench).
         summed = self._global_ctx + torch.nn.functional.embedding_bag(
             torch.from_numpy(rows), torch.from_numpy(self._ctx_table), mode="sum",
             per_sample_weights=torch.from_numpy(weights)).numpy()
-        return summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
+        return self.model.finish_users(summed)
 
     def items_to_publish(self, min_change: float = 0.0) -> tuple[list[str], np.ndarray]:
         """Items never published or whose vector moved by more than ``min_change`` (1 - cosine)."""

@@ -1,17 +1,28 @@
 """The two-tower recommender on top of the text encoder.
 
-item vector  = normalise(text_proj(text features) + item_emb[row])
+item vector  = [sqrt(1 - b_i^2) * normalise(text_proj(text features) + item_emb[row]), b_i]
 context      = ctx_proj(text features) + ctx_emb[row]
-user vector  = normalise(global_ctx + sum_j w_j * context[history_j])
+user vector  = [sqrt(1 - beta^2) * normalise(global_ctx + sum_j w_j * context[history_j]), beta]
 
 User and item vectors live in one space; dot(user, item) is the score. The
 learned id parts carry collaborative signal, the text part carries meaning and
 serves items before anyone has interacted with them (cold start). Training is
 a sampled softmax: each event's item against shared uniform negatives.
+
+The last coordinate is a popularity prior: b_i = popularity_weight *
+log(1 + c_i) / log(1 + max c), with c_i the item's event count decayed with a
+half-life of ``popularity_half_life`` events (what is popular *now*), and beta
+the same constant for every user. Both vectors stay unit length, so the score
+is a fixed mix of "popular now" and the learned personal match; the learned
+part only has to explain what popularity does not. Counts are statistics, not
+parameters: they move with the stream, not with gradients.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +39,17 @@ class TwoTower(nn.Module):
     row_sparse_params = ("item_emb", "ctx_emb")
 
     def __init__(self, top: TopLayers, features: ItemFeatures, hidden_size: int, dim: int,
-                 negatives: int, temperature: float, device: torch.device, text_batch: int = 0) -> None:
+                 negatives: int, temperature: float, device: torch.device, text_batch: int = 0,
+                 popularity_weight: float = 0.0, popularity_half_life: float = 10_000.0,
+                 user_popularity: float = 0.5) -> None:
         super().__init__()
+        if not 0.0 <= popularity_weight < 1.0 or not 0.0 <= user_popularity < 1.0:
+            raise ValueError("popularity_weight and user_popularity must lie in [0, 1)")
+        self.popularity_weight = popularity_weight
+        self.user_popularity = user_popularity if popularity_weight > 0 else 0.0
+        self.popularity_decay = 0.5 ** (1.0 / popularity_half_life) if popularity_half_life > 0 else 1.0
+        self.out_dim = dim
+        dim = dim - 1 if popularity_weight > 0 else dim  # the learned part
         # At most this many distinct positives per step run through the trainable top (with
         # gradient); the rest use their cached pooled features. 0: all of them.
         self.text_batch = text_batch
@@ -45,6 +65,8 @@ class TwoTower(nn.Module):
         self.ctx_emb = nn.Parameter(torch.zeros(0, dim))
         # Unit-scale start: a zero sum would put cold users at normalise(0), whose gradient explodes.
         self.global_ctx = nn.Parameter(torch.randn(dim) / dim ** 0.5)
+        # Decayed event counts per row (a statistic: never trained, but saved with the model).
+        self.popularity = nn.Parameter(torch.zeros(0), requires_grad=False)
         self.n_items = 0
         self._device = device
         self.grow(1)
@@ -61,7 +83,51 @@ class TwoTower(nn.Module):
             fresh = torch.randn(new_cap, self.dim, device=old.device) * 0.01
             fresh[: old.shape[0]] = old
             setattr(self, name, nn.Parameter(fresh))
+        counts = torch.zeros(new_cap, device=self.popularity.device)
+        counts[: self.popularity.shape[0]] = self.popularity.data
+        self.popularity = nn.Parameter(counts, requires_grad=False)
         return True
+
+    # -- popularity prior -------------------------------------------------------
+    @torch.no_grad()
+    def observe_popularity(self, rows: torch.Tensor) -> None:
+        """Count events of ``rows`` (in event order) into the decayed popularity."""
+        n = len(rows)
+        if n == 0 or self.popularity_weight <= 0:
+            return
+        counts = self.popularity.data
+        counts.mul_(self.popularity_decay ** n)
+        ages = torch.arange(n - 1, -1, -1, dtype=counts.dtype, device=counts.device)
+        counts.index_add_(0, rows.to(counts.device), self.popularity_decay ** ages)
+
+    def _prior(self, rows: torch.Tensor) -> torch.Tensor:
+        counts = self.popularity.data
+        top = float(counts[: max(self.n_items, 1)].max()) if len(counts) else 0.0
+        if top <= 0:
+            return torch.zeros(len(rows), device=counts.device)
+        return self.popularity_weight * torch.log1p(counts[rows]) / math.log1p(top)
+
+    def finish_items(self, learned: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Unit learned item parts -> published item vectors (popularity coordinate added)."""
+        if self.popularity_weight <= 0:
+            return learned
+        prior = self._prior(rows).to(learned.device, learned.dtype)
+        return torch.cat([learned * torch.sqrt(1.0 - prior * prior).unsqueeze(-1), prior.unsqueeze(-1)], dim=-1)
+
+    def finish_users(self, summed):
+        """Summed contexts (torch or numpy, [n, dim]) -> unit user vectors (prior coordinate added)."""
+        if isinstance(summed, np.ndarray):
+            unit = summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
+            if self.popularity_weight <= 0:
+                return unit
+            beta = self.user_popularity
+            return np.concatenate([unit * math.sqrt(1.0 - beta * beta),
+                                   np.full((len(unit), 1), beta, unit.dtype)], axis=1)
+        unit = F.normalize(summed, dim=-1)
+        if self.popularity_weight <= 0:
+            return unit
+        beta = self.user_popularity
+        return torch.cat([unit * math.sqrt(1.0 - beta * beta), unit.new_full((len(unit), 1), beta)], dim=-1)
 
     # -- towers ---------------------------------------------------------------
     def _text(self, rows: torch.Tensor, proj: nn.Linear, train_top: bool) -> torch.Tensor:
@@ -85,7 +151,8 @@ class TwoTower(nn.Module):
         return out
 
     def item_vectors(self, rows: torch.Tensor, train_top: bool = False) -> torch.Tensor:
-        return F.normalize(self._text(rows, self.text_proj, train_top) + self.item_emb[rows], dim=-1)
+        learned = F.normalize(self._text(rows, self.text_proj, train_top) + self.item_emb[rows], dim=-1)
+        return self.finish_items(learned, rows)
 
     def context_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         return self._text(rows, self.ctx_proj, False) + self.ctx_emb[rows]
@@ -94,7 +161,7 @@ class TwoTower(nn.Module):
         unique, inverse = torch.unique(hist_rows, return_inverse=True)
         ctx = self.context_vectors(unique)[inverse]  # [users, length, dim]
         summed = self.global_ctx + (hist_weights.unsqueeze(-1) * ctx).sum(1)
-        return F.normalize(summed, dim=-1)
+        return self.finish_users(summed)
 
     # -- training -------------------------------------------------------------
     def forward(self, mbatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,14 @@ built later, vectorised over many users at once.
 
 Memory bound: at most ``max_users`` slots; when full, the least recently
 active user is evicted (their next event starts a fresh history).
+
+Besides the ring, each user can keep a *profile*: a uniform reservoir sample
+(Algorithm R) of ``profile_length`` of all their events, however many there
+were. Training samples are built from the ring (what came right before the
+event); published user vectors are built from the profile (``histories_of``),
+so a user's vector reflects their whole history at a fixed memory cost, and
+what they did a while ago is still in it after they moved on to other things.
+With ``profile_length`` 0 the ring serves both.
 """
 
 from __future__ import annotations
@@ -19,11 +27,21 @@ import numpy as np
 _EMPTY = -1
 
 
+def _draw(slot: int, seen: int) -> int:
+    """A pseudo-random draw fixed by (slot, event number): the reservoir needs no RNG state,
+    so a restored checkpoint keeps sampling exactly as the uninterrupted run would."""
+    x = (seen * 0x9E3779B1 + slot * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    return x ^ (x >> 12)
+
+
 class UserHistories:
-    def __init__(self, length: int, max_users: int, recency_decay: float = 0.97) -> None:
+    def __init__(self, length: int, max_users: int, recency_decay: float = 0.97, profile_length: int = 0) -> None:
         self.length = length
         self.max_users = max_users
         self.recency_decay = recency_decay
+        self.profile_length = profile_length
         self._slot_of: "OrderedDict[str, int]" = OrderedDict()
         self._free: list[int] = []
         capacity = min(1024, max_users)
@@ -31,6 +49,8 @@ class UserHistories:
         self._weights = np.zeros((capacity, length), dtype=np.float32)
         self._seq = np.full((capacity, length), _EMPTY, dtype=np.int64)
         self._count = np.zeros(capacity, dtype=np.int64)
+        self._prows = np.zeros((capacity, profile_length), dtype=np.int32)
+        self._pweights = np.zeros((capacity, profile_length), dtype=np.float32)
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -66,6 +86,8 @@ class UserHistories:
         self._seq[slot] = _EMPTY
         self._weights[slot] = 0.0
         self._count[slot] = 0
+        self._prows[slot] = 0
+        self._pweights[slot] = 0.0
 
     def _grow(self) -> None:
         new = min(self.max_users, 2 * len(self._count))
@@ -74,15 +96,23 @@ class UserHistories:
         self._weights = np.concatenate([self._weights, np.zeros((extra, self.length), np.float32)])
         self._seq = np.concatenate([self._seq, np.full((extra, self.length), _EMPTY, np.int64)])
         self._count = np.concatenate([self._count, np.zeros(extra, np.int64)])
+        self._prows = np.concatenate([self._prows, np.zeros((extra, self.profile_length), np.int32)])
+        self._pweights = np.concatenate([self._pweights, np.zeros((extra, self.profile_length), np.float32)])
 
     def append(self, user_id: str, item_row: int, weight: float, seq: int) -> int:
         """Record one event; returns the user's slot."""
         slot = self._slot(user_id)
-        pos = self._count[slot] % self.length
+        seen = int(self._count[slot])
+        pos = seen % self.length
         self._rows[slot, pos] = item_row
         self._weights[slot, pos] = weight
         self._seq[slot, pos] = seq
-        self._count[slot] += 1
+        self._count[slot] = seen + 1
+        if self.profile_length:
+            keep = seen if seen < self.profile_length else _draw(slot, seen) % (seen + 1)
+            if keep < self.profile_length:
+                self._prows[slot, keep] = item_row
+                self._pweights[slot, keep] = weight
         return slot
 
     def slot_of(self, user_id: str) -> int:
@@ -119,8 +149,19 @@ class UserHistories:
         return rows, weights
 
     def histories_of(self, user_ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        """What published user vectors are made of: each user's profile (uniform over their
+        whole history, event weights kept, summing to 1), or their ring without a profile."""
         slots = np.fromiter((self._slot_of.get(u, _EMPTY) for u in user_ids), dtype=np.int64)
-        return self.histories(slots)
+        if not self.profile_length:
+            return self.histories(slots)
+        valid = slots >= 0
+        safe = np.where(valid, slots, 0)
+        filled = np.minimum(self._count[safe], self.profile_length)
+        keep = (np.arange(self.profile_length)[None, :] < filled[:, None]) & valid[:, None]
+        weights = np.where(keep, self._pweights[safe], 0.0).astype(np.float32)
+        total = weights.sum(axis=1, keepdims=True)
+        weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+        return np.where(keep, self._prows[safe], 0).astype(np.int64), weights
 
     def item_rows_of(self, user_id: str) -> np.ndarray:
         slot = self._slot_of.get(user_id)
@@ -134,6 +175,7 @@ class UserHistories:
         n = len(self._count)
         return {"user_ids": list(self._slot_of), "slots": np.fromiter(self._slot_of.values(), np.int64, len(self._slot_of)),
                 "rows": self._rows[:n], "weights": self._weights[:n], "seq": self._seq[:n], "count": self._count[:n],
+                "profile_rows": self._prows[:n], "profile_weights": self._pweights[:n],
                 "length": self.length, "evictions": self.evictions}
 
     def load_state(self, state: dict) -> None:
@@ -145,3 +187,16 @@ class UserHistories:
         used = set(self._slot_of.values())
         self._free = [s for s in range(len(self._count)) if s not in used]
         self.evictions = int(state["evictions"])
+        n = len(self._count)
+        prows, pweights = state.get("profile_rows"), state.get("profile_weights")
+        if prows is not None and pweights is not None and np.shape(prows) == (n, self.profile_length):
+            self._prows = np.array(prows, dtype=np.int32)
+            self._pweights = np.array(pweights, dtype=np.float32)
+        else:  # a checkpoint without profiles (or of another length): start them from the rings
+            self._prows = np.zeros((n, self.profile_length), np.int32)
+            self._pweights = np.zeros((n, self.profile_length), np.float32)
+            if self.profile_length:
+                order = np.argsort(np.where(self._seq >= 0, self._seq, np.iinfo(np.int64).max), axis=1, kind="stable")
+                take = min(self.length, self.profile_length)
+                self._prows[:, :take] = np.take_along_axis(self._rows, order, axis=1)[:, :take]
+                self._pweights[:, :take] = np.take_along_axis(self._weights, order, axis=1)[:, :take]

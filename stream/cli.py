@@ -7,6 +7,7 @@ then to the default.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -18,11 +19,15 @@ from pydantic import ValidationError
 
 from learners.errors import RecstreamError
 from stream.config import Settings
+from stream.learner_setup import LEARNER_SETTINGS, learner_config
 
 
-def _settings_options(func):
-    """One click option per Settings field (default None: pydantic reads the env)."""
+def _settings_options(func, only: typing.Optional[typing.Collection[str]] = None):
+    """One click option per Settings field, or per field in ``only`` (default None: pydantic
+    reads the env)."""
     for name, field in reversed(list(Settings.model_fields.items())):
+        if only is not None and name not in only:
+            continue
         flag = "--" + name.replace("_", "-")
         env = "RECSTREAM_" + name.upper()
         annotation = field.annotation
@@ -125,24 +130,28 @@ def _run_worker(settings: Settings) -> int:
 @click.option("--k", default=10, show_default=True, type=int)
 @click.option("--strategies", default="popularity,frozen,naive,ewc,replay,ewc_replay,joint", show_default=True,
               help="comma-separated strategy names")
-@click.option("--model", default=None, envvar="RECSTREAM_MODEL", help="local Hugging Face model folder")
-@click.option("--device", default="auto", envvar="RECSTREAM_DEVICE", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", default=0, type=int, show_default=True)
-def evaluate(events_path, items_path, out_path, blocks, k, strategies, model, device, seed) -> None:
-    """Protocol P1 on CONTRACTS files; writes the results JSON plus a PNG plot and a Markdown table."""
-    import dataclasses
+@click.option("--joint-epochs", default=2, show_default=True, type=click.IntRange(1),
+              help="epochs of the joint reference over all events so far, at every block")
+@functools.partial(_settings_options, only={*LEARNER_SETTINGS, "model", "experience_size", "torch_threads"})
+def evaluate(events_path, items_path, out_path, blocks, k, strategies, joint_epochs, **learner_options) -> None:
+    """Protocol P1 on CONTRACTS files; writes the results JSON plus a PNG plot and a Markdown table.
 
+    The learner flags are the worker's own (same names, variables and defaults): what is
+    measured is the learner ``recstream worker`` would run with them."""
     from learners.evaluation.runner import evaluate as run_evaluation
     from learners.evaluation.strategies import make_factory
-    from learners.learner import LearnerConfig
-    from stream.config import default_model_path
 
     _logging("INFO")
-    config = LearnerConfig(model_path=model or default_model_path())
-    config = dataclasses.replace(config, device=device, seed=seed)
+    settings = _make_settings(learner_options)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    factory = make_factory(learner_config(settings), experience_size=settings.experience_size,
+                           joint_epochs=joint_epochs)
     try:
         results = run_evaluation(events_path, items_path, out_path, blocks=blocks, k=k,
-                                 strategies=strategies.split(","), factory=make_factory(config))
+                                 strategies=strategies.split(","), factory=factory)
     except RecstreamError as exc:
         raise click.ClickException(str(exc)) from None
     from learners.evaluation.report import markdown_table

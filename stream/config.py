@@ -79,11 +79,19 @@ class Settings(BaseSettings):
                              "(the loop keeps a core to itself), else torch's default")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate")
     batch_size: int = Field(128, ge=1, description="training minibatch (new events)")
-    negatives: int = Field(256, ge=1, description="shared uniform negatives per minibatch")
+    negatives: int = Field(1024, ge=1, description="shared uniform negatives per minibatch")
+    temperature: float = Field(0.05, gt=0, description="softmax temperature of the training loss")
+    recency_decay: float = Field(0.97, gt=0, le=1, description="weight of a user's event shrinks by this per newer event")
+    popularity_weight: float = Field(
+        0.5, ge=0, lt=1, description="popularity prior: weight of the vectors' last coordinate, the item's decayed "
+                                     "event count (log-scaled; users hold a constant there); 0 = none")
+    popularity_half_life: float = Field(30_000.0, gt=0, description="events after which a popularity count has halved")
+    text_batch: int = Field(32, ge=0, description="distinct items per minibatch whose text runs through the trainable "
+                                                  "layers (the rest use cached outputs); 0 = all")
     ewc_lambda: float = Field(50.0, ge=0, description="EWC penalty strength")
     ewc_decay: float = Field(0.9, gt=0, le=1, description="online EWC importance decay per experience")
-    replay_size: int = Field(20_000, ge=0, description="replay reservoir capacity (samples)")
-    replay_batch: int = Field(32, ge=0, description="replayed samples mixed into each minibatch")
+    replay_size: int = Field(100_000, ge=0, description="replay reservoir capacity (samples)")
+    replay_batch: int = Field(128, ge=0, description="replayed samples mixed into each minibatch")
     max_pending_events: int = Field(4096, ge=1, description="untrained events held at most; beyond it see --overload")
     overload: Literal["sample", "pause"] = Field(
         "sample", description="when training falls behind: sample = train on a uniform sample of the backlog "

@@ -34,15 +34,17 @@ def set_torch_threads(settings: Settings) -> None:
         sys.setswitchinterval(_SWITCH_INTERVAL_S)
 
 
+# Settings that are LearnerConfig fields of the same name; ``evaluate`` takes exactly these
+# (plus experience_size) as flags, so it measures the learner the worker would run.
+LEARNER_SETTINGS = (
+    "device", "train_layers", "train_params", "lora_rank", "lora_alpha", "gradient_checkpointing",
+    "max_text_tokens", "vector_dim", "history_length", "recency_decay", "batch_size", "negatives",
+    "temperature", "learning_rate", "ewc_lambda", "ewc_decay", "replay_size", "replay_batch",
+    "popularity_weight", "popularity_half_life", "text_batch", "refresh_per_update", "max_users", "seed")
+
+
 def learner_config(settings: Settings) -> LearnerConfig:
     return LearnerConfig(
-        model_path=settings.model_path(), device=settings.device, train_layers=settings.train_layers,
-        max_text_tokens=settings.max_text_tokens, vector_dim=settings.vector_dim,
-        history_length=settings.history_length, batch_size=settings.batch_size, negatives=settings.negatives,
-        learning_rate=settings.learning_rate, ewc_lambda=settings.ewc_lambda, ewc_decay=settings.ewc_decay,
-        replay_size=settings.replay_size, replay_batch=settings.replay_batch, max_users=settings.max_users,
-        seed=settings.seed, train_params=settings.train_params, lora_rank=settings.lora_rank,
-        lora_alpha=settings.lora_alpha, gradient_checkpointing=settings.gradient_checkpointing,
+        model_path=settings.model_path(), **{name: getattr(settings, name) for name in LEARNER_SETTINGS},
         lora_targets=tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
-        if settings.lora_targets else None,
-        refresh_per_update=settings.refresh_per_update)
+        if settings.lora_targets else None)

@@ -42,6 +42,9 @@ class FakeRecommender:
         self.learned.append(list(events))
         self.samples_trained += len(events)
 
+    def freeze_users(self, user_ids: list[str]) -> list[str]:
+        return list(user_ids)
+
     def scores(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray:
         self.asked_items = list(item_ids)
         table = self.later if len(self.learned) > self.switch_after else self.table
@@ -217,6 +220,39 @@ def test_bwt_positive_when_quality_rises_at_the_end():
     result = run_p1(FakeRecommender(bad, good, switch_after=3), events, items, blocks=4, k=1)
     assert result.ndcg == 0.0
     assert result.bwt == pytest.approx(1.0)
+
+
+class OwnHistory:
+    """Scores 1 for the items in the user's history: a model that only remembers."""
+
+    name, samples_trained, train_seconds = "own-history", 0, 0.0
+
+    def __init__(self) -> None:
+        self.history: dict[str, set[str]] = {}
+
+    def add_items(self, items: list[Item]) -> None:
+        pass
+
+    def learn(self, events: list[Event]) -> None:
+        for e in events:
+            self.history.setdefault(e.user_id, set()).add(e.item_id)
+
+    def freeze_users(self, user_ids: list[str]) -> list[set[str]]:
+        return [set(self.history.get(u, ())) for u in user_ids]
+
+    def scores(self, users: list[set[str]], item_ids: list[str]) -> np.ndarray:
+        return np.array([[float(i in seen) for i in item_ids] for seen in users])
+
+
+def test_retests_use_the_history_before_the_block():
+    # u1: a in block 0, d in block 1, c in block 2 (B=3, K=1). Block 1's test: history {a},
+    # truth {d}. Right after training block 1 the user's live history holds d itself, which
+    # would score a hit; P1 re-tests with the history before the block ({a}), so the
+    # untouched candidates tie at 0 and b (catalogue order) ranks first: a miss.
+    events = [ev(1, "u1", "a"), ev(2, "u1", "d"), ev(3, "u1", "c")]
+    result = run_p1(OwnHistory(), events, catalogue("a", "b", "c", "d"), blocks=3, k=1)
+    assert result.r_diag == {1: 0.0} and result.r_end == {1: 0.0}
+    assert [s.ndcg for s in result.per_block] == [0.0, 0.0]
 
 
 def test_bwt_undefined_with_two_blocks():

@@ -82,8 +82,11 @@ class _Constant:
     def learn(self, events):
         self.samples_trained += len(events)
 
-    def scores(self, user_ids, item_ids):
-        return np.tile(-np.arange(len(item_ids), dtype=float), (len(user_ids), 1))
+    def freeze_users(self, user_ids):
+        return list(user_ids)
+
+    def scores(self, users, item_ids):
+        return np.tile(-np.arange(len(item_ids), dtype=float), (len(users), 1))
 
 
 def _factory(name: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from learners.catalogue import Catalogue
 from learners.users import UserHistories
@@ -75,3 +76,35 @@ def test_ledger_recognises_duplicates_within_its_window():
     assert ledger.add("a")
     restored = EventLedger.from_state(3, ledger.state())
     assert not restored.add("a") and len(restored) == 3
+
+
+def test_profile_is_a_uniform_sample_of_the_whole_history():
+    users = UserHistories(length=8, max_users=10, profile_length=100)
+    for seq in range(1000):  # items 0..999 in order: the ring keeps only the last 8
+        users.append("u", seq, 1.0 + seq % 3, seq)
+    rows, weights = users.histories_of(["u", "nobody"])
+    sample = rows[0][weights[0] > 0]
+    assert len(set(sample.tolist())) == 100
+    assert weights[0].sum() == pytest.approx(1.0) and weights[1].sum() == 0.0
+    # Uniform over the whole stream, not the recent end: each quarter holds about a quarter.
+    quarters = np.bincount(sample // 250, minlength=4)
+    assert quarters.min() >= 12, quarters
+    # The sample's weights are the events' own weights, normalised.
+    raw = 1.0 + sample % 3
+    assert np.allclose(weights[0][weights[0] > 0], raw / raw.sum())
+
+
+def test_profile_survives_a_state_round_trip_and_is_rebuilt_from_rings_when_missing():
+    users = UserHistories(length=4, max_users=10, profile_length=16)
+    for seq in range(40):
+        users.append(f"u{seq % 2}", seq, 1.0, seq)
+    state = users.state()
+    restored = UserHistories(length=4, max_users=10, profile_length=16)
+    restored.load_state(state)
+    for a, b in zip(users.histories_of(["u0", "u1"]), restored.histories_of(["u0", "u1"])):
+        assert np.array_equal(a, b)
+    old = {k: v for k, v in state.items() if not k.startswith("profile_")}  # an older checkpoint
+    rebuilt = UserHistories(length=4, max_users=10, profile_length=16)
+    rebuilt.load_state(old)
+    rows, weights = rebuilt.histories_of(["u0"])
+    assert sorted(rows[0][weights[0] > 0].tolist()) == [32, 34, 36, 38]  # u0's ring

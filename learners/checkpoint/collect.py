@@ -72,9 +72,9 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
         replay_meta = {"samples": int(len(items)), "seen_samples": getattr(policy, "seen_samples", None)}
 
     users = learner.users.state()
-    out["users.safetensors"] = _tensors({k: users[k] for k in ("slots", "rows", "weights", "seq", "count")})
-    out["users.json"] = compact_json({"user_ids": users["user_ids"], "length": int(users["length"]),
-                                      "evictions": int(users["evictions"])})
+    # Arrays (rings, profiles) as tensors, the rest (ids, sizes, counters) as JSON.
+    out["users.safetensors"] = _tensors({k: v for k, v in users.items() if isinstance(v, np.ndarray)})
+    out["users.json"] = compact_json({k: v for k, v in users.items() if not isinstance(v, np.ndarray)})
 
     features = learner.features
     n_rows = len(features.frozen)

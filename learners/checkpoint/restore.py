@@ -62,7 +62,8 @@ def apply(data: dict, learner: "ContinualRecommender") -> None:
     for name, value in tensors.items():
         if name in params and params[name].shape != value.shape and "." not in name:
             setattr(model, name, nn.Parameter(torch.empty(value.shape, dtype=params[name].dtype,
-                                                          device=params[name].device)))
+                                                          device=params[name].device),
+                                              requires_grad=params[name].requires_grad))
     model.load_state_dict(tensors, strict=True)
     model.n_items = int(state["n_items"])
 
@@ -96,10 +97,7 @@ def apply(data: dict, learner: "ContinualRecommender") -> None:
             log.warning("checkpoint has no replay buffer (it was written with another strategy): replay starts empty")
 
     users, user_meta = data["users.safetensors"], data["users.json"]
-    learner.users.load_state({
-        "user_ids": user_meta["user_ids"], "slots": users["slots"].numpy(), "rows": users["rows"].numpy(),
-        "weights": users["weights"].numpy(), "seq": users["seq"].numpy(), "count": users["count"].numpy(),
-        "length": user_meta["length"], "evictions": user_meta["evictions"]})
+    learner.users.load_state({**user_meta, **{k: v.numpy() for k, v in users.items()}})
 
     tables = data["state.safetensors"]
     learner.model_version = int(state["model_version"])

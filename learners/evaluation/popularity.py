@@ -29,9 +29,12 @@ class PopularityRecommender:
         self.samples_trained += len(events)
         self.train_seconds += time.perf_counter() - started
 
-    def scores(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray:
+    def freeze_users(self, user_ids: list[str]) -> list[str]:
+        return list(user_ids)  # no user state: the same list for everyone
+
+    def scores(self, users: list[str], item_ids: list[str]) -> np.ndarray:
         counts = self.counts
         row = np.fromiter((counts.get(i, 0) for i in item_ids), dtype=np.float64,
                           count=len(item_ids))
         # A read-only view: no copy per user; the caller copies before masking.
-        return np.broadcast_to(row, (len(user_ids), len(item_ids)))
+        return np.broadcast_to(row, (len(users), len(item_ids)))

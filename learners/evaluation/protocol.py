@@ -8,7 +8,7 @@ and shared; ``run_prepared`` then drives one ``Recommender`` through it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -27,6 +27,13 @@ _CELLS_PER_CHUNK = 1 << 23  # users x items float64 cells scored at once (64 MiB
 class Recommender(Protocol):
     """What a strategy offers to be evaluated.
 
+    ``freeze_users`` returns what these users' vectors are made of as of now
+    (their history), copied so that later learning cannot change it. ``scores``
+    ranks items for such frozen users with the model as it is when called: P1
+    scores each block's test users from their history before the block, both
+    at the test and at the forgetting re-tests after more training, so only
+    the model differs between R[k][k] and R[end][k].
+
     ``scores`` must give one number per (user, item) for every id it is asked
     about, including items never passed to ``add_items`` (known only from
     events) and items no event has mentioned yet. Higher ranks first.
@@ -40,7 +47,9 @@ class Recommender(Protocol):
 
     def learn(self, events: list[Event]) -> None: ...
 
-    def scores(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray: ...
+    def freeze_users(self, user_ids: list[str]) -> Any: ...
+
+    def scores(self, users: Any, item_ids: list[str]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -170,16 +179,21 @@ def user_metrics(ranked: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, 
     return float(hits.sum()) / ideal, dcg / float(discounts[:ideal].sum())
 
 
-def score_block(recommender: Recommender, test: BlockTest, catalogue: list[str],
-                k: int) -> BlockScore:
-    """Mean Recall@K and NDCG@K over a block's test users, with the recommender as it is now."""
+def score_block(recommender: Recommender, test: BlockTest, catalogue: list[str], k: int,
+                frozen: Optional[list] = None) -> BlockScore:
+    """Mean Recall@K and NDCG@K over a block's test users, with the model as it is now.
+
+    ``frozen``: the users as ``freeze_users`` returned them, one entry per chunk
+    (from ``freeze_block``); frozen now when not given.
+    """
     if not test.user_ids:
         return BlockScore(test.block, 0.0, 0.0, 0)
-    chunk = max(1, _CELLS_PER_CHUNK // max(1, len(catalogue)))
+    chunk = _chunk(catalogue)
+    frozen = frozen if frozen is not None else freeze_block(recommender, test, catalogue)
     recalls, ndcgs = [], []
-    for start in range(0, len(test.user_ids), chunk):
+    for part, start in enumerate(range(0, len(test.user_ids), chunk)):
         users = test.user_ids[start:start + chunk]
-        scores = np.array(recommender.scores(users, catalogue), dtype=np.float64)
+        scores = np.array(recommender.scores(frozen[part], catalogue), dtype=np.float64)
         if scores.shape != (len(users), len(catalogue)):
             raise ValueError(f"{recommender.name}: scores() returned shape {scores.shape}, "
                              f"expected {(len(users), len(catalogue))}")
@@ -191,6 +205,17 @@ def score_block(recommender: Recommender, test: BlockTest, catalogue: list[str],
             recalls.append(recall)
             ndcgs.append(ndcg)
     return BlockScore(test.block, float(np.mean(recalls)), float(np.mean(ndcgs)), len(recalls))
+
+
+def _chunk(catalogue: list[str]) -> int:
+    return max(1, _CELLS_PER_CHUNK // max(1, len(catalogue)))
+
+
+def freeze_block(recommender: Recommender, test: BlockTest, catalogue: list[str]) -> list:
+    """The block's test users as the recommender has them now, in scoring chunks."""
+    chunk = _chunk(catalogue)
+    return [recommender.freeze_users(test.user_ids[start:start + chunk])
+            for start in range(0, len(test.user_ids), chunk)]
 
 
 def run_prepared(recommender: Recommender, prepared: PreparedP1,
@@ -211,17 +236,20 @@ def run_prepared(recommender: Recommender, prepared: PreparedP1,
     step("train block 0")
     per_block: list[BlockScore] = []
     r_diag: dict[int, float] = {}
+    frozen: dict[int, list] = {}  # each block's test users with their history before the block
     for test in prepared.tests:
-        per_block.append(score_block(recommender, test, catalogue, k))
+        frozen[test.block] = freeze_block(recommender, test, catalogue)
+        per_block.append(score_block(recommender, test, catalogue, k, frozen[test.block]))
         step(f"test block {test.block}")
         _learn(recommender, prepared.blocks[test.block])
         step(f"train block {test.block}")
         if test.block < last:
-            after = score_block(recommender, test, catalogue, k)
+            after = score_block(recommender, test, catalogue, k, frozen[test.block])
             if after.users:
                 r_diag[test.block] = after.ndcg
             step(f"retest block {test.block}")
-    r_end = {b: score_block(recommender, prepared.tests[b - 1], catalogue, k).ndcg for b in r_diag}
+    r_end = {b: score_block(recommender, prepared.tests[b - 1], catalogue, k, frozen[b]).ndcg
+             for b in r_diag}
     step("forgetting")
 
     measured = [s for s in per_block if s.users]

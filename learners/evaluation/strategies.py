@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -50,8 +50,23 @@ class LearnerRecommender:
             self.learner.learn()
         self.train_seconds += time.perf_counter() - started
 
-    def scores(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray:
-        return self.learner.user_vectors(user_ids) @ self.learner.item_vectors(item_ids).T
+    def freeze_users(self, user_ids: list[str]) -> FrozenHistories:
+        rows, weights = self.learner.user_histories(user_ids)
+        # Item ids, not rows: joint scores them with a learner rebuilt since.
+        ids = np.asarray(self.learner.catalogue.ids, dtype=object)
+        return FrozenHistories(ids[rows] if len(ids) else np.zeros(rows.shape, object), weights)
+
+    def scores(self, users: FrozenHistories, item_ids: list[str]) -> np.ndarray:
+        rows = self.learner.catalogue.rows(users.item_ids.ravel()).reshape(users.item_ids.shape)
+        vectors = self.learner.user_vectors_from(rows, users.weights)
+        return vectors @ self.learner.item_vectors(item_ids).T
+
+
+class FrozenHistories(NamedTuple):
+    """Users' histories as they were: item ids and weights, [users, length] each."""
+
+    item_ids: np.ndarray
+    weights: np.ndarray
 
 
 class JointRecommender:
@@ -85,10 +100,15 @@ class JointRecommender:
         self.samples_trained += fresh.samples_trained
         self._current = fresh
 
-    def scores(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray:
+    def freeze_users(self, user_ids: list[str]) -> FrozenHistories:
+        if self._current is None:  # nothing learned yet: no history
+            return FrozenHistories(np.zeros((len(user_ids), 0), object), np.zeros((len(user_ids), 0), np.float32))
+        return self._current.freeze_users(user_ids)
+
+    def scores(self, users: FrozenHistories, item_ids: list[str]) -> np.ndarray:
         if self._current is None:
-            return np.zeros((len(user_ids), len(item_ids)))
-        return self._current.scores(user_ids, item_ids)
+            return np.zeros((len(users.weights), len(item_ids)))
+        return self._current.scores(users, item_ids)
 
 
 class FrozenTextRecommender:
@@ -119,8 +139,10 @@ class FrozenTextRecommender:
             profile = self._profiles.setdefault(e.user_id, np.zeros(self._dim, np.float32))
             profile += EVENT_WEIGHTS[e.event_type] * self._vec(e.item_id)
 
-    def scores(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray:
-        users = np.stack([self._profiles.get(u, np.zeros(self._dim, np.float32)) for u in user_ids])
+    def freeze_users(self, user_ids: list[str]) -> np.ndarray:
+        return np.stack([self._profiles.get(u, np.zeros(self._dim, np.float32)) for u in user_ids])
+
+    def scores(self, users: np.ndarray, item_ids: list[str]) -> np.ndarray:
         items = np.stack([self._vec(i) for i in item_ids])
         return users @ items.T
 
@@ -131,8 +153,7 @@ def make_factory(config: LearnerConfig, experience_size: int = 512, joint_epochs
 
     def encoder() -> TextEncoder:
         if "encoder" not in shared:
-            shared["encoder"] = TextEncoder(config.model_path, config.train_layers, config.max_text_tokens,
-                                            resolve_device(config.device))
+            shared["encoder"] = TextEncoder.from_config(config, resolve_device(config.device))
             shared["cache"] = {}
         return shared["encoder"]
 
