@@ -263,6 +263,8 @@ class _ProducerSink:
         self._lock = threading.Lock()  # errbacks run on the producer's I/O thread
         self._failed: list[tuple] = []  # (key, value, headers, exception): not delivered, not yet reported
         self._parked: list[tuple] = []  # reported by flush, waiting for resend
+        self._queued = 0  # records handed to the producer ...
+        self._settled = 0  # ... and of those, acknowledged or failed
 
     def use_producer(self, producer: KafkaProducer) -> None:
         """Send through ``producer`` from now on (the old one was given up)."""
@@ -270,6 +272,7 @@ class _ProducerSink:
 
     def _send_all(self, records: Iterable[tuple[Optional[bytes], bytes, Optional[list]]]) -> None:
         refused: Optional[BaseException] = None
+        queued = 0
         for key, value, headers in records:
             if refused is None:
                 try:
@@ -280,9 +283,23 @@ class _ProducerSink:
                 else:
                     future.add_callback(self._delivered)
                     future.add_errback(self._record_error, (key, value, headers))
+                    future.add_both(self._settle)
+                    queued += 1
                     continue
             with self._lock:
                 self._failed.append((key, value, headers, refused))
+        with self._lock:
+            self._queued += queued
+
+    def _settle(self, _result) -> None:
+        with self._lock:
+            self._settled += 1
+
+    @property
+    def in_flight(self) -> int:
+        """Records handed to the producer and not yet acknowledged (or failed)."""
+        with self._lock:
+            return self._queued - self._settled
 
     def _delivered(self, metadata) -> None:
         """Runs on the producer's I/O thread for every record the broker acknowledged."""

@@ -31,6 +31,10 @@ BOOTSTRAP_TIMEOUT_MS = 5000
 # (and always before a checkpoint): each user at most once per window, one vector
 # computation and one hand-over to the producer per window, however many polls it spans.
 USER_PUBLISH_WINDOW_S = 0.05
+# Between checkpoints the loop waits for Kafka only when this many vectors are unacknowledged:
+# a producer that falls behind then slows the loop (the backlog waits in the events topic)
+# instead of growing in memory until the next checkpoint has to wait for all of it.
+MAX_UNACKNOWLEDGED_VECTORS = 2000
 
 
 class Undelivered(RecstreamError):
@@ -141,8 +145,10 @@ class OutputMixin:
 
     def _deliver_refused(self) -> None:
         """Between checkpoints output is only handed to the producer, which batches it (no round
-        trip per poll); what Kafka refused is sent again at once. Checkpoints wait for all of it."""
-        if self.vectors.undelivered or self.dead_letters.undelivered:
+        trip per poll); what Kafka refused is sent again at once, and the loop waits for Kafka
+        when more than ``MAX_UNACKNOWLEDGED_VECTORS`` are on their way. Checkpoints wait for all."""
+        if self.vectors.undelivered or self.dead_letters.undelivered \
+                or self.vectors.in_flight > MAX_UNACKNOWLEDGED_VECTORS:
             self._deliver()
 
     def _publish_users(self, touched: dict) -> None:

@@ -266,6 +266,18 @@ def test_sink_parks_refused_records_without_blocking_per_record():
     assert [key for _, key, _, _ in producer.sent] == [b"a", b"b", b"c"] and sink.undelivered == 0
 
 
+def test_sink_counts_what_kafka_has_not_acknowledged_yet():
+    producer = FakeProducer()
+    sink = VectorSink(producer, "vectors")
+    sink.write_batch([(b"a", b"1"), (b"b", b"2")])
+    assert sink.in_flight == 2
+    producer.fail_next = 1
+    sink.write_batch([(b"c", b"3")])
+    with pytest.raises(BrokerError):
+        sink.flush(1.0)
+    assert sink.in_flight == 0 and sink.undelivered == 1  # settled: two acknowledged, one parked
+
+
 def test_dead_letter_sink_tracks_the_offsets_it_wrote():
     producer = FakeProducer()
     sink = DeadLetterSink(producer, "events.dlq")

@@ -1,15 +1,16 @@
 """Ingest: the worker's events/s with training paused, next to bare kafka-python.
 
 Both sides read the same pre-produced topic from the beginning with a fresh
-consumer group and the same ``max_poll_records``. The clock starts when the
+consumer group and the same ``max_poll_records`` and ``fetch_max_wait_ms``. The clock starts when the
 first batch has been handled (so joining the group is not counted) and stops
 when the last record has been handled:
 
 * ``bare``: ``poll()`` and ``json.loads`` of every value.
 * ``worker``: ``Worker.turn()`` exactly as in production -- consume, validate,
   de-duplicate, apply to user state, count -- with training never due;
-  ``worker_publish`` also publishes the touched users' vectors and waits for
-  the broker's acks every batch (the production path); ``worker`` skips that
+  ``worker_publish`` also publishes the touched users' vectors (the production
+  path: once per 50 ms window, handed to the producer, all acknowledged before
+  the final checkpoint, which is timed apart); ``worker`` skips that
   publishing, so it isolates the per-event work.
 
 The worker commits only after a checkpoint; that checkpoint + commit is timed
@@ -40,7 +41,7 @@ def bare_consume(settings, topic: str, n: int, client_kwargs: dict, timeout_s: f
     consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers.split(","),
                              group_id=f"bench-bare-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
                              auto_offset_reset="earliest", max_poll_records=settings.max_poll_records,
-                             **client_kwargs)
+                             fetch_max_wait_ms=settings.fetch_max_wait_ms, **client_kwargs)
     try:
         seen, first, started = 0, 0, None
         deadline = time.monotonic() + timeout_s
