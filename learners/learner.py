@@ -7,6 +7,7 @@ Small verbs: ``add_items`` (texts in), ``observe`` (an event in; cheap),
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -25,6 +26,7 @@ from learners.features import ItemFeatures
 from learners.hooks import StepCallbackPlugin
 from learners.model import TwoTower
 from learners.records import EVENT_WEIGHTS, Event, Item
+from learners.serving_average import ServingAverage
 from learners.strategy import build_strategy
 from learners.users import UserHistories
 
@@ -60,6 +62,7 @@ class LearnerConfig:
     popularity_weight: float = 0.5  # popularity prior coordinate of item vectors (0: none)
     popularity_half_life: float = 30_000.0  # events
     user_popularity: float = 0.5  # the users' constant on that coordinate
+    serving_average: float = 0.0  # >0: publish from a running average of the weights, this decay per step
     # What of the encoder trains: "top" (top train_layers layers), "lora" (LoRA adapters on
     # them), "full" (every layer; embeddings frozen). See learners/encoder.py.
     train_params: str = "top"
@@ -100,11 +103,12 @@ class ContinualRecommender:
                               popularity_half_life=config.popularity_half_life,
                               user_popularity=config.user_popularity).to(self.device)
         self._step_hook = StepCallbackPlugin()
+        self.average = ServingAverage(self.model, config.serving_average) if config.serving_average > 0 else None
         self.parts = build_strategy(
             config.strategy, self.model, lr=config.learning_rate, batch_size=config.batch_size,
             epochs=config.epochs, ewc_lambda=config.ewc_lambda, ewc_decay=config.ewc_decay,
             replay_size=config.replay_size, replay_batch=config.replay_batch, device=self.device,
-            extra_plugins=(self._step_hook,), id_lr_scale=config.id_lr_scale,
+            extra_plugins=(self._step_hook,) + ((self.average,) if self.average else ()), id_lr_scale=config.id_lr_scale,
             text_lr_scale=config.text_lr_scale)
         self.model_version = 0
         self._seq = 0
@@ -263,9 +267,10 @@ class ContinualRecommender:
             self.features.ensure_rows(len(self.catalogue))
             self.model.grow(len(self.catalogue))
             self.model.eval()
-            self._item_table = self.model.item_table().float().cpu().numpy()
-            self._ctx_table = self.model.context_table().float().cpu().numpy()
-            self._global_ctx = self.model.global_ctx.detach().float().cpu().numpy()
+            with self.average.applied() if self.average else contextlib.nullcontext():
+                self._item_table = self.model.item_table().float().cpu().numpy()
+                self._ctx_table = self.model.context_table().float().cpu().numpy()
+                self._global_ctx = self.model.global_ctx.detach().float().cpu().numpy()
             self.model.train()
             self._tables_stale = False
 

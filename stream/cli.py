@@ -132,8 +132,11 @@ def _run_worker(settings: Settings) -> int:
               help="comma-separated strategy names")
 @click.option("--joint-epochs", default=2, show_default=True, type=click.IntRange(1),
               help="epochs of the joint reference over all events so far, at every block")
+@click.option("--joint-batch-size", default=512, show_default=True, type=click.IntRange(1),
+              help="minibatch of the joint reference (an offline retrain; larger is cheaper per sample)")
 @functools.partial(_settings_options, only={*LEARNER_SETTINGS, "model", "experience_size", "torch_threads"})
-def evaluate(events_path, items_path, out_path, blocks, k, strategies, joint_epochs, **learner_options) -> None:
+def evaluate(events_path, items_path, out_path, blocks, k, strategies, joint_epochs, joint_batch_size,
+             **learner_options) -> None:
     """Protocol P1 on CONTRACTS files; writes the results JSON plus a PNG plot and a Markdown table.
 
     The learner flags are the worker's own (same names, variables and defaults): what is
@@ -148,7 +151,7 @@ def evaluate(events_path, items_path, out_path, blocks, k, strategies, joint_epo
 
         torch.set_num_threads(settings.torch_threads)
     factory = make_factory(learner_config(settings), experience_size=settings.experience_size,
-                           joint_epochs=joint_epochs)
+                           joint_epochs=joint_epochs, joint_batch_size=joint_batch_size)
     try:
         results = run_evaluation(events_path, items_path, out_path, blocks=blocks, k=k,
                                  strategies=strategies.split(","), factory=factory)

@@ -38,7 +38,9 @@ ITEMS = WORLD.items()
 def config() -> LearnerConfig:
     return LearnerConfig(model_path=default_model_path(), device="cpu", vector_dim=32, negatives=32,
                          batch_size=32, history_length=16, max_text_tokens=24, replay_size=256,
-                         replay_batch=16, refresh_per_update=8, train_layers=1, seed=7)
+                         replay_batch=16, refresh_per_update=8, train_layers=1, seed=7,
+                         # Published from averaged weights, users from profiles: both must round-trip.
+                         serving_average=0.9, profile_length=8)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ Layout of ``state_dir``::
         optimizer.safetensors  per-parameter optimizer state, keyed by parameter name
         ewc.safetensors        EWC importances and anchors (when EWC is on)
         replay.safetensors     replay buffer samples + reservoir weights (when replay is on)
-        users.safetensors      user history rings;  users.json: user ids (LRU order)
+        serving_average.safetensors  averaged weights vectors are published from (when on)
+        users.safetensors      user history rings and profiles;  users.json: user ids (LRU order)
         features.safetensors   cached frozen token states (concatenated + lengths),
                                pooled text features, has-text flags
         catalogue.json         item ids and texts

@@ -58,6 +58,8 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
 
     if parts.ewc is not None:
         out["ewc.safetensors"] = _tensors(parts.ewc.state())
+    if learner.average is not None and learner.average.shadow:
+        out["serving_average.safetensors"] = _tensors(learner.average.state())
 
     replay_meta = None
     if parts.replay is not None:

@@ -70,6 +70,9 @@ def apply(data: dict, learner: "ContinualRecommender") -> None:
     # Optimizer: rebuild parameter groups by name, then per-parameter state.
     _load_optimizer(parts, model, state["optimizer"], data["optimizer.safetensors"])
 
+    if learner.average is not None:  # absent: the average starts again from the live weights
+        learner.average.load_state(data.get("serving_average.safetensors") or {}, device)
+
     if parts.ewc is not None:
         ewc_tensors = data.get("ewc.safetensors")
         if ewc_tensors is not None:

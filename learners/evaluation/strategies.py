@@ -147,8 +147,15 @@ class FrozenTextRecommender:
         return users @ items.T
 
 
-def make_factory(config: LearnerConfig, experience_size: int = 512, joint_epochs: int = 2) -> Callable[[str], object]:
-    """``factory(name) -> Recommender`` sharing one encoder and frozen cache across strategies."""
+def make_factory(config: LearnerConfig, experience_size: int = 512, joint_epochs: int = 2,
+                 joint_batch_size: int = 512) -> Callable[[str], object]:
+    """``factory(name) -> Recommender`` sharing one encoder and frozen cache across strategies.
+
+    ``joint`` retrains on everything so far at every block, offline, the way a full
+    retrain would: with larger minibatches (``joint_batch_size``), which cost less per
+    sample; its sample count does not depend on them.
+    """
+    joint_config = dataclasses.replace(config, batch_size=joint_batch_size)
     shared: dict = {}
 
     def encoder() -> TextEncoder:
@@ -166,7 +173,8 @@ def make_factory(config: LearnerConfig, experience_size: int = 512, joint_epochs
             return LearnerRecommender(name, config, encoder(), shared["cache"], experience_size)
         if name == "joint":
             return JointRecommender(
-                lambda: LearnerRecommender("naive", config, encoder(), shared["cache"], experience_size), joint_epochs)
+                lambda: LearnerRecommender("naive", joint_config, encoder(), shared["cache"], experience_size),
+                joint_epochs)
         raise KeyError(f"unknown strategy {name!r}; choose from {', '.join(ALL_STRATEGIES)}")
 
     return factory
