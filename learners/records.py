@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
+import orjson
+
 EVENT_TYPES = ("click", "favourite", "purchase")
 _EVENT_ALIASES = {"favorite": "favourite"}
 
@@ -52,6 +54,20 @@ def _loads(raw: bytes) -> Union[dict, BadRecord]:
         return BadRecord("empty_record", b"", "record value is null (tombstone)")
     if len(raw) > MAX_RECORD_BYTES:
         return BadRecord("oversized", raw, f"{len(raw)} bytes > {MAX_RECORD_BYTES}")
+    try:
+        # orjson parses straight from bytes, ~2x the stdlib's decode + scan (recstream bench,
+        # ingest); it rejects NaN/Infinity like the stdlib decoder below is told to.
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _loads_slowly(raw)  # names the reason; also takes what orjson refuses but JSON allows
+    if not isinstance(obj, dict):
+        return BadRecord("not_an_object", raw, type(obj).__name__)
+    return obj
+
+
+def _loads_slowly(raw: bytes) -> Union[dict, BadRecord]:
+    """The stdlib path: decodes what orjson refuses but JSON allows (integers beyond 64 bits)
+    and tells apart why the rest is bad."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
