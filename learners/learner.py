@@ -266,6 +266,12 @@ class ContinualRecommender:
                 return
             self.features.ensure_rows(len(self.catalogue))
             self.model.grow(len(self.catalogue))
+            if not len(self.catalogue):  # nothing seen yet: no item rows to run the towers on
+                self._item_table = np.zeros((0, self.config.vector_dim), np.float32)
+                self._ctx_table = np.zeros((0, self.model.dim), np.float32)
+                self._global_ctx = self.model.global_ctx.detach().float().cpu().numpy()
+                self._tables_stale = False
+                return
             self.model.eval()
             with self.average.applied() if self.average else contextlib.nullcontext():
                 self._item_table = self.model.item_table().float().cpu().numpy()
@@ -295,7 +301,7 @@ class ContinualRecommender:
         self._tables()
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         weights = np.ascontiguousarray(weights, dtype=np.float32)
-        if rows.shape[1] == 0:
+        if rows.shape[1] == 0 or not len(self._ctx_table):
             return self.model.finish_users(np.repeat(self._global_ctx[None, :], len(rows), axis=0))
         # Weighted sum of context rows without building a [users, length, dim] gather first:
         # 4-9x faster than einsum over ctx[rows], the top learner cost of publishing (recstream bench).
