@@ -116,13 +116,8 @@ class TwoTower(nn.Module):
 
     def finish_users(self, summed):
         """Summed contexts (torch or numpy, [n, dim]) -> unit user vectors (prior coordinate added)."""
-        if isinstance(summed, np.ndarray):
-            unit = summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
-            if self.popularity_weight <= 0:
-                return unit
-            beta = self.user_popularity
-            return np.concatenate([unit * math.sqrt(1.0 - beta * beta),
-                                   np.full((len(unit), 1), beta, unit.dtype)], axis=1)
+        if isinstance(summed, np.ndarray):  # the publishing path: same maths, numpy out
+            return self.finish_users(torch.from_numpy(summed)).numpy()
         unit = F.normalize(summed, dim=-1)
         if self.popularity_weight <= 0:
             return unit
