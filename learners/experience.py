@@ -1,4 +1,4 @@
-"""Turn events into training samples and Avalanche experiences.
+"""Turn events into training samples and Avalanche experiences, and experiences back into tensors.
 
 A sample is what the model saw when the event happened: the user's history
 before it (item rows and weights, fixed length) and the item they went to.
@@ -27,3 +27,17 @@ def make_experience(hist_rows: np.ndarray, hist_weights: np.ndarray, item_rows: 
         ],
     )
     return DatasetExperience(dataset=dataset, current_experience=index)
+
+
+def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(history rows, history weights, item rows) of an experience dataset, in dataset order."""
+    flat = getattr(dataset, "_flat_data", None)
+    leaves = getattr(flat, "_datasets", None)
+    if leaves and all(isinstance(d, torch.utils.data.TensorDataset) and len(d.tensors) >= 3 for d in leaves):
+        try:
+            indices = torch.as_tensor(list(flat._get_lazy_indices()), dtype=torch.long)
+            return tuple(torch.cat([d.tensors[k] for d in leaves])[indices] for k in range(3))  # type: ignore
+        except Exception:  # noqa: BLE001 - Avalanche internals changed: the public path below
+            pass
+    samples = [dataset[i] for i in range(len(dataset))]
+    return tuple(torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in range(3))  # type: ignore

@@ -233,7 +233,7 @@ class ContinualRecommender:
         penalty = self.parts.ewc.last_penalty if self.parts.ewc else 0.0
         loss = float(np.mean(stats.losses)) if stats.losses else float("nan")
         replay = self.parts.replay
-        replayed = len(replay.storage_policy.buffer) if replay is not None else 0
+        replayed = replay.storage_policy.filled if replay is not None else 0
         return LearnReport(self.model_version, stats.samples - samples_before, stats.seconds - seconds_before,
                            loss, penalty, len(touched), stats.steps - steps_before, replayed)
 

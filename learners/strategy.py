@@ -8,9 +8,9 @@ Two things are done the cheap way because a sample here is three small
 tensors, not an image: an experience's minibatches are sliced straight out of
 its tensors (Avalanche's per-sample ``__getitem__`` and collate cost more than
 the model step on a CPU), and the replay plugin mixes ``replay_batch``
-replayed samples into every minibatch by indexing the buffer's tensors. The
-buffer itself is Avalanche's reservoir (``CompactReservoirBuffer``), so what
-is kept, checkpointed and restored does not change.
+replayed samples into every minibatch by indexing the reservoir's tensors
+(``TensorReservoir``, an Avalanche storage policy that keeps its samples as
+tensors updated in place).
 """
 
 from __future__ import annotations
@@ -27,24 +27,11 @@ from avalanche.training.supervised import Naive
 
 from learners.errors import ConfigError
 from learners.ewc import OnlineFisherEWC
+from learners.experience import dataset_tensors
 from learners.optim import RowSparseAdam
-from learners.replay_buffer import CompactReservoirBuffer
+from learners.replay_buffer import TensorReservoir
 
 STRATEGIES = ("naive", "ewc", "replay", "ewc_replay", "joint")
-
-
-def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(history rows, history weights, item rows) of an experience dataset, in dataset order."""
-    flat = getattr(dataset, "_flat_data", None)
-    leaves = getattr(flat, "_datasets", None)
-    if leaves and all(isinstance(d, torch.utils.data.TensorDataset) and len(d.tensors) >= 3 for d in leaves):
-        try:
-            indices = torch.as_tensor(list(flat._get_lazy_indices()), dtype=torch.long)
-            return tuple(torch.cat([d.tensors[k] for d in leaves])[indices] for k in range(3))  # type: ignore
-        except Exception:  # noqa: BLE001 - Avalanche internals changed: the public path below
-            pass
-    samples = [dataset[i] for i in range(len(dataset))]
-    return tuple(torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in range(3))  # type: ignore
 
 
 class TensorBatches:
@@ -113,33 +100,24 @@ class RecommenderTemplate(Naive):
 class ReplayPlugin(AvalancheReplayPlugin):
     """Experience replay: ``batch_size_mem`` samples drawn uniformly from the reservoir join
     every minibatch (after the first experience); the experience's samples then enter the
-    reservoir. Same buffer and sampling as Avalanche's plugin, minus its per-sample loader."""
+    reservoir (Avalanche's ``after_training_exp``). Avalanche's plugin, minus its per-sample loader."""
 
-    def __init__(self, mem_size: int, batch_size_mem: int, storage_policy=None) -> None:
+    def __init__(self, mem_size: int, batch_size_mem: int, storage_policy: Optional[TensorReservoir] = None) -> None:
         super().__init__(mem_size=mem_size, batch_size_mem=batch_size_mem,
-                         storage_policy=storage_policy or CompactReservoirBuffer(max_size=mem_size))
-        self._cached_buffer = None
-        self._tensors: Optional[tuple[torch.Tensor, ...]] = None
-
-    def buffer_tensors(self) -> Optional[tuple[torch.Tensor, ...]]:
-        buffer = self.storage_policy.buffer
-        if len(buffer) == 0:
-            return None
-        if buffer is not self._cached_buffer:  # updated (or restored from a checkpoint)
-            self._tensors = dataset_tensors(buffer)
-            self._cached_buffer = buffer
-        return self._tensors
+                         storage_policy=storage_policy if storage_policy is not None
+                         else TensorReservoir(max_size=mem_size))
 
     def before_training_exp(self, strategy, **kwargs):
         pass  # no replay data loader: see before_training_iteration
 
     def before_training_iteration(self, strategy, **kwargs):
-        tensors = self.buffer_tensors()
-        if tensors is None or not self.batch_size_mem:
+        if not self.storage_policy.filled or not self.batch_size_mem:
             return
+        tensors = self.storage_policy.tensors()
         pick = torch.randint(0, len(tensors[2]), (self.batch_size_mem,))
         device = strategy.mbatch[0].device
-        extra = [t[pick].to(device) for t in tensors] + [torch.zeros(len(pick), dtype=torch.long, device=device)]
+        extra = [t[pick].to(device, a.dtype) for t, a in zip(tensors, strategy.mbatch)]
+        extra.append(torch.zeros(len(pick), dtype=torch.long, device=device))
         strategy.mbatch = [torch.cat([a, b]) for a, b in zip(strategy.mbatch, extra)]
 
 

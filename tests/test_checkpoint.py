@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from learners.checkpoint import MANIFEST, CheckpointStore
+from learners.checkpoint.collect import collect
+from learners.checkpoint.restore import apply, parse
 from learners.encoder import TextEncoder
 from learners.errors import CheckpointError, RecstreamError
 from learners.experience import make_experience
@@ -138,11 +140,28 @@ def test_round_trip_restores_identical_vectors_and_state(tmp_path, config, train
     assert old_ewc.keys() == new_ewc.keys() and old_ewc
     assert all(torch.equal(old_ewc[k], new_ewc[k]) for k in old_ewc)
     old_buf, new_buf = trained.parts.replay.storage_policy, fresh.parts.replay.storage_policy
-    assert len(new_buf.buffer) == len(old_buf.buffer) > 0
-    for i in (0, len(old_buf.buffer) - 1):
-        assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y))
-                   for x, y in zip(old_buf.buffer[i][:3], new_buf.buffer[i][:3]))
-    assert torch.equal(old_buf._buffer_weights, new_buf._buffer_weights)
+    assert new_buf.seen_samples == old_buf.seen_samples > old_buf.max_size  # full: sampling has replaced some
+    assert new_buf.filled == old_buf.filled == old_buf.max_size
+    assert all(torch.equal(a, b) for a, b in zip(old_buf.tensors(), new_buf.tensors()))
+
+
+def test_checkpoint_of_the_earlier_replay_format_loads(config, encoder, trained):
+    """Before the tensor reservoir: ``reservoir_weights`` saved, no seen count; and a larger buffer than now."""
+    data = parse(collect(trained, b"{}"))
+    saved = data["replay.safetensors"]
+    n = len(saved["item_rows"])
+    data["replay.safetensors"] = {**saved, "hist_rows": saved["hist_rows"].long(),  # int64 then
+                                  "reservoir_weights": torch.rand(n).sort(descending=True).values}
+    data["state.json"]["replay"] = {"samples": n, "seen_samples": None}
+    smaller = ContinualRecommender(replace(config, replay_size=n - 56), encoder=encoder)
+    apply(data, smaller)
+    policy = smaller.parts.replay.storage_policy
+    assert policy.filled == n - 56 and policy.seen_samples == n
+    saved_tensors = trained.parts.replay.storage_policy.tensors()
+    assert all(torch.equal(a, b[:n - 56]) for a, b in zip(policy.tensors(), saved_tensors))
+    for event in EVENTS[400:460]:
+        smaller.observe(event)
+    assert smaller.learn() is not None and policy.filled == n - 56 and policy.seen_samples > n
 
 
 def test_restored_learner_keeps_training_like_the_original(tmp_path, config, encoder):
@@ -162,6 +181,10 @@ def test_restored_learner_keeps_training_like_the_original(tmp_path, config, enc
         assert report is not None and math.isfinite(report.loss) and report.model_version == version + 1
         reports.append(report)
     assert reports[0].loss == pytest.approx(reports[1].loss, rel=1e-5)
+    # The reservoir's draws depend on its seen count only: both kept the same samples.
+    kept = [learner.parts.replay.storage_policy for learner in (original, restored)]
+    assert kept[0].seen_samples == kept[1].seen_samples
+    assert all(torch.equal(a, b) for a, b in zip(kept[0].tensors(), kept[1].tensors()))
     np.testing.assert_allclose(restored.item_vectors(), original.item_vectors(), atol=1e-5)
     users = all_users(original)
     np.testing.assert_allclose(restored.user_vectors(users), original.user_vectors(users), atol=1e-5)

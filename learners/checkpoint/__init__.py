@@ -11,7 +11,7 @@ Layout of ``state_dir``::
                                id embeddings, global context, trained top layers)
         optimizer.safetensors  per-parameter optimizer state, keyed by parameter name
         ewc.safetensors        EWC importances and anchors (when EWC is on)
-        replay.safetensors     replay buffer samples + reservoir weights (when replay is on)
+        replay.safetensors     replay reservoir samples (when replay is on; seen count in state.json)
         serving_average.safetensors  averaged weights vectors are published from (when on)
         users.safetensors      user history rings and profiles;  users.json: user ids (LRU order)
         features.safetensors   cached frozen token states (concatenated + lengths),

@@ -63,15 +63,10 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
 
     replay_meta = None
     if parts.replay is not None:
-        from learners.replay_buffer import buffer_tensors
-
         policy = parts.replay.storage_policy
-        rows, weights, items = buffer_tensors(policy.buffer, learner.config.history_length)
-        replay = {"hist_rows": rows, "hist_weights": weights, "item_rows": items}
-        if torch.is_tensor(getattr(policy, "_buffer_weights", None)):
-            replay["reservoir_weights"] = policy._buffer_weights
-        out["replay.safetensors"] = _tensors(replay)
-        replay_meta = {"samples": int(len(items)), "seen_samples": getattr(policy, "seen_samples", None)}
+        rows, weights, items = policy.tensors()
+        out["replay.safetensors"] = _tensors({"hist_rows": rows, "hist_weights": weights, "item_rows": items})
+        replay_meta = {"samples": int(len(items)), "seen_samples": int(policy.seen_samples)}
 
     users = learner.users.state()
     # Arrays (rings, profiles) as tensors, the rest (ids, sizes, counters) as JSON.

@@ -34,8 +34,6 @@ def parse(blobs: dict[str, bytes]) -> dict:
 
 def apply(data: dict, learner: "ContinualRecommender") -> None:
     """Put a parsed checkpoint into ``learner`` (same config, freshly built or not)."""
-    from learners.experience import make_experience
-
     state, model, parts, device = data["state.json"], learner.model, learner.parts, learner.device
 
     # Catalogue and cached text features (frozen bottom states are never re-encoded).
@@ -85,17 +83,9 @@ def apply(data: dict, learner: "ContinualRecommender") -> None:
 
     if parts.replay is not None:
         replay = data.get("replay.safetensors")
-        policy = parts.replay.storage_policy
-        if replay is not None:
-            keep = min(len(replay["item_rows"]), int(policy.max_size))
-            dataset = make_experience(replay["hist_rows"][:keep].numpy(), replay["hist_weights"][:keep].numpy(),
-                                      replay["item_rows"][:keep].numpy(), 0).dataset
-            policy.buffer = dataset
-            if "reservoir_weights" in replay and hasattr(policy, "_buffer_weights"):
-                policy._buffer_weights = replay["reservoir_weights"][:keep].clone()
+        if replay is not None:  # older checkpoints also hold "reservoir_weights": not needed any more
             seen = (state.get("replay") or {}).get("seen_samples")
-            if seen is not None and hasattr(policy, "seen_samples"):
-                policy.seen_samples = seen
+            parts.replay.storage_policy.load(replay["hist_rows"], replay["hist_weights"], replay["item_rows"], seen)
         else:
             log.warning("checkpoint has no replay buffer (it was written with another strategy): replay starts empty")
 
