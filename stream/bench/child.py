@@ -49,7 +49,7 @@ class _UpdateClock(SupervisedPlugin):
 
 def _replay_len(learner) -> int:
     replay = learner.parts.replay
-    return len(replay.storage_policy.buffer) if replay is not None else 0
+    return replay.storage_policy.filled if replay is not None else 0
 
 
 def _sample(registry, name: str, **labels):
