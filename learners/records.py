@@ -7,6 +7,7 @@ it. Bad messages are data, not exceptions.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ class Event(NamedTuple):
     item_id: str
     event_type: str
     ts: float
+
+
+# Event(...) goes through NamedTuple's Python-level __new__ (~0.6 us); the fast path builds
+# the same tuple directly.
+_new_event = functools.partial(tuple.__new__, Event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +116,22 @@ def parse_event(raw: bytes) -> Union[Event, BadRecord]:
     obj = _loads(raw)
     if isinstance(obj, BadRecord):
         return obj
+    # Fast path, one event in ~1 us on top of the JSON parse (a third of the step-by-step
+    # checks, recstream bench ingest): a well-formed event passes this single test; anything
+    # else (int ts, the "favorite" alias, a bad field) takes the checks below, which name why.
+    get = obj.get
+    event_id, user_id, item_id, event_type, ts = get("event_id"), get("user_id"), get("item_id"), \
+        get("event_type"), get("ts")
+    if type(event_id) is str and type(user_id) is str and type(item_id) is str and type(event_type) is str \
+            and type(ts) is float and event_type in EVENT_WEIGHTS and math.isfinite(ts) \
+            and 0 < len(event_id) <= MAX_ID_CHARS and 0 < len(user_id) <= MAX_ID_CHARS \
+            and 0 < len(item_id) <= MAX_ID_CHARS \
+            and not (event_id.isspace() or user_id.isspace() or item_id.isspace()):
+        return _new_event((event_id, user_id, item_id, event_type, ts))
+    return _checked_event(obj, raw)
+
+
+def _checked_event(obj: dict, raw: bytes) -> Union[Event, BadRecord]:
     fields = {}
     for name in ("event_id", "user_id", "item_id"):
         value = _id_field(obj, name, raw)

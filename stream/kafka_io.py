@@ -41,8 +41,10 @@ class SourceRecord(NamedTuple):
 
     @classmethod
     def from_consumer_record(cls, record) -> "SourceRecord":
-        return cls(record.topic, record.partition, record.offset, record.key, record.value,
-                   record.timestamp, tuple(record.headers or ()))
+        # tuple.__new__ directly: NamedTuple's own __new__ is a Python function call per record.
+        headers = record.headers
+        return tuple.__new__(cls, (record.topic, record.partition, record.offset, record.key, record.value,
+                                   record.timestamp, tuple(headers) if headers else ()))
 
 
 def _pairs(partitions: Iterable[TopicPartition]) -> list[Partition]:
