@@ -62,7 +62,7 @@ class LearnerConfig:
     popularity_weight: float = 0.5  # popularity prior coordinate of item vectors (0: none)
     popularity_half_life: float = 30_000.0  # events
     user_popularity: float = 0.5  # the users' constant on that coordinate
-    serving_average: float = 0.0  # >0: publish from a running average of the weights, this decay per step
+    serving_average: float = 0.993  # >0: item vectors from a running average of the item side, this decay per step
     # What of the encoder trains: "top" (top train_layers layers), "lora" (LoRA adapters on
     # them), "full" (every layer; embeddings frozen). See learners/encoder.py.
     train_params: str = "top"
@@ -103,7 +103,8 @@ class ContinualRecommender:
                               popularity_half_life=config.popularity_half_life,
                               user_popularity=config.user_popularity).to(self.device)
         self._step_hook = StepCallbackPlugin()
-        self.average = ServingAverage(self.model, config.serving_average) if config.serving_average > 0 else None
+        self.average = ServingAverage(self.model, config.serving_average, names=TwoTower.item_side_params) \
+            if config.serving_average > 0 else None
         self.parts = build_strategy(
             config.strategy, self.model, lr=config.learning_rate, batch_size=config.batch_size,
             epochs=config.epochs, ewc_lambda=config.ewc_lambda, ewc_decay=config.ewc_decay,

@@ -37,6 +37,8 @@ class TwoTower(nn.Module):
     # Id tables: a step reaches a few of their rows; RowSparseAdam and the EWC plugin
     # update only those rows (see learners/optim.py).
     row_sparse_params = ("item_emb", "ctx_emb")
+    # What item vectors are made of (besides the shared encoder top): the serving average's scope.
+    item_side_params = ("item_emb", "text_proj")
 
     def __init__(self, top: TopLayers, features: ItemFeatures, hidden_size: int, dim: int,
                  negatives: int, temperature: float, device: torch.device, text_batch: int = 0,

@@ -89,9 +89,10 @@ class Settings(BaseSettings):
     text_batch: int = Field(32, ge=0, description="distinct items per minibatch whose text runs through the trainable "
                                                   "layers (the rest use cached outputs); 0 = all")
     serving_average: float = Field(
-        0.0, ge=0, lt=1, description="publish vectors from a running average of the tower's weights: the decay per "
-                                     "optimizer step (about 1/(1-decay) steps of lag; it holds forgetting down, see "
-                                     "README Evaluation); 0 = publish the live weights")
+        0.993, ge=0, lt=1, description="publish item vectors from a running average of the item side's weights (id "
+                                       "table, text projection): the decay per optimizer step, about 1/(1-decay) "
+                                       "steps of lag; it holds forgetting down (README Evaluation); user vectors "
+                                       "follow the live weights; 0 = items from the live weights too")
     ewc_lambda: float = Field(50.0, ge=0, description="EWC penalty strength")
     ewc_decay: float = Field(0.9, gt=0, le=1, description="online EWC importance decay per experience")
     replay_size: int = Field(100_000, ge=0, description="replay reservoir capacity (samples)")

@@ -101,6 +101,8 @@ def optimizer_state_by_name(learner) -> dict:
 # -- round trip -------------------------------------------------------------------
 
 def test_round_trip_restores_identical_vectors_and_state(tmp_path, config, trained):
+    # The learner averages the item side only: user vectors follow the live user side.
+    assert set(trained.average.shadow) == {"item_emb", "text_proj.weight", "text_proj.bias"}
     store = CheckpointStore(tmp_path / "state")
     extra = {"event_offsets": [["events", 0, 400], ["events", 1, 12]], "ledger": [f"e-{i}" for i in range(1000)]}
     path = store.save(trained, extra)

@@ -14,6 +14,7 @@ class Tower(nn.Module):
         super().__init__()
         self.item_emb = nn.Parameter(torch.zeros(rows, 2))
         self.bias = nn.Parameter(torch.zeros(2))
+        self.user_proj = nn.Linear(2, 2)
         self.top = nn.Linear(2, 2)  # the encoder's trainable top: never averaged
 
 
@@ -58,3 +59,22 @@ def test_rows_added_by_a_growing_table_start_at_their_live_value():
 def test_decay_must_lie_in_zero_one():
     with pytest.raises(ValueError):
         ServingAverage(Tower(1), decay=1.0)
+
+
+def test_names_limit_what_is_averaged_and_served():
+    tower = Tower(2)
+    average = ServingAverage(tower, decay=0.9, names=("item_emb", "bias"))
+    average.after_training_iteration(None)
+    assert set(average.shadow) == {"item_emb", "bias"}
+    with torch.no_grad():
+        tower.item_emb.fill_(1.0)
+        tower.user_proj.weight.fill_(2.0)
+    with average.applied():
+        assert torch.equal(tower.item_emb.detach(), torch.zeros(2, 2))  # served from the average
+        assert torch.equal(tower.user_proj.weight.detach(), torch.full((2, 2), 2.0))  # live
+    everything = ServingAverage(tower, decay=0.9)
+    everything.after_training_iteration(None)
+    restored = ServingAverage(tower, decay=0.9, names=("item_emb",))
+    restored.load_state(everything.state(), torch.device("cpu"))  # a checkpoint that averaged more
+    assert set(restored.shadow) == {"item_emb"}
+

@@ -96,6 +96,11 @@ def test_every_strategy_writes_a_conforming_results_file(tmp_path):
     assert strategies["frozen"]["samples_trained"] == 0
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()
 
+    # The serving average is the product's: the single-mechanism strategies publish live weights.
+    factory = make_factory(config, experience_size=40)
+    averaged = {name: factory(name).learner.average is not None for name in ("naive", "ewc", "replay", "ewc_replay")}
+    assert averaged == {"naive": False, "ewc": False, "replay": False, "ewc_replay": True}
+
 
 # -- OnlineFisherEWC on its own --------------------------------------------------------------------
 

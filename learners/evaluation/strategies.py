@@ -5,6 +5,11 @@ All learner strategies (naive, ewc, replay, ewc_replay, joint) drive
 time order and trained in experiences of ``experience_size`` events. They
 share one encoder's frozen bottom and one cache of its outputs, so the
 catalogue is encoded once per evaluation, not once per strategy.
+
+Publishing item vectors from averaged weights (``serving_average``) is one of
+the product's protections against forgetting, so only ``ewc_replay`` (the
+product) has it: ``naive``, ``ewc``, ``replay`` and ``joint`` publish from
+their live weights, and each row isolates its own mechanism.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import EVENT_WEIGHTS, Event, Item
 
 LEARNER_STRATEGIES = ("naive", "ewc", "replay", "ewc_replay")
+PRODUCT = "ewc_replay"
 ALL_STRATEGIES = ("popularity", "frozen", *LEARNER_STRATEGIES, "joint")
 
 
@@ -30,7 +36,9 @@ class LearnerRecommender:
     def __init__(self, name: str, config: LearnerConfig, encoder: TextEncoder, frozen_cache: dict,
                  experience_size: int) -> None:
         self.name = name
-        self.learner = ContinualRecommender(dataclasses.replace(config, strategy=name), encoder)
+        average = config.serving_average if name == PRODUCT else 0.0
+        self.learner = ContinualRecommender(dataclasses.replace(config, strategy=name, serving_average=average),
+                                            encoder)
         self._frozen_cache = frozen_cache
         self.experience_size = experience_size
         self.train_seconds = 0.0
