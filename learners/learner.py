@@ -174,6 +174,18 @@ class ContinualRecommender:
         self._pending.append((slot, self._seq, row))
         self._seq += 1
 
+    def observe_many(self, events: Sequence[Event]) -> None:
+        """``observe`` for a batch of valid events, in order (the worker's ingest path)."""
+        if not events:
+            return
+        row = self.catalogue.row
+        rows = [row(event.item_id) for event in events]
+        first = self._seq
+        slots = self.users.append_many([event.user_id for event in events], rows,
+                                       [EVENT_WEIGHTS[event.event_type] for event in events], first)
+        self._pending.extend(zip(slots, range(first, first + len(events)), rows))
+        self._seq = first + len(events)
+
     def on_step(self, callback: Optional[Callable[[], None]]) -> None:
         """Call ``callback`` after every optimizer step (e.g. to keep a Kafka consumer alive)."""
         self._step_hook.callback = callback

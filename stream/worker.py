@@ -333,12 +333,13 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         valid_by_type: Counter = Counter()
         duplicates = len(events) - sum(fresh)
         if len(events) > duplicates:
+            if duplicates:
+                events, stamps = zip(*[(e, s) for e, s, new in zip(events, stamps, fresh) if new])
             with learner.lock:  # once per batch
-                for event, stamp, new in zip(events, stamps, fresh):
-                    if new:
-                        learner.observe(event)
-                        valid_by_type[event.event_type] += 1
-                        touched.setdefault(event.user_id, []).append(stamp)
+                learner.observe_many(events)
+            valid_by_type.update(event.event_type for event in events)
+            for event, stamp in zip(events, stamps):
+                touched.setdefault(event.user_id, []).append(stamp)
         self._dead_letter(bad)
         self._queue_users(touched)  # published by this turn once the window is over
         valid = sum(valid_by_type.values())

@@ -108,3 +108,23 @@ def test_profile_survives_a_state_round_trip_and_is_rebuilt_from_rings_when_miss
     rebuilt.load_state(old)
     rows, weights = rebuilt.histories_of(["u0"])
     assert sorted(rows[0][weights[0] > 0].tolist()) == [32, 34, 36, 38]  # u0's ring
+
+
+@pytest.mark.parametrize("max_users, profile_length", [(1000, 0), (6, 0), (1000, 4)])
+def test_append_many_leaves_the_same_state_as_appending_one_by_one(max_users, profile_length):
+    """Batches of every shape -- users with more events than the ring in one batch, new users
+    that grow the arrays, evictions, the profile reservoir -- against the one-by-one path."""
+    rng = np.random.default_rng(5)
+    batched = UserHistories(length=4, max_users=max_users, profile_length=profile_length)
+    single = UserHistories(length=4, max_users=max_users, profile_length=profile_length)
+    seq = 0
+    for size in (1, 3, 9, 40, 200, 2000, 7):
+        users = [f"u{int(u)}" for u in rng.integers(0, 1500 if size == 2000 else 12, size)]
+        rows = rng.integers(0, 50, size).tolist()
+        weights = rng.choice([1.0, 2.0, 3.0], size).tolist()
+        slots = batched.append_many(users, rows, weights, seq)
+        assert slots == [single.append(u, r, w, seq + i) for i, (u, r, w) in enumerate(zip(users, rows, weights))]
+        seq += size
+    assert batched.user_ids() == single.user_ids() and batched.evictions == single.evictions
+    for key, value in single.state().items():
+        np.testing.assert_array_equal(batched.state()[key], value, err_msg=key)
