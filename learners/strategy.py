@@ -120,6 +120,10 @@ class ReplayPlugin(AvalancheReplayPlugin):
         extra.append(torch.zeros(len(pick), dtype=torch.long, device=device))
         strategy.mbatch = [torch.cat([a, b]) for a, b in zip(strategy.mbatch, extra)]
 
+    def after_training_exp(self, strategy, **kwargs):
+        # Avalanche 0.6's plugin calls the deprecated ``update``, which warns on every experience.
+        self.storage_policy.post_adapt(strategy, strategy.experience)
+
 
 @dataclass
 class TrainingStats:
