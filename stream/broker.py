@@ -15,7 +15,7 @@ import tempfile
 import time
 import weakref
 from collections import deque
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka import errors as Errors
@@ -225,28 +225,16 @@ def _drain(bootstrap: str, topic: str, keep: bool, quiet_s: float, timeout_s: fl
         consumer.seek_to_beginning(*tps)
         ends = dict.fromkeys(partitions, 0)
         records: list[SourceRecord] = []
-        start = last_data = time.monotonic()
+
+        def keep_records(batch) -> None:
+            if keep:
+                records.extend(SourceRecord.from_consumer_record(r) for r in batch)
+
         # Without usable fetch highwaters, a longer silence has to do.
         fallback_quiet_s = max(3.0, 5 * quiet_s)
-        while True:
-            polled = consumer.poll(timeout_ms=100)
-            now = time.monotonic()
-            for tp, batch in polled.items():
-                if batch:
-                    last_data = now
-                    ends[tp.partition] = max(ends[tp.partition], batch[-1].offset + 1)
-                    if keep:
-                        records.extend(SourceRecord.from_consumer_record(r) for r in batch)
-            quiet = now - last_data
-            if quiet >= quiet_s and (quiet >= fallback_quiet_s or _caught_up(consumer, tps)):
-                break
-            if now - start > timeout_s:
-                raise BrokerError(f"reading {topic!r} to its end took longer than {timeout_s:.0f}s")
-        for tp in tps:
-            # The position can pass the last record (transaction markers, deleted records).
-            position = consumer.position(tp, timeout_ms=1000)
-            if position is not None:
-                ends[tp.partition] = max(ends[tp.partition], position)
+        poll_to_end(consumer, tps, ends, keep_records,
+                    lambda quiet: quiet >= quiet_s and (quiet >= fallback_quiet_s or caught_up(consumer, tps)),
+                    poll_ms=100, timeout_s=timeout_s, what=repr(topic))
         records.sort(key=lambda r: (r.partition, r.offset))
         return ends, records
     except Errors.KafkaError as exc:
@@ -255,7 +243,37 @@ def _drain(bootstrap: str, topic: str, keep: bool, quiet_s: float, timeout_s: fl
         consumer.close(autocommit=False)
 
 
-def _caught_up(consumer: KafkaConsumer, tps: list[TopicPartition]) -> bool:
+def poll_to_end(consumer: KafkaConsumer, tps: list[TopicPartition], ends: dict[int, int],
+                on_records: Callable[[list], None], finished: Callable[[float], bool], *,
+                poll_ms: int, timeout_s: float, what: str) -> None:
+    """Poll the assigned, already positioned ``tps`` until ``finished(seconds without data)``.
+
+    Every non-empty batch goes to ``on_records``. ``ends`` ({partition: offset})
+    is raised in place past each record read and to the final positions. Raises
+    ``BrokerError`` naming ``what`` (e.g. ``repr(topic)``) after ``timeout_s``.
+    """
+    start = last_data = time.monotonic()
+    while True:
+        polled = consumer.poll(timeout_ms=poll_ms)
+        now = time.monotonic()
+        for tp, batch in polled.items():
+            if batch:
+                last_data = now
+                ends[tp.partition] = max(ends[tp.partition], batch[-1].offset + 1)
+                on_records(batch)
+        if finished(now - last_data):
+            break
+        if now - start > timeout_s:
+            raise BrokerError(f"reading {what} to its end took longer than {timeout_s:.0f}s")
+    for tp in tps:
+        # The position can pass the last record (transaction markers, deleted records).
+        position = consumer.position(tp, timeout_ms=1000)
+        if position is not None:
+            ends[tp.partition] = max(ends[tp.partition], position)
+
+
+def caught_up(consumer: KafkaConsumer, tps: list[TopicPartition]) -> bool:
+    """Whether every partition's position has reached its last fetch highwater (False while unknown)."""
     for tp in tps:
         highwater = consumer.highwater(tp)
         if highwater is None:

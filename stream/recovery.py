@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 
 from kafka import KafkaConsumer, TopicPartition
 
-from learners.errors import BrokerError
+from stream.broker import caught_up, poll_to_end
 
 log = logging.getLogger(__name__)
 
@@ -69,39 +69,18 @@ def scan_dead_letters(consumer: KafkaConsumer, topic: str, start: dict[int, int]
         else:
             consumer.seek_to_beginning(tp)
     found: set[Source] = set()
+
+    def collect_sources(records) -> None:
+        for record in records:
+            source = dead_letter_source(record.headers)
+            if source is not None and source[0] in wanted:
+                found.add(source)
+
     ends = {tp.partition: start.get(tp.partition, 0) for tp in tps}
-    began = last_data = time.monotonic()
-    while True:
-        polled = consumer.poll(timeout_ms=200)
-        now = time.monotonic()
-        for tp, records in polled.items():
-            if records:
-                last_data = now
-                ends[tp.partition] = max(ends[tp.partition], records[-1].offset + 1)
-            for record in records:
-                source = dead_letter_source(record.headers)
-                if source is not None and source[0] in wanted:
-                    found.add(source)
-        if _caught_up(consumer, tps) or now - last_data >= quiet_s:
-            break
-        if now - began > timeout_s:
-            raise BrokerError(f"reading the dead-letter topic {topic!r} to its end took longer than {timeout_s:.0f}s")
-    for tp in tps:
-        position = consumer.position(tp, timeout_ms=1000)
-        if position is not None:
-            ends[tp.partition] = max(ends[tp.partition], position)
+    poll_to_end(consumer, tps, ends, collect_sources,
+                lambda quiet: caught_up(consumer, tps) or quiet >= quiet_s,
+                poll_ms=200, timeout_s=timeout_s, what=f"the dead-letter topic {topic!r}")
     return found, ends
-
-
-def _caught_up(consumer: KafkaConsumer, tps: list[TopicPartition]) -> bool:
-    for tp in tps:
-        highwater = consumer.highwater(tp)
-        if highwater is None:
-            return False
-        position = consumer.position(tp, timeout_ms=100)
-        if position is None or position < highwater:
-            return False
-    return True
 
 
 class PublishedVersionMark:

@@ -8,58 +8,12 @@ from kafka.future import Future
 from learners.errors import BrokerError
 from learners.records import BadRecord
 from stream.kafka_io import DeadLetterSink, KafkaSource, SourceRecord, VectorSink
+from fake_kafka import FakeConsumer
 
 
 def consumer_record(topic, partition, offset, key=b"k", value=b"v"):
     return SimpleNamespace(topic=topic, partition=partition, offset=offset, key=key, value=value,
                            timestamp=1000 + offset, headers=[("h", b"1")])
-
-
-class FakeConsumer:
-    def __init__(self, polls=()):
-        self.polls = list(polls)  # each a dict or an exception to raise
-        self.commits = []
-        self.paused_set = set()
-        self.assigned = set()
-        self.highwaters = {}
-        self.positions = {}
-        self.listener = None
-        self.closed = False
-
-    def poll(self, timeout_ms=0):
-        item = self.polls.pop(0) if self.polls else {}
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def subscribe(self, topics, listener=None):
-        self.listener = listener
-
-    def assignment(self):
-        return set(self.assigned)
-
-    def pause(self, *tps):
-        self.paused_set.update(tps)
-
-    def resume(self, *tps):
-        self.paused_set.difference_update(tps)
-
-    def paused(self):
-        return set(self.paused_set)
-
-    def commit(self, offsets):
-        if isinstance(offsets, Exception):
-            raise offsets
-        self.commits.append(offsets)
-
-    def highwater(self, tp):
-        return self.highwaters.get(tp)
-
-    def position(self, tp, timeout_ms=None):
-        return self.positions.get(tp)
-
-    def close(self, autocommit=True):
-        self.closed = True
 
 
 def make_source(consumer):

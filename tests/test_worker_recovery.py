@@ -22,6 +22,7 @@ from stream.metrics import WorkerMetrics
 from stream.recovery import PublishedVersionMark, dead_letter_source
 from stream import worker_output
 from stream.worker import Worker
+from fake_kafka import FakeConsumer
 
 TP0 = TopicPartition("events", 0)
 
@@ -34,49 +35,6 @@ def event_bytes(i: int) -> bytes:
 def consumer_record(offset: int, value: bytes, partition: int = 0):
     return SimpleNamespace(topic="events", partition=partition, offset=offset, key=b"k", value=value,
                            timestamp=1000 + offset, headers=[])
-
-
-class FakeConsumer:
-    """Enough of KafkaConsumer for KafkaSource: scripted polls, pause state, one partition."""
-
-    def __init__(self, polls=()):
-        self.polls = list(polls)
-        self.poll_calls = 0
-        self.paused_set = set()
-        self.commits = []
-
-    def poll(self, timeout_ms=0):
-        self.poll_calls += 1
-        if self.paused_set or not self.polls:
-            return {}
-        return self.polls.pop(0)
-
-    def subscribe(self, topics, listener=None):
-        pass
-
-    def assignment(self):
-        return {TP0}
-
-    def pause(self, *tps):
-        self.paused_set.update(tps)
-
-    def resume(self, *tps):
-        self.paused_set.difference_update(tps)
-
-    def paused(self):
-        return set(self.paused_set)
-
-    def commit(self, offsets):
-        self.commits.append(offsets)
-
-    def highwater(self, tp):
-        return None
-
-    def position(self, tp, timeout_ms=None):
-        return None
-
-    def close(self, autocommit=True):
-        pass
 
 
 class FakeProducer:
@@ -177,7 +135,7 @@ def make_worker(tmp_path, polls=(), **settings) -> tuple[Worker, FakeConsumer, F
                       background_training=False, checkpoint_interval_s=1000, max_experience_wait_s=1000,
                       progress_interval_s=1000, **settings)
     worker = Worker(config, learner=FakeLearner(), metrics=WorkerMetrics())
-    consumer, producer = FakeConsumer(polls), FakeProducer()
+    consumer, producer = FakeConsumer(polls, assigned={TP0}), FakeProducer()
     worker.events = KafkaSource(consumer, sleep=lambda s: None)
     worker.items = FakeItems()
     worker.producer = producer

@@ -27,6 +27,11 @@ def _bound_note(fresh: dict) -> str:
     return f" (a lower bound: exact below {exact:g} s)" if p99 is not None and exact and p99 > exact else ""
 
 
+def _reported_row(figure: str, recstream: str, reference: str, ratio: str) -> str:
+    """A figure shown for context: it has no target, so nothing is met or missed."""
+    return f"| {figure} | {recstream} | {reference} | {ratio} | (reported) | |"
+
+
 def markdown_table(results: dict) -> str:
     rows = ["| figure | recstream | reference (same run) | ratio / value | target | met |",
             "|---|---|---|---|---|---|"]
@@ -37,9 +42,9 @@ def markdown_table(results: dict) -> str:
                     f"| {_num(ingest['worker_events_per_s'])} | {_num(ingest['bare_events_per_s'])} "
                     f"(bare kafka-python + json.loads) | {_num(ingest['ratio'], 2)} | >= {ingest['target_ratio']} "
                     f"| {_ok(ingest['met'])} |")
-        rows.append(f"| ingest incl. publishing each touched user's vector, events/s "
-                    f"| {_num(ingest['worker_publish_events_per_s'])} | {_num(ingest['bare_events_per_s'])} "
-                    f"| {_num(ingest['ratio_with_publish'], 2)} | (reported) | |")
+        rows.append(_reported_row("ingest incl. publishing each touched user's vector, events/s",
+                                  _num(ingest["worker_publish_events_per_s"]), _num(ingest["bare_events_per_s"]),
+                                  _num(ingest["ratio_with_publish"], 2)))
     train = results.get("training")
     if train:
         rows.append(f"| training, samples/s (Avalanche: {', '.join(train['plugins'])}; {train['device']}"
@@ -49,9 +54,9 @@ def markdown_table(results: dict) -> str:
         if train.get("ratio_without_checkpoint_saves") is not None:
             rows.append(f"| training without the checkpoint saves (every {train['checkpoint_every']} experiences), "
                         f"samples/s | | | {_num(train['ratio_without_checkpoint_saves'], 2)} | (reported) | |")
-        rows.append(f"| training incl. the learner's re-embedding after each experience, samples/s "
-                    f"| {_num(train['learn_wall_samples_per_s'], 1)} | {_num(train['bare_samples_per_s'], 1)} "
-                    f"| {_num(train['ratio_learn_wall'], 2)} | (reported) | |")
+        rows.append(_reported_row("training incl. the learner's re-embedding after each experience, samples/s",
+                                  _num(train["learn_wall_samples_per_s"], 1), _num(train["bare_samples_per_s"], 1),
+                                  _num(train["ratio_learn_wall"], 2)))
     fresh = results.get("freshness")
     if fresh:
         vis, inproc = fresh["event_to_vector"]["visible"], fresh["event_to_vector"]["in_process"]
