@@ -110,6 +110,10 @@ class FakeLearner:
         self._pending.append(event)
         self.users[event.user_id] = True
 
+    def observe_many(self, events):
+        for event in events:
+            self.observe(event)
+
     def user_vectors(self, user_ids):
         return np.full((len(user_ids), 4), 0.5, np.float32)
 
