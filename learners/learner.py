@@ -169,10 +169,7 @@ class ContinualRecommender:
     # -- events ---------------------------------------------------------------
     def observe(self, event: Event) -> None:
         """Apply one valid event to the user's history and queue it for training."""
-        row = self.catalogue.row(event.item_id)
-        slot = self.users.append(event.user_id, row, EVENT_WEIGHTS[event.event_type], self._seq)
-        self._pending.append((slot, self._seq, row))
-        self._seq += 1
+        self.observe_many((event,))
 
     def observe_many(self, events: Sequence[Event]) -> None:
         """``observe`` for a batch of valid events, in order (the worker's ingest path)."""
