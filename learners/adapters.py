@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -91,7 +92,8 @@ def load_trainable_state_dict(module: nn.Module, state: dict[str, torch.Tensor])
 
 # -- export ----------------------------------------------------------------------------------------------
 
-def export_model(learner: "ContinualRecommender", out_dir: str | Path, merged: bool = False) -> Path:
+def export_model(learner: "ContinualRecommender", out_dir: str | Path, merged: bool = False, *,
+                 split: bool = False, frozen_shard: Optional[Path] = None) -> Path:
     """Write the learner's trained text encoder to ``out_dir`` (see the module docstring).
 
     merged=False needs a LoRA learner (``train_params="lora"``): the adapter in
@@ -99,6 +101,13 @@ def export_model(learner: "ContinualRecommender", out_dir: str | Path, merged: b
     weights for any learner (LoRA deltas added into the weights). Nothing of
     the base model is copied in memory: its state dict is written with the
     trained layers' tensors swapped in. Returns ``out_dir``.
+
+    ``split`` (merged only) writes the weights as two shards under a standard
+    ``model.safetensors.index.json``: ``FROZEN_SHARD`` (every tensor training
+    never changes) and ``TRAINED_SHARD``. ``frozen_shard``, an existing frozen
+    shard of this same encoder and split, is hard-linked instead of written
+    again: checkpoints re-export the model often, and its frozen part is most
+    of the bytes (``CheckpointStore``).
     """
     encoder: TextEncoder = learner.encoder
     top: TopLayers = learner.model.top
@@ -114,7 +123,9 @@ def export_model(learner: "ContinualRecommender", out_dir: str | Path, merged: b
     n_layers = len(encoder_layers(base))
     trained = list(range(n_layers - encoder.train_layers, n_layers)) if top.trainable else []
     if merged or mode != "lora":
-        _save_quietly(base, out, merged_state_dict(encoder, top))
+        state = merged_state_dict(encoder, top)
+        if not (split and _save_split(base, out, state, frozen_shard)):
+            _save_quietly(base, out, state)
         _copy_sentence_transformers_files(Path(encoder.path), out)
     else:
         from peft import get_peft_model
@@ -205,6 +216,44 @@ def _save_quietly(model: nn.Module, out: Path, state: dict[str, torch.Tensor]) -
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+FROZEN_SHARD = "model-frozen.safetensors"
+TRAINED_SHARD = "model-trained.safetensors"
+_SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _save_split(model: nn.Module, out: Path, state: dict[str, torch.Tensor], frozen_shard: Optional[Path]) -> bool:
+    """Save ``state`` as a frozen and a trained shard (see ``export_model``); False, having
+    written nothing, when the state dict shares storage between names (tied weights), which
+    only ``save_pretrained`` knows how to de-duplicate."""
+    from safetensors.torch import save_file
+
+    own = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
+    pointers = [t.data_ptr() for t in state.values()]
+    if len(set(pointers)) < len(pointers):
+        return False
+    frozen = {k: v.contiguous() for k, v in state.items() if own.get(k) == v.data_ptr()}
+    trained = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in frozen}
+    metadata = {"format": "pt"}
+    linked = False
+    if frozen_shard is not None:
+        try:
+            os.link(frozen_shard, out / FROZEN_SHARD)
+            linked = True
+        except OSError:  # gone, or a file system without hard links: write it
+            pass
+    if not linked:
+        save_file({k: v.cpu() for k, v in frozen.items()}, out / FROZEN_SHARD, metadata=metadata)
+    weight_map = dict.fromkeys(frozen, FROZEN_SHARD)
+    if trained:
+        save_file(trained, out / TRAINED_SHARD, metadata=metadata)
+        weight_map.update(dict.fromkeys(trained, TRAINED_SHARD))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (out / _SHARD_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                               indent=1, sort_keys=True) + "\n")
+    model.config.save_pretrained(out)
+    return True
 
 
 def _copy_sentence_transformers_files(source: Path, out: Path) -> None:

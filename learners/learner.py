@@ -38,7 +38,7 @@ class LearnerConfig:
     model_path: str
     device: str = "auto"
     strategy: str = "ewc_replay"
-    train_layers: int = 1
+    train_layers: int = 0
     max_text_tokens: int = 32
     vector_dim: int = 128
     history_length: int = 64

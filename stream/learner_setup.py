@@ -39,7 +39,7 @@ def set_torch_threads(settings: Settings) -> None:
 LEARNER_SETTINGS = (
     "device", "train_layers", "train_params", "lora_rank", "lora_alpha", "gradient_checkpointing",
     "max_text_tokens", "vector_dim", "history_length", "recency_decay", "batch_size", "negatives",
-    "temperature", "learning_rate", "ewc_lambda", "ewc_decay", "replay_size", "replay_batch",
+    "temperature", "learning_rate", "text_lr_scale", "ewc_lambda", "ewc_decay", "replay_size", "replay_batch",
     "popularity_weight", "popularity_half_life", "serving_average", "text_batch", "refresh_per_update", "max_users", "seed")
 
 

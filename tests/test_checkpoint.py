@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from learners.adapters import FROZEN_SHARD, TRAINED_SHARD
 from learners.checkpoint import MANIFEST, CheckpointStore
 from learners.checkpoint.collect import collect
 from learners.checkpoint.restore import apply, parse
@@ -25,7 +26,7 @@ from learners.encoder import TextEncoder
 from learners.errors import CheckpointError, RecstreamError
 from learners.experience import make_experience
 from learners.learner import ContinualRecommender, LearnerConfig
-from learners.records import Event
+from learners.records import Event, Item
 from learners.synthetic import SyntheticWorld
 from stream.config import default_model_path
 
@@ -214,6 +215,35 @@ def test_model_folder_loads_with_auto_model_and_holds_the_trained_top(tmp_path, 
     assert all(torch.equal(first[k], base_first[k].cpu()) for k in first)
 
 
+def test_later_checkpoints_link_the_frozen_shard_and_write_only_the_trained_one(tmp_path, config, encoder):
+    from transformers import AutoModel
+
+    learner = ContinualRecommender(config, encoder=encoder)
+    learner.add_items([Item(f"i{n}", f"film number {n}") for n in range(20)])
+    for k in range(64):
+        learner.observe(Event(f"e{k}", f"u{k % 5}", f"i{k % 20}", "click", float(k)))
+    learner.learn()
+    store = CheckpointStore(tmp_path / "state", keep=1)
+    first = store.save(learner, {})
+    for k in range(64, 128):
+        learner.observe(Event(f"e{k}", f"u{k % 5}", f"i{k % 20}", "click", float(k)))
+    learner.learn()
+    second = store.save(learner, {})  # keep=1: the first checkpoint is pruned after this one commits
+    assert not first.exists()
+    frozen = second / "model" / FROZEN_SHARD
+    assert frozen.stat().st_nlink == 1 and (second / "model" / TRAINED_SHARD).is_file()  # survived the prune
+    exported = AutoModel.from_pretrained(second / "model", local_files_only=True)
+    top = learner.top.layers[-1].state_dict()
+    last = exported.encoder.layer[-1].state_dict()
+    assert all(torch.equal(last[k], top[k].cpu()) for k in top)
+    base_first = encoder.model.encoder.layer[0].state_dict()
+    assert all(torch.equal(v, base_first[k].cpu()) for k, v in exported.encoder.layer[0].state_dict().items())
+    inode = frozen.stat().st_ino
+    third = store.save(learner, {})
+    assert (third / "model" / FROZEN_SHARD).stat().st_ino == inode  # linked, not written again
+    assert CheckpointStore(tmp_path / "state").load_latest(ContinualRecommender(config, encoder=encoder)) is not None
+
+
 # -- torn and corrupt checkpoints -------------------------------------------------------
 
 def _newest(state: Path) -> Path:
@@ -230,7 +260,9 @@ def _truncate_file(state):
 
 
 def _truncate_model_weights(state):
-    path = _newest(state) / "model" / "model.safetensors"
+    # The trained shard: the frozen one is a hard link shared with the previous checkpoint,
+    # written once and never again, so no torn write can reach it.
+    path = _newest(state) / "model" / TRAINED_SHARD
     os.truncate(path, path.stat().st_size - 1)
 
 

@@ -20,7 +20,11 @@ Layout of ``state_dir``::
         extra.json             the caller's ``extra`` dict (Kafka offsets, ledger, ...)
         model/                 Hugging Face folder of the fine-tuned encoder, trained
                                layers merged in (``AutoModel.from_pretrained`` /
-                               ``AutoTokenizer``; ``learners.adapters.export_model``)
+                               ``AutoTokenizer``; ``learners.adapters.export_model``),
+                               weights in two shards: model-trained.safetensors, and
+                               model-frozen.safetensors, a hard link to the previous
+                               checkpoint's when this store wrote one for the same
+                               encoder (never rewritten, so no torn write reaches it)
     .tmp-<model_version>-<pid>/  a checkpoint being written (or a crashed writer's)
 
 ``seq`` is this store's save counter (one more than the highest on disk), so

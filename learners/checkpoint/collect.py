@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
+from learners.adapters import FROZEN_SHARD
 from learners.checkpoint.atomic import fsync_path
 from learners.checkpoint.manifest import FORMAT, hash_file
 
@@ -110,20 +112,27 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
     return out
 
 
-def export_hf_model(learner: "ContinualRecommender", folder: Path) -> dict[str, dict]:
+def export_hf_model(learner: "ContinualRecommender", folder: Path,
+                    frozen: Optional[tuple[Path, dict]] = None) -> dict[str, dict]:
     """The encoder with the learner's trained layers merged in, as a Hugging Face folder.
 
-    ``learners.adapters.export_model(merged=True)``: the base model's state dict
-    with the trained top swapped in (LoRA deltas merged), the tokenizer,
-    ``recstream.json`` and the base folder's sentence-transformers files.
-    Returns the manifest entries of the files written, keyed ``model/...``.
+    ``learners.adapters.export_model(merged=True, split=True)``: the base model's
+    weights in a frozen and a trained shard, the tokenizer, ``recstream.json``
+    and the base folder's sentence-transformers files. ``frozen``, the path and
+    manifest entry of a frozen shard this learner's encoder wrote before, is
+    hard-linked and not hashed again. Returns the manifest entries of the files
+    written, keyed ``model/...``.
     """
     from learners.adapters import export_model
 
-    export_model(learner, folder, merged=True)
+    export_model(learner, folder, merged=True, split=True, frozen_shard=frozen[0] if frozen else None)
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder.parent).as_posix()
+        if frozen is not None and path.name == FROZEN_SHARD and os.path.samefile(path, frozen[0]):
+            files[name] = frozen[1]  # a link to durable, already hashed bytes
+            continue
         fsync_path(path)
         size, digest, _ = hash_file(path, keep=False)
-        files[path.relative_to(folder.parent).as_posix()] = {"size": size, "sha256": digest}
+        files[name] = {"size": size, "sha256": digest}
     return files

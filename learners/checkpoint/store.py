@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from learners.adapters import FROZEN_SHARD
 from learners.checkpoint.atomic import commit_folder, write_file
 from learners.checkpoint.collect import collect, compact_json, export_hf_model
 from learners.checkpoint.compatibility import check_config
@@ -40,6 +41,9 @@ class CheckpointStore:
         self.last_path: Optional[Path] = None
         self.last_bytes = 0
         self.last_seconds = 0.0
+        # (encoder identity, path, manifest entry) of the frozen model shard last written: the
+        # next checkpoint of the same encoder hard-links it (collect.export_hf_model).
+        self._frozen_shard: Optional[tuple[tuple, Path, dict]] = None
 
     # -- listing ----------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -81,7 +85,10 @@ class CheckpointStore:
             files: dict[str, dict] = {}
             for name, data in collect(learner, extra_bytes).items():
                 files[name] = write_file(tmp / name, data)
-            files.update(export_hf_model(learner, tmp / MODEL_DIR))
+            encoder_key = (id(learner.encoder), learner.config.train_layers, learner.config.train_params)
+            reuse = self._frozen_shard
+            reuse = reuse[1:] if reuse and reuse[0] == encoder_key and reuse[1].is_file() else None
+            files.update(export_hf_model(learner, tmp / MODEL_DIR, reuse))
             head = {"format": FORMAT, "model_version": version, "seq": seq, "created": time.time()}
             commit_folder(tmp, final, MANIFEST, manifest_bytes(head, files))
         except BaseException as exc:
@@ -90,6 +97,8 @@ class CheckpointStore:
                 raise
             raise CheckpointError(f"could not write a checkpoint to {self.state_dir}: {exc!r}") from exc
         self.last_path = final
+        shard = f"{MODEL_DIR}/{FROZEN_SHARD}"
+        self._frozen_shard = (encoder_key, final / shard, files[shard]) if shard in files else None
         self.last_bytes = sum(f["size"] for f in files.values())
         try:
             self._prune(keep_path=final)
