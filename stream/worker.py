@@ -25,6 +25,8 @@ import logging
 import threading
 import time
 from collections import Counter
+from itertools import groupby
+from operator import attrgetter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
@@ -51,6 +53,10 @@ from stream.worker_training import TrainingMixin
 log = logging.getLogger(__name__)
 
 _LAG_EVERY_S = 5.0
+# Field readers for the ingest path: map() with these runs in C, a per-event Python loop does not.
+_PARTITION_OF = attrgetter("topic", "partition")
+_VALUE_OF = attrgetter("value")
+_EVENT_ID_OF, _USER_ID_OF, _EVENT_TYPE_OF = attrgetter("event_id"), attrgetter("user_id"), attrgetter("event_type")
 _WATCH_IDLE_S = 15.0
 
 __all__ = ["Worker", "Totals", "learner_config"]
@@ -87,7 +93,8 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self._checkpoint_job: Optional[CheckpointJob] = None
         self._paused_for_keepalive = False
         self._stash: list[SourceRecord] = []
-        self._unpublished: dict[str, list[int]] = {}  # users whose vectors wait for the publish window
+        self._unpublished: dict[str, None] = {}  # users whose vectors wait for the publish window (in order)
+        self._unpublished_stamps: list[int] = []  # their events' Kafka timestamps (ms)
         self._unpublished_since = 0.0
         self._last_poll = time.monotonic()
         self._last_train = time.monotonic()
@@ -312,24 +319,30 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         events, stamps = [], []
         applied = self._offsets
         redelivered = 0
-        self._check_log_restarted(records)
-        # Parse and skip outside the learner's lock (the trainer thread takes its samples under it).
-        for record in records:
-            tp = (record.topic, record.partition)
-            if record.offset < applied.get(tp, 0):
+        # Per partition run, not per record: offsets ascend within one, so only a run that starts
+        # below the applied offset holds records to skip. Parsing happens outside the learner's
+        # lock (the trainer thread takes its samples under it).
+        for tp, run in groupby(records, _PARTITION_OF):
+            run = list(run)
+            start = applied.get(tp, 0)
+            if run[0].offset < start:
+                self._check_log_restarted(tp, run[0].offset)
+                start = applied.get(tp, 0)
                 # Already applied (re-read after a rebalance or a restart): skip it whole,
                 # so neither state nor the dead-letter topic sees it twice.
-                redelivered += 1
-                continue
-            event = parse_event(record.value)
-            if isinstance(event, BadRecord):
-                bad.append((event, record))
-            else:
-                events.append(event)
-                stamps.append(record.timestamp_ms)
-            applied[tp] = record.offset + 1
-        fresh = self.ledger.add_many([event.event_id for event in events])  # one vectorised lookup
-        touched: dict[str, list[int]] = {}
+                kept = [record for record in run if record.offset >= start]
+                redelivered += len(run) - len(kept)
+                if not kept:
+                    continue
+                run = kept
+            for record, event in zip(run, map(parse_event, map(_VALUE_OF, run))):
+                if event.__class__ is BadRecord:
+                    bad.append((event, record))
+                else:
+                    events.append(event)
+                    stamps.append(record.timestamp_ms)
+            applied[tp] = run[-1].offset + 1
+        fresh = self.ledger.add_many(list(map(_EVENT_ID_OF, events)))  # one vectorised lookup
         valid_by_type: Counter = Counter()
         duplicates = len(events) - sum(fresh)
         if len(events) > duplicates:
@@ -337,11 +350,9 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
                 events, stamps = zip(*[(e, s) for e, s, new in zip(events, stamps, fresh) if new])
             with learner.lock:  # once per batch
                 learner.observe_many(events)
-            valid_by_type.update(event.event_type for event in events)
-            for event, stamp in zip(events, stamps):
-                touched.setdefault(event.user_id, []).append(stamp)
+            valid_by_type.update(map(_EVENT_TYPE_OF, events))
+            self._queue_users(list(map(_USER_ID_OF, events)), stamps)  # published once the window is over
         self._dead_letter(bad)
-        self._queue_users(touched)  # published by this turn once the window is over
         valid = sum(valid_by_type.values())
         consumed = len(records) - redelivered
         self.totals.consumed += consumed

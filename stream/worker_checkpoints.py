@@ -110,24 +110,19 @@ class CheckpointMixin:
             return offset < items.get(partition, 0)
         return True
 
-    def _check_log_restarted(self, records: list[SourceRecord]) -> None:
-        """A partition whose log now ends below the offsets already applied was deleted and
-        created again (or lost data): its offsets start over, and skipping the new records as
-        "already applied" would lose them. Read them as new from the first one fetched."""
-        first: dict[tuple[str, int], int] = {}
-        for record in records:
-            first.setdefault((record.topic, record.partition), record.offset)
-        for tp, offset in first.items():
-            applied = self._offsets.get(tp, 0)
-            if offset >= applied:
-                continue
-            end = self.events.highwater(*tp)
-            if end is not None and end < applied:
-                log.error("%s[%d] ends at offset %d, below the %d records this worker applied: the topic was "
-                          "deleted and created again (or lost data); reading it as new from offset %d",
-                          tp[0], tp[1], end, applied, offset)
-                self._offsets[tp] = offset
-                self._dlq_done = {s for s in self._dlq_done if (s[0], s[1]) != tp}
+    def _check_log_restarted(self, tp: tuple[str, int], offset: int) -> None:
+        """Called when a fetch of ``tp`` starts at ``offset``, below the offsets already applied.
+        A partition whose log now ends below them was deleted and created again (or lost data):
+        its offsets start over, and skipping the new records as "already applied" would lose
+        them. Read them as new from the first one fetched."""
+        applied = self._offsets.get(tp, 0)
+        end = self.events.highwater(*tp)
+        if end is not None and end < applied:
+            log.error("%s[%d] ends at offset %d, below the %d records this worker applied: the topic was "
+                      "deleted and created again (or lost data); reading it as new from offset %d",
+                      tp[0], tp[1], end, applied, offset)
+            self._offsets[tp] = offset
+            self._dlq_done = {s for s in self._dlq_done if (s[0], s[1]) != tp}
 
     def checkpoint(self, in_rebalance: bool = False, wait: bool = True) -> bool:
         """Save everything applied so far, then commit exactly those offsets.
@@ -233,6 +228,6 @@ class CheckpointMixin:
         if self.items is not None:
             self.items.restart_from(self._item_start)
         self._stash = []
-        self._unpublished = {}  # their events are read again
+        self._unpublished, self._unpublished_stamps = {}, []  # their events are read again
         self._dirty_since_checkpoint = False
         self.metrics.pending.set(self.learner.pending)

@@ -119,29 +119,26 @@ class OutputMixin:
         except Exception as exc:  # noqa: BLE001 - whatever state the old producer is in, it is given up
             log.warning("closing the old producer failed: %s", exc)
 
-    def _queue_users(self, touched: dict) -> None:
-        """Remember the users ``touched`` (user id -> their events' Kafka timestamps, ms) for publishing."""
-        if not touched:
+    def _queue_users(self, user_ids: list[str], stamps) -> None:
+        """Remember users touched by events (and the events' Kafka timestamps, ms) for publishing."""
+        if not user_ids:
             return
         if not self._unpublished:
             self._unpublished_since = time.monotonic()
-        queued = self._unpublished
-        for user_id, stamps in touched.items():
-            if user_id in queued:
-                queued[user_id].extend(stamps)
-            else:
-                queued[user_id] = stamps
+        self._unpublished.update(dict.fromkeys(user_ids))
+        self._unpublished_stamps.extend(stamps)
 
     def _publish_queued_users(self, force: bool = False) -> None:
-        """Publish the queued users' vectors once the window is over (or now, with ``force``)."""
-        queued = self._unpublished
-        if not queued or not (force or time.monotonic() - self._unpublished_since >= USER_PUBLISH_WINDOW_S):
+        """Publish the queued users' vectors once the window is over (or now, with ``force``).
+        Every queued user goes out at once, so one send time serves all their events' latencies."""
+        if not self._unpublished or not (
+                force or time.monotonic() - self._unpublished_since >= USER_PUBLISH_WINDOW_S):
             return
-        self._unpublished = {}
-        self._publish_users(queued)
-        sent_at = time.time()
-        self.metrics.observe_event_to_vector(
-            [max(0.0, sent_at - stamp / 1000.0) for stamps in queued.values() for stamp in stamps])
+        users, stamps = list(self._unpublished), self._unpublished_stamps
+        self._unpublished, self._unpublished_stamps = {}, []
+        self._publish_users(users)
+        sent_at_ms = time.time() * 1000.0
+        self.metrics.observe_event_to_vector([max(0.0, (sent_at_ms - stamp) / 1000.0) for stamp in stamps])
 
     def _deliver_refused(self) -> None:
         """Between checkpoints output is only handed to the producer, which batches it (no round
@@ -151,10 +148,9 @@ class OutputMixin:
                 or self.vectors.in_flight > MAX_UNACKNOWLEDGED_VECTORS:
             self._deliver()
 
-    def _publish_users(self, touched: dict) -> None:
-        if not touched:
+    def _publish_users(self, user_ids: list[str]) -> None:
+        if not user_ids:
             return
-        user_ids = list(touched)
         with self.learner.lock:  # vectors and their version from the same model
             vectors = self.learner.user_vectors(user_ids)
             version = self.learner.model_version

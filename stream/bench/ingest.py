@@ -77,7 +77,7 @@ def worker_consume(settings, learner, n: int, publish: bool, timeout_s: float) -
     if not publish:
         # The bench's only patch of the worker: user vectors are computed and sent by
         # this one method; replacing it isolates the consume/validate/apply work.
-        worker._publish_users = lambda touched: None  # noqa: SLF001
+        worker._publish_users = lambda user_ids: None  # noqa: SLF001
     worker.connect()
     try:
         first, started = 0, None
