@@ -283,3 +283,20 @@ def test_user_vectors_never_go_out_before_their_version_is_marked(tmp_path):
     worker._deliver()
     assert json.loads(producer.sent[0][2])["payload"]["model_version"] == 12
     assert PublishedVersionMark(tmp_path / "state").value == 12
+
+
+def test_records_already_applied_are_skipped_and_a_recreated_topic_is_read_as_new(tmp_path):
+    # Offsets 0-4 are applied; the partition is fetched again from offset 3 (a rebalance).
+    again = {TP0: [consumer_record(o, event_bytes(o)) for o in range(3, 7)]}
+    # Then the topic is deleted and created again: its log ends at 2, below the 7 applied.
+    recreated = {TP0: [consumer_record(o, event_bytes(100 + o)) for o in range(0, 2)]}
+    worker, consumer, _ = make_worker(tmp_path, [again, recreated])
+    worker._offsets[("events", 0)] = 5
+    consumer.highwaters[TP0] = 7
+    worker.turn()
+    assert [e.event_id for e in worker.learner._pending] == ["e5", "e6"]  # e3 and e4 were applied before
+    assert worker._offsets[("events", 0)] == 7 and worker.totals.consumed == 2
+    consumer.highwaters[TP0] = 2
+    worker.turn()
+    assert [e.event_id for e in worker.learner._pending][2:] == ["e100", "e101"]  # not skipped as applied
+    assert worker._offsets[("events", 0)] == 2
