@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from learners.adapters import FROZEN_SHARD
+from learners.adapters import FROZEN_SHARD, export_model
 from learners.checkpoint.atomic import fsync_path
 from learners.checkpoint.manifest import FORMAT, hash_file
 
@@ -123,8 +123,6 @@ def export_hf_model(learner: "ContinualRecommender", folder: Path,
     hard-linked and not hashed again. Returns the manifest entries of the files
     written, keyed ``model/...``.
     """
-    from learners.adapters import export_model
-
     export_model(learner, folder, merged=True, split=True, frozen_shard=frozen[0] if frozen else None)
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
