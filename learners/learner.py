@@ -14,7 +14,6 @@ import random
 import threading
 import time
 from dataclasses import asdict, dataclass
-from operator import attrgetter
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -26,15 +25,12 @@ from learners.experience import make_experience
 from learners.features import ItemFeatures
 from learners.hooks import StepCallbackPlugin
 from learners.model import TwoTower
-from learners.records import EVENT_WEIGHTS, Event, Item
+from learners.records import EVENT_TYPE_OF, EVENT_WEIGHTS, ITEM_ID_OF, USER_ID_OF, Event, Item
 from learners.serving_average import ServingAverage
 from learners.strategy import build_strategy
 from learners.users import UserHistories
 
 log = logging.getLogger(__name__)
-
-# Event field readers: map() with these runs in C (observe_many is on the worker's ingest path).
-_ITEM_ID_OF, _USER_ID_OF, _EVENT_TYPE_OF = attrgetter("item_id"), attrgetter("user_id"), attrgetter("event_type")
 
 
 @dataclass(frozen=True)
@@ -179,10 +175,10 @@ class ContinualRecommender:
         """``observe`` for a batch of valid events, in order (the worker's ingest path)."""
         if not events:
             return
-        rows = list(map(self.catalogue.row, map(_ITEM_ID_OF, events)))
+        rows = list(map(self.catalogue.row, map(ITEM_ID_OF, events)))
         first = self._seq
-        slots = self.users.append_many(list(map(_USER_ID_OF, events)), rows,
-                                       list(map(EVENT_WEIGHTS.__getitem__, map(_EVENT_TYPE_OF, events))), first)
+        slots = self.users.append_many(list(map(USER_ID_OF, events)), rows,
+                                       list(map(EVENT_WEIGHTS.__getitem__, map(EVENT_TYPE_OF, events))), first)
         self._pending.extend(zip(slots, range(first, first + len(events)), rows))
         self._seq = first + len(events)
 

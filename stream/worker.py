@@ -36,7 +36,7 @@ from kafka.errors import KafkaError
 from learners.checkpoint import CheckpointStore
 from learners.errors import BrokerError
 from learners.learner import ContinualRecommender
-from learners.records import BadRecord, parse_event, parse_item
+from learners.records import EVENT_ID_OF, EVENT_TYPE_OF, USER_ID_OF, BadRecord, parse_event, parse_item
 from stream.checkpoint_writer import CheckpointJob, CheckpointWriter
 from stream.config import Settings
 from stream.dedup import EventLedger
@@ -53,10 +53,9 @@ from stream.worker_training import TrainingMixin
 log = logging.getLogger(__name__)
 
 _LAG_EVERY_S = 5.0
-# Field readers for the ingest path: map() with these runs in C, a per-event Python loop does not.
+# Record field readers for the ingest path (event ones: learners.records).
 _PARTITION_OF = attrgetter("topic", "partition")
 _VALUE_OF = attrgetter("value")
-_EVENT_ID_OF, _USER_ID_OF, _EVENT_TYPE_OF = attrgetter("event_id"), attrgetter("user_id"), attrgetter("event_type")
 _WATCH_IDLE_S = 15.0
 
 __all__ = ["Worker", "Totals", "learner_config"]
@@ -342,7 +341,7 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
                     events.append(event)
                     stamps.append(record.timestamp_ms)
             applied[tp] = run[-1].offset + 1
-        fresh = self.ledger.add_many(list(map(_EVENT_ID_OF, events)))  # one vectorised lookup
+        fresh = self.ledger.add_many(list(map(EVENT_ID_OF, events)))  # one vectorised lookup
         valid_by_type: Counter = Counter()
         duplicates = len(events) - sum(fresh)
         if len(events) > duplicates:
@@ -350,8 +349,8 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
                 events, stamps = zip(*[(e, s) for e, s, new in zip(events, stamps, fresh) if new])
             with learner.lock:  # once per batch
                 learner.observe_many(events)
-            valid_by_type.update(map(_EVENT_TYPE_OF, events))
-            self._queue_users(list(map(_USER_ID_OF, events)), stamps)  # published once the window is over
+            valid_by_type.update(map(EVENT_TYPE_OF, events))
+            self._queue_users(list(map(USER_ID_OF, events)), stamps)  # published once the window is over
         self._dead_letter(bad)
         valid = sum(valid_by_type.values())
         consumed = len(records) - redelivered
