@@ -12,15 +12,18 @@ trained, not with the model.
 
 Id tables the model lists in ``row_sparse_params`` (trained by
 ``RowSparseAdam``, which moves only rows that have gradient) are handled row by
-row: squared gradients are added for the rows a step reached, and the penalty
-is computed over the rows that moved since the anchor (all others sit exactly
-on it), so a step costs in proportion to the batch, not to the catalogue.
+row: squared gradients are added for the rows a step reached (a sparse
+gradient names them), and the penalty is computed over the rows that moved
+since the anchor (all others sit exactly on it), so a step costs in
+proportion to the batch, not to the catalogue.
 """
 
 from __future__ import annotations
 
 import torch
 from avalanche.training.plugins import EWCPlugin
+
+from learners.optim import gradient_rows
 
 
 class OnlineFisherEWC(EWCPlugin):
@@ -50,7 +53,7 @@ class OnlineFisherEWC(EWCPlugin):
             grad = param.grad
             if grad is None:
                 continue
-            if name in sparse and grad.dim() == 2:
+            if grad.is_sparse or (name in sparse and grad.dim() == 2):
                 term = self._row_sparse_step(name, param, grad)
                 if term is not None:
                     penalty = term if penalty is None else penalty + term
@@ -69,25 +72,31 @@ class OnlineFisherEWC(EWCPlugin):
         self.last_penalty = self.ewc_lambda * (float(penalty) if penalty is not None else 0.0)
 
     def _row_sparse_step(self, name: str, param: torch.Tensor, grad: torch.Tensor):
-        rows = grad.ne(0).any(dim=1)
+        rows, g = gradient_rows(grad)
         acc = self._grad_sq.get(name)
         if acc is None or acc.shape != grad.shape:
             acc = self._grad_sq[name] = _expand(acc, grad.shape, param.device)
-        hit = rows.nonzero().squeeze(1)
-        g = grad.index_select(0, hit)
-        acc.index_add_(0, hit, g * g)
+        acc.index_add_(0, rows, g * g)
         if name not in self.importance or self.ewc_lambda <= 0:
             return None
         imp = self._fit(name, param)
+        anchor = self.anchor[name]
         moved = self._moved.get(name)
         if moved is None or moved.shape[0] != param.shape[0]:
-            anchor = self.anchor[name]
             moved = (param.detach() != anchor).any(dim=1)  # once per experience (or after a restore)
-        moved = self._moved[name] = moved | rows
+        moved = self._moved[name] = moved.index_fill_(0, rows, True)
         idx = moved.nonzero().squeeze(1)
-        diff = param.detach().index_select(0, idx) - self.anchor[name].index_select(0, idx)
+        diff = param.detach().index_select(0, idx) - anchor.index_select(0, idx)
         imp_rows = imp.index_select(0, idx)
-        grad.index_add_(0, idx, imp_rows * diff, alpha=2.0 * self.ewc_lambda)
+        pull = imp_rows * diff * (2.0 * self.ewc_lambda)  # d/dp of lambda * imp * diff^2
+        if grad.is_sparse:
+            # The moved rows include the batch's: one coalesced gradient over them.
+            position = moved.cumsum(0).sub_(1)
+            pull.index_add_(0, position.index_select(0, rows), g)
+            param.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), pull, param.shape, is_coalesced=True,
+                                                 check_invariants=False)
+        else:
+            grad.index_add_(0, idx, pull)
         return torch.dot(imp_rows.reshape(-1), diff.mul_(diff).reshape(-1))
 
     def _fit(self, name: str, param: torch.Tensor) -> torch.Tensor:

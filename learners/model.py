@@ -34,8 +34,8 @@ _ROW_CHUNK = 4096
 
 
 class TwoTower(nn.Module):
-    # Id tables: a step reaches a few of their rows; RowSparseAdam and the EWC plugin
-    # update only those rows (see learners/optim.py).
+    # Id tables: a step reaches a few of their rows; they are looked up with sparse
+    # gradients, and RowSparseAdam and the EWC plugin update only those rows.
     row_sparse_params = ("item_emb", "ctx_emb")
     # What item vectors are made of (besides the shared encoder top): the serving average's scope.
     item_side_params = ("item_emb", "text_proj")
@@ -148,11 +148,11 @@ class TwoTower(nn.Module):
         return out
 
     def item_vectors(self, rows: torch.Tensor, train_top: bool = False) -> torch.Tensor:
-        learned = F.normalize(self._text(rows, self.text_proj, train_top) + self.item_emb[rows], dim=-1)
+        learned = F.normalize(self._text(rows, self.text_proj, train_top) + _lookup(self.item_emb, rows), dim=-1)
         return self.finish_items(learned, rows)
 
     def context_vectors(self, rows: torch.Tensor) -> torch.Tensor:
-        return self._text(rows, self.ctx_proj, False) + self.ctx_emb[rows]
+        return self._text(rows, self.ctx_proj, False) + _lookup(self.ctx_emb, rows)
 
     def user_vectors(self, hist_rows: torch.Tensor, hist_weights: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(hist_rows, return_inverse=True)
@@ -191,3 +191,9 @@ class TwoTower(nn.Module):
     def context_table(self) -> torch.Tensor:
         rows = torch.arange(self.n_items, device=self.item_emb.device)
         return self.context_vectors(rows)
+
+
+def _lookup(table: nn.Parameter, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of an id table; the gradient is sparse (only these rows), so backward never
+    fills a zero gradient the size of the catalogue and the optimizer needs no scan."""
+    return F.embedding(rows, table, sparse=True)

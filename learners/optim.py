@@ -7,7 +7,8 @@ proportion to the catalogue, not the batch. Here parameters in a group with
 ``row_sparse=True`` are updated "lazily" (as TensorFlow's LazyAdam): only rows
 whose gradient is non-zero get their moments and values updated; the other
 rows stay exactly as they are (no momentum drift for items nobody touched).
-Other groups get plain Adam. State keys match ``torch.optim.Adam`` so
+The model looks its tables up with sparse gradients, so the rows a step
+reached come with the gradient and no step scans a table. Other groups get plain Adam. State keys match ``torch.optim.Adam`` so
 checkpoints map one onto the other.
 """
 
@@ -51,11 +52,10 @@ class RowSparseAdam(torch.optim.Optimizer):
                 correction1 = 1.0 - beta1 ** t
                 correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                if group["row_sparse"] and param.dim() == 2:
-                    rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
+                if grad.is_sparse or (group["row_sparse"] and param.dim() == 2):
+                    rows, g = gradient_rows(grad)
                     if len(rows) == 0:
                         continue
-                    g = grad.index_select(0, rows)
                     p = param.index_select(0, rows)
                     if decay:
                         g = g.add(p, alpha=decay)
@@ -75,6 +75,19 @@ class RowSparseAdam(torch.optim.Optimizer):
         return loss
 
 
+def gradient_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, gradient rows) of an id table's gradient.
+
+    Sparse gradients (``F.embedding(..., sparse=True)``) name their rows; a dense one
+    is scanned for non-zero rows, which costs a pass over the whole table.
+    """
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        return grad.indices()[0], grad.values()
+    rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
+    return rows, grad.index_select(0, rows)
+
+
 def _grown(old: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(param)
     if old.dim() == param.dim() and old.shape[1:] == param.shape[1:] and old.shape[0] <= param.shape[0]:
@@ -82,4 +95,4 @@ def _grown(old: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["RowSparseAdam"]
+__all__ = ["RowSparseAdam", "gradient_rows"]

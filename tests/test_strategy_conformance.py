@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from learners.ewc import OnlineFisherEWC
@@ -107,13 +108,14 @@ def test_every_strategy_writes_a_conforming_results_file(tmp_path):
 class _Tiny(nn.Module):
     row_sparse_params = ("emb",)
 
-    def __init__(self, rows: int = 6) -> None:
+    def __init__(self, rows: int = 6, sparse: bool = False) -> None:
         super().__init__()
         self.emb = nn.Parameter(torch.randn(rows, 3))
         self.lin = nn.Linear(3, 2)
+        self.sparse = sparse  # the id table's gradient: sparse (as TwoTower's) or dense
 
     def loss(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.lin(self.emb[rows]).pow(2).sum()
+        return self.lin(F.embedding(rows, self.emb, sparse=self.sparse)).pow(2).sum()
 
 
 def _experience(ewc: OnlineFisherEWC, model: _Tiny, rows: list[int], steps: int = 3) -> list[float]:
@@ -130,9 +132,10 @@ def _experience(ewc: OnlineFisherEWC, model: _Tiny, rows: list[int], steps: int 
     return penalties
 
 
-def test_online_fisher_ewc_penalty_anchors_and_grows():
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-grad", "sparse-grad"])
+def test_online_fisher_ewc_penalty_anchors_and_grows(sparse):
     torch.manual_seed(0)
-    model = _Tiny()
+    model = _Tiny(sparse=sparse)
     ewc = OnlineFisherEWC(ewc_lambda=10.0, decay_factor=0.5)
     strategy = SimpleNamespace(model=model)
 

@@ -11,7 +11,7 @@ strategy (building the experience, re-embedding the trained items).
 
 ``bare``: the same ``TwoTower`` (its own copy, same catalogue, same events),
 the very minibatches the strategy used (captured in round one, replayed
-samples included), forward + ``TwoTower.loss`` + backward + ``Adam.step``;
+samples included), forward + ``TwoTower.loss`` + backward + ``SparseAdam``/``Adam`` steps;
 no Avalanche, no plugins. Samples are counted the same way on both sides
 (every row of every minibatch). On CUDA both run under bf16 autocast.
 """
@@ -103,15 +103,20 @@ def run(factory: LearnerFactory, world: BenchWorld, *, experiences_per_round: in
     bare_learner.features.ensure_rows(len(bare_learner.catalogue))
     model.grow(len(bare_learner.catalogue))
     model.to(device).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                 lr=bare_learner.config.learning_rate)
+    # Plain PyTorch optimizers: SparseAdam for the id tables (their gradients are sparse), Adam for the rest.
+    lr = bare_learner.config.learning_rate
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizers = [torch.optim.SparseAdam([p for n, p in trained if n in model.row_sparse_params], lr=lr),
+                  torch.optim.Adam([p for n, p in trained if n not in model.row_sparse_params], lr=lr)]
 
     def bare_step(mbatch) -> None:
         with _autocast(device):
             loss = model.loss(model(mbatch))
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
 
     # Side by side at the finest grain: each Avalanche experience is followed at once by the
     # same number of bare steps, so a neighbour's load spike hits both sides alike.
