@@ -60,7 +60,7 @@ class LearnerConfig:
     text_lr_scale: float = 1.0  # ... and the encoder's trainable top
     profile_length: int = 0  # >0: user vectors from a uniform sample of this many of the user's events (else the ring)
     popularity_weight: float = 0.5  # popularity prior coordinate of item vectors (0: none)
-    popularity_half_life: float = 30_000.0  # events
+    popularity_half_life: float = 20_000.0  # events
     user_popularity: float = 0.5  # the users' constant on that coordinate
     serving_average: float = 0.993  # >0: item vectors from a running average of the item side, this decay per step
     # What of the encoder trains: "top" (top train_layers layers), "lora" (LoRA adapters on

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     popularity_weight: float = Field(
         0.5, ge=0, lt=1, description="popularity prior: weight of the vectors' last coordinate, the item's decayed "
                                      "event count (log-scaled; users hold a constant there); 0 = none")
-    popularity_half_life: float = Field(30_000.0, gt=0, description="events after which a popularity count has halved")
+    popularity_half_life: float = Field(20_000.0, gt=0, description="events after which a popularity count has halved")
     text_batch: int = Field(32, ge=0, description="distinct items per minibatch whose text runs through the trainable "
                                                   "layers (the rest use cached outputs); 0 = all")
     serving_average: float = Field(
