@@ -2,6 +2,7 @@
 
     python benchmarks/broker_steady.py                  # 480 s, prints a line every 30 s
     python benchmarks/broker_steady.py --seconds 120
+    python benchmarks/broker_steady.py --linger-ms 50   # fewer, larger batches
 
 ``recstream bench``'s freshness run shares the machine between the embedded
 tansu broker (memory storage), the worker, and the bench's own producer and
@@ -34,8 +35,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def produce(bootstrap: str, topic: str, rate: float, pad: int, stop_at: float, sent: list[int]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+def produce(bootstrap: str, topic: str, rate: float, pad: int, stop_at: float, sent: list[int],
+            linger_ms: int) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, acks="all")
     started, n = time.time(), 0
     while time.time() < stop_at:
         due = int((time.time() - started) * rate)
@@ -53,6 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=480.0)
     parser.add_argument("--rate", type=float, default=1000.0, help="events/s, and as many vector records/s")
+    parser.add_argument("--linger-ms", type=int, default=5,
+                        help="both producers' linger: larger means fewer, larger batches stored by the broker")
     args = parser.parse_args()
     with EmbeddedBroker() as broker:
         bootstrap, pid = broker.bootstrap, broker._proc.pid  # noqa: SLF001 - our own broker process
@@ -60,7 +64,7 @@ def main() -> None:
         stop_at = time.time() + args.seconds
         events_sent, vectors_sent = [0], [0]
         for topic, pad, sent in (("events", 0, events_sent), ("vectors", 1000, vectors_sent)):
-            threading.Thread(target=produce, args=(bootstrap, topic, args.rate, pad, stop_at, sent),
+            threading.Thread(target=produce, args=(bootstrap, topic, args.rate, pad, stop_at, sent, args.linger_ms),
                              daemon=True).start()
         consumer = KafkaConsumer("events", bootstrap_servers=bootstrap, group_id=f"steady-{uuid.uuid4().hex[:6]}",
                                  auto_offset_reset="earliest", enable_auto_commit=False, max_poll_records=2000,
