@@ -8,8 +8,9 @@ proportion to the catalogue, not the batch. Here parameters in a group with
 whose gradient is non-zero get their moments and values updated; the other
 rows stay exactly as they are (no momentum drift for items nobody touched).
 The model looks its tables up with sparse gradients, so the rows a step
-reached come with the gradient and no step scans a table. Other groups get plain Adam. State keys match ``torch.optim.Adam`` so
-checkpoints map one onto the other.
+reached come with the gradient and no step scans a table. Other groups get
+plain Adam. State keys match ``torch.optim.Adam`` so checkpoints map one
+onto the other.
 """
 
 from __future__ import annotations
