@@ -225,6 +225,8 @@ def topk(user_id, k, bootstrap_servers, vectors_topic, timeout) -> None:
 @click.option("--users", default=10_000, type=int, show_default=True, help="distinct users of the main sections")
 @click.option("--items", default=1_000, type=int, show_default=True, help="distinct items of the main sections")
 @click.option("--rate", default=1000.0, type=float, show_default=True, help="events/s of the steady run")
+@click.option("--producer-linger-ms", default=50, type=int, show_default=True,
+              help="linger.ms of the steady run's event producer (send time is the clock's start, so it counts)")
 @click.option("--scales", default="1000,100000", show_default=True,
               help="comma-separated user = item counts for the scale section")
 @click.option("--sections", default="ingest,training,freshness,scale", show_default=True,
@@ -233,8 +235,8 @@ def topk(user_id, k, bootstrap_servers, vectors_topic, timeout) -> None:
               help="items that get a text (encoded); the others are id-only")
 @click.option("--model", default=None, envvar="RECSTREAM_MODEL", help="local Hugging Face model folder")
 @click.option("--seed", default=0, type=int, show_default=True)
-def bench(device, seconds, bootstrap_servers, out_path, users, items, rate, scales, sections, max_text_items,
-          model, seed) -> None:
+def bench(device, seconds, bootstrap_servers, out_path, users, items, rate, producer_linger_ms, scales, sections,
+          max_text_items, model, seed) -> None:
     """Measure ingest, training, freshness, memory and scale side by side; print a table, write JSON."""
     from stream.bench import BenchOptions, markdown_table, run_bench
 
@@ -242,7 +244,8 @@ def bench(device, seconds, bootstrap_servers, out_path, users, items, rate, scal
     try:
         options = BenchOptions(
             device=device, seconds=seconds, bootstrap_servers=bootstrap_servers, out=out_path, users=users,
-            items=items, rate=rate, scales=tuple(int(n) for n in scales.split(",") if n.strip()),
+            items=items, rate=rate, producer_linger_ms=producer_linger_ms,
+            scales=tuple(int(n) for n in scales.split(",") if n.strip()),
             sections=tuple(x.strip() for x in sections.split(",") if x.strip()), max_text_items=max_text_items,
             model=model, seed=seed)
         results = run_bench(options, progress=lambda message: click.echo(message, err=True))

@@ -27,7 +27,8 @@ class DemoFeeder(threading.Thread):
     def __init__(self, bootstrap: str, settings, world: SyntheticWorld, rate_per_s: float = 200.0,
                  total_events: int = 1_000_000) -> None:
         super().__init__(name="demo-feeder", daemon=True)
-        self._producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+        # Batches as the worker's producer does: the embedded broker's cost grows with stored batches.
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=settings.producer_linger_ms)
         self._settings, self._world = settings, world
         self._rate, self._total = rate_per_s, total_events
         self._stopped = threading.Event()

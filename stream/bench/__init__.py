@@ -46,6 +46,7 @@ class BenchOptions:
     users: int = 10_000
     items: int = 1_000
     rate: float = 1000.0
+    producer_linger_ms: int = 50     # the load producer's linger.ms (its batches cost the embedded broker)
     scales: tuple[int, ...] = (1_000, 100_000)
     sections: tuple[str, ...] = SECTIONS
     max_text_items: int = 2_000      # items that get a text (and are encoded); the rest are id-only
@@ -109,6 +110,7 @@ def run_bench(options: BenchOptions, progress: Optional[Callable[[str], None]] =
             _write(options.out, results)
         if "freshness" in sections or "memory" in sections:
             steady = freshness.run(cluster, world, seconds=plan["steady_seconds"], rate=options.rate,
+                                   linger_ms=options.producer_linger_ms,
                                    sample_every_s=plan["memory_sample_every_s"],
                                    warmup_s=plan["memory_warmup_s"], progress=progress)
             results["memory"] = steady.pop("memory")
@@ -122,6 +124,7 @@ def run_bench(options: BenchOptions, progress: Optional[Callable[[str], None]] =
                 row["ingest"] = ingest.run(cluster, factory, scaled, events=plan["ingest_events"], rounds=1,
                                            progress=progress, phase=f"scale{n}-ingest")
                 row["freshness"] = freshness.run(cluster, scaled, seconds=plan["scale_seconds"], rate=options.rate,
+                                                 linger_ms=options.producer_linger_ms,
                                                  sample_every_s=max(1.0, plan["scale_seconds"] / 10),
                                                  warmup_s=0.0, progress=progress, phase=f"scale{n}")
                 results["scale"].append(row)

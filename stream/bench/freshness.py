@@ -86,12 +86,12 @@ class _Matcher:
 
 class _Producer(threading.Thread):
     def __init__(self, settings, world: BenchWorld, rate: float, matcher: _Matcher, client_kwargs: dict,
-                 id_prefix: str) -> None:
+                 id_prefix: str, linger_ms: int) -> None:
         super().__init__(name="bench-producer", daemon=True)
         from kafka import KafkaProducer
 
-        self._producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers.split(","), linger_ms=2,
-                                       acks=1, **client_kwargs)
+        self._producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers.split(","),
+                                       linger_ms=linger_ms, acks=1, **client_kwargs)
         self._topic, self._world, self._rate = settings.events_topic, world, rate
         self._matcher, self._prefix = matcher, id_prefix
         self._stop_event = threading.Event()
@@ -195,9 +195,9 @@ def _tail(path: str, lines: int = 30) -> str:
         return ""
 
 
-def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, sample_every_s: float,
-        warmup_s: float, progress: Progress, phase: str = "freshness", settings_overrides: Optional[dict] = None,
-        memory: bool = True) -> dict:
+def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, linger_ms: int,
+        sample_every_s: float, warmup_s: float, progress: Progress, phase: str = "freshness",
+        settings_overrides: Optional[dict] = None, memory: bool = True) -> dict:
     settings = cluster.topics(phase).model_copy(update={
         "state_dir": temp_state_dir(phase), "metrics_port": 0, **(settings_overrides or {})})
     client_kwargs = cluster.client_kwargs()
@@ -222,7 +222,8 @@ def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, sam
         matcher = _Matcher()
         reader = _Reader(settings, matcher, client_kwargs)
         reader.start()
-        producer = _Producer(settings, world, rate, matcher, client_kwargs, id_prefix=f"{phase}-{cluster.run_id}")
+        producer = _Producer(settings, world, rate, matcher, client_kwargs, id_prefix=f"{phase}-{cluster.run_id}",
+                             linger_ms=linger_ms)
         started = time.monotonic()
         matcher.started_ms = int(time.time() * 1000)
         producer.start()
@@ -276,8 +277,8 @@ def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, sam
     visible = matcher.visible.summary()
     item = item_hist.summary()
     result = {
-        "rate_events_per_s": rate, "seconds": seconds, "users": world.n_users, "items": world.n_items,
-        "item_texts": len(items), "events_sent": matcher.sent, "events_unserved": matcher.unserved(),
+        "rate_events_per_s": rate, "load_producer_linger_ms": linger_ms, "seconds": seconds,
+        "users": world.n_users, "items": world.n_items, "item_texts": len(items), "events_sent": matcher.sent, "events_unserved": matcher.unserved(),
         "producer_behind_max_s": round(producer.behind_s, 3),
         "match_exact_below_s": round(world.n_users / rate, 3),
         "event_to_vector": {"visible": visible, "sent": matcher.sent_hist.summary(),
@@ -293,7 +294,7 @@ def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, sam
         "checkpoints_at_s": [[round(t - matcher.started_ms / 1000.0, 2), round(d, 2)] for t, d in child["checkpoints"]],
         "settings": {k: getattr(settings, k) for k in (
             "experience_size", "max_experience_wait_s", "max_pending_events", "overload",
-            "checkpoint_interval_s", "batch_size", "replay_batch", "device")},
+            "checkpoint_interval_s", "batch_size", "replay_batch", "device", "producer_linger_ms")},
         "worker_log": log_path,
     }
     if memory:
