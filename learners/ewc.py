@@ -111,20 +111,31 @@ class OnlineFisherEWC(EWCPlugin):
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kwargs):
+        # In place where shapes allow: this runs after every experience (a fraction of a second
+        # on a CPU), and fresh catalogue-sized tensors each time were a visible share of it.
         if self._steps == 0:
             return
         for name, param in self._trainable(strategy.model):
-            fresh = self._grad_sq.get(name)
-            if fresh is None:
+            acc = self._grad_sq.get(name)
+            if acc is None:
                 continue
-            fresh = _expand(fresh, param.shape, param.device) / self._steps
+            if acc.shape != param.shape:
+                acc = self._grad_sq[name] = _expand(acc, param.shape, param.device)
             old = self.importance.get(name)
-            if old is not None:
-                fresh = fresh.add_(self.decay_factor * _expand(old, param.shape, param.device))
-            self.importance[name] = fresh
-            self.anchor[name] = param.detach().clone()
-        self._grad_sq.clear()
-        self._moved.clear()
+            if old is None:
+                self.importance[name] = acc / self._steps
+            else:
+                if old.shape != param.shape:
+                    old = _expand(old, param.shape, param.device)
+                self.importance[name] = old.mul_(self.decay_factor).add_(acc, alpha=1.0 / self._steps)
+            anchor = self.anchor.get(name)
+            if anchor is not None and anchor.shape == param.shape:
+                anchor.copy_(param.detach())
+            else:
+                self.anchor[name] = param.detach().clone()
+            acc.zero_()
+        for moved in self._moved.values():
+            moved.zero_()  # every row sits on its new anchor
         self._steps = 0
 
     # -- checkpoints ------------------------------------------------------------

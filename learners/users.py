@@ -25,6 +25,7 @@ from typing import Iterable
 import numpy as np
 
 _EMPTY = -1
+_ROW = np.int32  # catalogue rows: half the memory (and checkpoint bytes) of int64
 
 
 def _draw(slot: int, seen: int) -> int:
@@ -45,7 +46,7 @@ class UserHistories:
         self._slot_of: "OrderedDict[str, int]" = OrderedDict()
         self._free: list[int] = []
         capacity = min(1024, max_users)
-        self._rows = np.full((capacity, length), _EMPTY, dtype=np.int64)
+        self._rows = np.full((capacity, length), _EMPTY, dtype=_ROW)
         self._weights = np.zeros((capacity, length), dtype=np.float32)
         self._seq = np.full((capacity, length), _EMPTY, dtype=np.int64)
         self._count = np.zeros(capacity, dtype=np.int64)
@@ -90,9 +91,9 @@ class UserHistories:
         self._pweights[slot] = 0.0
 
     def _grow(self) -> None:
-        new = min(self.max_users, 2 * len(self._count))
+        new = min(self.max_users, max(1024, 2 * len(self._count)))  # a checkpoint may hold none
         extra = new - len(self._count)
-        self._rows = np.concatenate([self._rows, np.full((extra, self.length), _EMPTY, np.int64)])
+        self._rows = np.concatenate([self._rows, np.full((extra, self.length), _EMPTY, _ROW)])
         self._weights = np.concatenate([self._weights, np.zeros((extra, self.length), np.float32)])
         self._seq = np.concatenate([self._seq, np.full((extra, self.length), _EMPTY, np.int64)])
         self._count = np.concatenate([self._count, np.zeros(extra, np.int64)])
@@ -179,7 +180,7 @@ class UserHistories:
         weights = np.where(keep, weights * self.recency_decay ** rank, 0.0).astype(np.float32)
         total = weights.sum(axis=1, keepdims=True)
         weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-        rows = np.where(keep, rows, 0)
+        rows = np.where(keep, rows, 0).astype(np.int64)
         return rows, weights
 
     def histories_of(self, user_ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -202,12 +203,13 @@ class UserHistories:
         if slot is None:
             return np.zeros(0, np.int64)
         keep = self._seq[slot] >= 0
-        return self._rows[slot][keep]
+        return self._rows[slot][keep].astype(np.int64)
 
     # -- checkpoints --------------------------------------------------------
     def state(self) -> dict:
-        n = len(self._count)
-        return {"user_ids": list(self._slot_of), "slots": np.fromiter(self._slot_of.values(), np.int64, len(self._slot_of)),
+        slots = np.fromiter(self._slot_of.values(), np.int64, len(self._slot_of))
+        n = int(slots.max()) + 1 if len(slots) else 0  # slots past the last used one hold nothing
+        return {"user_ids": list(self._slot_of), "slots": slots,
                 "rows": self._rows[:n], "weights": self._weights[:n], "seq": self._seq[:n], "count": self._count[:n],
                 "profile_rows": self._prows[:n], "profile_weights": self._pweights[:n],
                 "length": self.length, "evictions": self.evictions}
@@ -215,7 +217,7 @@ class UserHistories:
     def load_state(self, state: dict) -> None:
         if int(state["length"]) != self.length:
             raise ValueError("history length differs from the checkpoint's")
-        self._rows = np.array(state["rows"]); self._weights = np.array(state["weights"])
+        self._rows = np.array(state["rows"], dtype=_ROW); self._weights = np.array(state["weights"])
         self._seq = np.array(state["seq"]); self._count = np.array(state["count"])
         self._slot_of = OrderedDict(zip(state["user_ids"], (int(s) for s in state["slots"])))
         used = set(self._slot_of.values())

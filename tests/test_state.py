@@ -58,6 +58,22 @@ def test_user_state_round_trip():
     assert users.item_rows_of("u0").tolist() == copy.item_rows_of("u0").tolist()
 
 
+def test_user_state_holds_only_used_slots_and_an_empty_one_restores():
+    users = UserHistories(length=4, max_users=5000)
+    for i in range(1500):  # capacity doubles past 1024: 476 slots nobody holds
+        users.append(f"u{i}", i, 1.0, i)
+    state = users.state()
+    assert state["rows"].shape == (1500, 4) and state["rows"].dtype == np.int32
+    copy = UserHistories(length=4, max_users=5000)
+    copy.load_state(state)
+    copy.append("late", 7, 1.0, 10_000)  # grows past the saved rows
+    assert copy.item_rows_of("late").tolist() == [7] and copy.item_rows_of("u1499").tolist() == [1499]
+    empty = UserHistories(length=4, max_users=5000)
+    empty.load_state(UserHistories(length=4, max_users=5000).state())
+    empty.append("first", 3, 1.0, 0)
+    assert empty.item_rows_of("first").tolist() == [3]
+
+
 def test_catalogue_rows_are_stable_and_text_changes_are_reported():
     cat = Catalogue()
     assert cat.row("a") == 0 and cat.row("b") == 1 and cat.row("a") == 0
