@@ -165,6 +165,7 @@ def run(factory: LearnerFactory, world: BenchWorld, *, experiences_per_round: in
     cfg = learner.config
     return {
         "device": str(device), "autocast": "bf16" if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
         "batch_size": cfg.batch_size, "replay_batch": cfg.replay_batch, "minibatch_shapes": shapes,
         "negatives": cfg.negatives, "max_text_tokens": cfg.max_text_tokens, "train_layers": cfg.train_layers,
         "history_length": cfg.history_length, "experience_size": exp_size,
