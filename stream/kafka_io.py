@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Iterable, NamedTuple, Optional, Union
+from functools import partial
+from operator import attrgetter
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
@@ -29,7 +31,8 @@ ErrorCallback = Callable[[str, BaseException], None]
 class SourceRecord(NamedTuple):
     """One consumed record. A NamedTuple, not a frozen dataclass: one is built per record on
     the ingest path, and a frozen dataclass's __init__ cost ~3.5 us of the worker's ~30 us of
-    per-event work on top of kafka-python (recstream bench, ingest)."""
+    per-event work on top of kafka-python (recstream bench, ingest). ``headers`` are as the
+    client hands them over (kafka-python: a list of (str, bytes) pairs)."""
 
     topic: str
     partition: int
@@ -37,14 +40,17 @@ class SourceRecord(NamedTuple):
     key: Optional[bytes]
     value: Optional[bytes]
     timestamp_ms: int
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: Sequence[tuple[str, bytes]] = ()
 
     @classmethod
     def from_consumer_record(cls, record) -> "SourceRecord":
-        # tuple.__new__ directly: NamedTuple's own __new__ is a Python function call per record.
-        headers = record.headers
-        return tuple.__new__(cls, (record.topic, record.partition, record.offset, record.key, record.value,
-                                   record.timestamp, tuple(headers) if headers else ()))
+        return _new_source_record(_CONSUMER_RECORD_FIELDS(record))
+
+
+# A C-level getter and tuple.__new__, mapped over a partition's records: ~0.5 us a record,
+# against ~1.4 us for a Python-level constructor call each (recstream bench, ingest).
+_CONSUMER_RECORD_FIELDS = attrgetter("topic", "partition", "offset", "key", "value", "timestamp", "headers")
+_new_source_record = partial(tuple.__new__, SourceRecord)
 
 
 def _pairs(partitions: Iterable[TopicPartition]) -> list[Partition]:
@@ -146,7 +152,7 @@ class KafkaSource:
         self._failures = 0
         batch = []
         for tp in sorted(polled, key=lambda tp: (tp.topic, tp.partition)):
-            batch.extend(SourceRecord.from_consumer_record(r) for r in polled[tp])
+            batch.extend(map(_new_source_record, map(_CONSUMER_RECORD_FIELDS, polled[tp])))
         return batch
 
     def _failed(self, operation: str, exc: BaseException) -> None:

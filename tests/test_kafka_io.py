@@ -30,7 +30,7 @@ def test_next_batch_flattens_in_partition_order():
     source, _, _ = make_source(consumer)
     batch = source.next_batch(100)
     assert [(r.partition, r.offset) for r in batch] == [(0, 7), (0, 8), (1, 5)]
-    assert batch[0] == SourceRecord("events", 0, 7, b"k", b"v", 1007, (("h", b"1"),))
+    assert batch[0] == SourceRecord("events", 0, 7, b"k", b"v", 1007, [("h", b"1")])  # headers as the client gives them
 
 
 def test_broker_errors_back_off_and_return_empty():
