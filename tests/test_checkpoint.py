@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from learners.adapters import FROZEN_SHARD, TRAINED_SHARD
 from learners.checkpoint import MANIFEST, CheckpointStore
@@ -110,6 +111,12 @@ def test_round_trip_restores_identical_vectors_and_state(tmp_path, config, train
     assert path.name.startswith(f"ckpt-{trained.model_version:012d}-")
     assert (path / MANIFEST).is_file() and not list(path.parent.glob(".tmp-*"))
     saved_rng = torch.get_rng_state()
+    # Id-table moments and EWC state are saved up to n_items (the spare rows hold nothing);
+    # the comparisons below check they come back padded exactly.
+    n_items, capacity = trained.model.n_items, trained.model.item_emb.shape[0]
+    assert n_items < capacity
+    assert load_file(path / "optimizer.safetensors")["item_emb/exp_avg"].shape[0] == n_items
+    assert load_file(path / "ewc.safetensors")["anchor/item_emb"].shape[0] == n_items
 
     fresh = ContinualRecommender(config)  # a restart: its own encoder, nothing shared
     assert fresh.model_version == 0

@@ -41,6 +41,16 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
     # The module's own parameters; id tables are saved at full capacity (exact shapes).
     out["learner.safetensors"] = _tensors(dict(model.state_dict()))
 
+    # Id tables have spare rows past the catalogue (``TwoTower.grow`` doubles them). No step
+    # reaches those rows, so their Adam moments and EWC importances are zero and their EWC
+    # anchors equal the weights: saved up to ``n_items`` only, and padded back exactly on
+    # restore (``RowSparseAdam`` and ``OnlineFisherEWC`` grow state to a grown table).
+    used = {name: int(model.n_items) for name in getattr(model, "row_sparse_params", ())}
+
+    def used_rows(name: str, value):
+        n = used.get(name)
+        return value[:n] if n is not None and torch.is_tensor(value) and value.dim() == 2 else value
+
     # Optimizer state keyed by parameter *name*: Avalanche re-registers parameters
     # (and grown tables replace Parameter objects), so positions are not stable.
     optimizer = parts.strategy.optimizer
@@ -53,13 +63,14 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
             name = name_of.get(id(param))
             for key, value in (optimizer.state.get(param) or {}).items() if name else ():
                 if torch.is_tensor(value):
-                    opt_tensors[f"{name}/{key}"] = value
+                    opt_tensors[f"{name}/{key}"] = used_rows(name, value)
                 else:
                     opt_scalars[f"{name}/{key}"] = value
     out["optimizer.safetensors"] = _tensors(opt_tensors)
 
     if parts.ewc is not None:
-        out["ewc.safetensors"] = _tensors(parts.ewc.state())
+        out["ewc.safetensors"] = _tensors({key: used_rows(key.partition("/")[2], value)
+                                           for key, value in parts.ewc.state().items()})
     if learner.average is not None and learner.average.shadow:
         out["serving_average.safetensors"] = _tensors(learner.average.state())
 
