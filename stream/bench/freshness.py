@@ -278,7 +278,8 @@ def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, lin
     item = item_hist.summary()
     result = {
         "rate_events_per_s": rate, "load_producer_linger_ms": linger_ms, "seconds": seconds,
-        "users": world.n_users, "items": world.n_items, "item_texts": len(items), "events_sent": matcher.sent, "events_unserved": matcher.unserved(),
+        "users": world.n_users, "items": world.n_items, "item_texts": len(items),
+        "events_sent": matcher.sent, "events_unserved": matcher.unserved(),
         "producer_behind_max_s": round(producer.behind_s, 3),
         "match_exact_below_s": round(world.n_users / rate, 3),
         "event_to_vector": {"visible": visible, "sent": matcher.sent_hist.summary(),
