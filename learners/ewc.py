@@ -33,7 +33,7 @@ class OnlineFisherEWC(EWCPlugin):
         self._steps = 0
         self.anchor: dict[str, torch.Tensor] = {}
         self.importance: dict[str, torch.Tensor] = {}
-        self.last_penalty = 0.0
+        self._last_penalty: float | torch.Tensor = 0.0
         self._moved: dict[str, torch.Tensor] = {}  # row-sparse tables: rows off their anchor
 
     @staticmethod
@@ -69,7 +69,20 @@ class OnlineFisherEWC(EWCPlugin):
                 term = torch.dot(imp.reshape(-1), diff.mul_(diff).reshape(-1))
                 penalty = term if penalty is None else penalty + term
         self._steps += 1
-        self.last_penalty = self.ewc_lambda * (float(penalty) if penalty is not None else 0.0)
+        self._last_penalty = penalty if penalty is not None else 0.0
+
+    @property
+    def last_penalty(self) -> float:
+        """lambda * sum(importance * (weights - anchor)^2) at the last step. Read when asked, not
+        per step: a float() per step would make a GPU wait for every step to finish."""
+        value = self._last_penalty
+        if torch.is_tensor(value):
+            value = self._last_penalty = self.ewc_lambda * float(value)
+        return value
+
+    @last_penalty.setter
+    def last_penalty(self, value: float) -> None:
+        self._last_penalty = float(value)
 
     def _row_sparse_step(self, name: str, param: torch.Tensor, grad: torch.Tensor):
         rows, g = gradient_rows(grad)

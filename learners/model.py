@@ -104,10 +104,12 @@ class TwoTower(nn.Module):
 
     def _prior(self, rows: torch.Tensor) -> torch.Tensor:
         counts = self.popularity.data
-        top = float(counts[: max(self.n_items, 1)].max()) if len(counts) else 0.0
-        if top <= 0:
+        if not len(counts):
             return torch.zeros(len(rows), device=counts.device)
-        return self.popularity_weight * torch.log1p(counts[rows]) / math.log1p(top)
+        # All on the device (no float() of the maximum: on a GPU that waits for every queued
+        # step, once per forward). Counts are never negative: with none yet, every log is 0.
+        top = torch.log1p(counts[: max(self.n_items, 1)].max())
+        return self.popularity_weight * torch.log1p(counts[rows]) / torch.where(top > 0, top, torch.ones_like(top))
 
     def finish_items(self, learned: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Unit learned item parts -> published item vectors (popularity coordinate added)."""

@@ -141,19 +141,25 @@ class StatsPlugin(SupervisedPlugin):
         super().__init__()
         self.stats = stats
         self._started = 0.0
+        self._losses: list[torch.Tensor] = []
 
     def before_training_exp(self, strategy, **kwargs):
         self._started = time.perf_counter()
-        self.stats.losses = []
+        self._losses = []
 
     def after_training_iteration(self, strategy, **kwargs):
         self.stats.steps += 1
         self.stats.samples += len(strategy.mbatch[0])
-        loss = float(strategy.loss.detach())
-        self.stats.last_loss = loss
-        self.stats.losses.append(loss)
+        # Kept on the device and read once per experience: a float() per step would make
+        # a GPU wait for every step to finish before the next is queued.
+        self._losses.append(strategy.loss.detach())
 
     def after_training_exp(self, strategy, **kwargs):
+        losses = torch.stack(self._losses).float().tolist() if self._losses else []
+        self._losses = []
+        self.stats.losses = losses
+        if losses:
+            self.stats.last_loss = losses[-1]
         self.stats.seconds += time.perf_counter() - self._started
 
 
