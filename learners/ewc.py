@@ -112,6 +112,14 @@ class OnlineFisherEWC(EWCPlugin):
             grad.index_add_(0, idx, pull)
         return torch.dot(imp_rows.reshape(-1), diff.mul_(diff).reshape(-1))
 
+    @torch.no_grad()
+    def fit(self, model) -> None:
+        """Grow every importance and anchor to its parameter's shape now (a checkpoint saves
+        id-table state only up to the catalogue size; a step would otherwise grow it)."""
+        for name, param in self._trainable(model):
+            if name in self.importance:
+                self._fit(name, param)
+
     def _fit(self, name: str, param: torch.Tensor) -> torch.Tensor:
         """Importance and anchor grown to the parameter's current shape (new rows: no penalty)."""
         imp = self.importance[name]

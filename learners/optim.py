@@ -46,7 +46,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(param)
                 elif state["exp_avg"].shape != param.shape:  # a table grew: moments of old rows stay
                     for key in ("exp_avg", "exp_avg_sq"):
-                        state[key] = _grown(state[key], param)
+                        state[key] = grown_rows(state[key], param)
                 step = state["step"]
                 step += 1
                 t = float(step)
@@ -89,11 +89,12 @@ def gradient_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, grad.index_select(0, rows)
 
 
-def _grown(old: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def grown_rows(old: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``old`` zero-padded to ``param``'s rows (state of a grown id table)."""
     out = torch.zeros_like(param)
     if old.dim() == param.dim() and old.shape[1:] == param.shape[1:] and old.shape[0] <= param.shape[0]:
         out[: old.shape[0]] = old
     return out
 
 
-__all__ = ["RowSparseAdam", "gradient_rows"]
+__all__ = ["RowSparseAdam", "gradient_rows", "grown_rows"]

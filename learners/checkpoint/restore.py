@@ -13,6 +13,7 @@ from torch import nn
 from learners.catalogue import Catalogue
 from learners.checkpoint.manifest import FORMAT, TornCheckpoint
 from learners.errors import CheckpointError
+from learners.optim import grown_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from learners.learner import ContinualRecommender
@@ -77,7 +78,7 @@ def apply(data: dict, learner: "ContinualRecommender") -> None:
             parts.ewc.importance.clear()
             parts.ewc.anchor.clear()
             parts.ewc.load_state({k: v.to(device) for k, v in ewc_tensors.items()})
-            _pad_ewc_rows(parts.ewc, dict(model.named_parameters()))
+            parts.ewc.fit(model)  # id-table state was saved up to n_items (collect.py)
             parts.ewc.last_penalty = float((state.get("ewc") or {}).get("last_penalty", 0.0))
         else:
             log.warning("checkpoint has no EWC state (it was written with another strategy): EWC starts empty")
@@ -141,26 +142,7 @@ def _load_optimizer(parts, model: nn.Module, meta: dict, tensors: dict[str, torc
             for field, value in fields.items()}
         for field, value in optimizer.state[param].items():  # moments saved up to n_items (collect.py)
             if torch.is_tensor(value) and value.dim() == 2 and value.shape[0] < param.shape[0]:
-                optimizer.state[param][field] = _pad_rows(value, param.shape[0], 0.0)
+                optimizer.state[param][field] = grown_rows(value, param)
     # Avalanche maps parameters by name from here on (no reset on the next experience).
     strategy.optimized_param_id = dict(named)
 
-
-def _pad_rows(value: torch.Tensor, rows: int, fill) -> torch.Tensor:
-    """``value`` grown to ``rows`` rows; the new rows hold ``fill`` (a scalar or a tensor of rows)."""
-    out = torch.empty((rows, *value.shape[1:]), dtype=value.dtype, device=value.device)
-    out[value.shape[0]:] = fill
-    out[:value.shape[0]] = value
-    return out
-
-
-def _pad_ewc_rows(ewc, params: dict[str, torch.Tensor]) -> None:
-    """Id-table EWC state was saved up to n_items: rows past it had no importance and sat on
-    their anchor, i.e. on the weights (collect.py)."""
-    for name, importance in list(ewc.importance.items()):
-        param = params.get(name)
-        if param is None or importance.dim() != 2 or importance.shape[0] >= param.shape[0]:
-            continue
-        n = importance.shape[0]
-        ewc.importance[name] = _pad_rows(importance, param.shape[0], 0.0)
-        ewc.anchor[name] = _pad_rows(ewc.anchor[name], param.shape[0], param.detach()[n:])
