@@ -1,20 +1,24 @@
-"""Checkpoints written off the worker's loop.
+"""Checkpoints written off the worker's loop, and off its training.
 
-A checkpoint has two halves. The *snapshot* is taken on the loop thread, in
-one go, between two batches: the worker's bookkeeping (offsets, totals,
-dead-letter positions, the de-duplication window) and a ``LearnerSnapshot``
-holding copies of everything of the learner that the loop changes while
-events arrive (user histories, catalogue ids, pending samples, counters).
-Taking it costs milliseconds. The *write* (JSON and safetensors
-serialisation, the Hugging Face model export, sha256, fsync, rename) runs on
-the single background thread that also trains, so the model, the optimizer,
-EWC and the replay buffer -- which only training changes -- stand still
-while they are written, and no experience starts before the write ends.
+A checkpoint comes in three steps:
 
-While a write is in flight the learner is marked ``training_in_flight``, as
-during an experience: the loop keeps publishing user vectors from the last
-vector tables and does not grow the model or encode new item texts. The
-worker commits a checkpoint's offsets only after ``CheckpointJob.result()``
+1. The *snapshot*, on the loop thread, in one go between two batches: the
+   worker's bookkeeping (offsets, totals, dead-letter positions, the
+   de-duplication window) and a ``LearnerSnapshot`` holding copies of
+   everything of the learner that the loop changes while events arrive (user
+   histories, catalogue ids, pending samples, counters). Milliseconds.
+2. The *prepare* (``CheckpointStore.prepare``: the learner's state to bytes in
+   memory, the encoder exported to a temporary folder), on the thread that
+   trains, so the model, the optimizer, EWC and the replay buffer -- which only
+   training changes -- stand still meanwhile. Tens of milliseconds. Until it
+   ends the learner is marked ``training_in_flight``, as during an experience:
+   the loop keeps publishing user vectors from the last vector tables and does
+   not grow the model or encode new item texts.
+3. The *write* (``CheckpointStore.write``: files, fsync, sha256, the commit,
+   pruning) on a thread of its own, which reads nothing of the learner:
+   experiences train meanwhile. Writes run one at a time, in order.
+
+The worker commits a checkpoint's offsets only after ``CheckpointJob.result()``
 reports it durable (stream/worker_checkpoints.py), so the exactly-once
 guarantees are those of a checkpoint written on the loop.
 """
@@ -29,7 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from learners.checkpoint import CheckpointStore
+from learners.checkpoint import CheckpointStore, PreparedCheckpoint
 from stream import heap
 from stream.dedup import LedgerSnapshot
 
@@ -64,7 +68,7 @@ class LearnerSnapshot:
 
     What the loop thread changes between experiences is copied here; the rest
     (model, optimizer, EWC, replay buffer, item features, encoder) is read from
-    the live learner, which stays still while the write runs on the training
+    the live learner, which stays still while the prepare runs on the training
     thread (see the module docstring).
     """
 
@@ -85,57 +89,71 @@ class LearnerSnapshot:
 
 @dataclass
 class CheckpointJob:
-    """One checkpoint: what it covers, and its write in flight."""
+    """One checkpoint: what it covers, and its prepare and write in flight."""
     offsets: dict                 # event offsets it holds, per (topic, partition): committed once durable
     extra: dict                   # the worker's bookkeeping, the ledger added when written
     snapshot_s: float             # loop time spent taking the snapshot
     started: float = field(default_factory=time.monotonic)
-    future: Optional[Future] = None
+    prepared: Optional[Future] = None   # -> PreparedCheckpoint, once the learner is free again
+    future: Optional[Future] = None     # -> the checkpoint folder, once durable
     path: Optional[Path] = None
     write_s: float = 0.0
+
+    def holds_learner(self) -> bool:
+        """True until the prepare has ended: the model must stay as it is."""
+        return self.prepared is not None and not self.prepared.done()
 
     def done(self) -> bool:
         return self.future is None or self.future.done()
 
     def result(self) -> Path:
-        """The checkpoint folder once durable; raises what the write raised."""
+        """The checkpoint folder once durable; raises what the prepare or the write raised."""
         if self.future is not None:
             self.path = self.future.result()
         return self.path
 
 
 class CheckpointWriter:
-    """Takes snapshots on the loop and writes them with ``store`` on ``executor``'s thread."""
+    """Takes snapshots on the loop, prepares them on ``prepare_on``'s thread (the one that trains)
+    and writes them with ``store`` on ``write_on``'s (one thread: writes stay in order)."""
 
-    def __init__(self, store: CheckpointStore, learner, executor: Executor) -> None:
+    def __init__(self, store: CheckpointStore, learner, prepare_on: Executor, write_on: Executor) -> None:
         self.store = store
         self.learner = learner
-        self.executor = executor
+        self.prepare_on = prepare_on
+        self.write_on = write_on
 
     def start(self, offsets: dict, extra: dict, ledger: LedgerSnapshot) -> CheckpointJob:
-        """Snapshot now (loop thread, learner idle) and hand the write to the background thread."""
+        """Snapshot now (loop thread, learner idle) and hand the rest to the background threads."""
         began = time.perf_counter()
         learner = self.learner
         if len(learner.catalogue):
-            learner.item_vectors()  # fresh vector tables to publish from while the write runs
+            learner.item_vectors()  # fresh vector tables to publish from while the model is held
         with learner.lock:
             snapshot = LearnerSnapshot(learner)
-            learner.training_in_flight = True  # the model stays as it is until the write ends
+            learner.training_in_flight = True  # the model stays as it is until prepared
         job = CheckpointJob(offsets=dict(offsets), extra=extra, snapshot_s=time.perf_counter() - began)
         try:
-            job.future = self.executor.submit(self._write, job, snapshot, ledger)
+            job.prepared = self.prepare_on.submit(self._prepare, job, snapshot, ledger)
         except BaseException:
             self._release()
             raise
+        # With one executor for both (no background training) the prepare, queued first, runs first.
+        job.future = self.write_on.submit(self._write, job)
         return job
 
-    def _write(self, job: CheckpointJob, snapshot: LearnerSnapshot, ledger: LedgerSnapshot) -> Path:
-        began = time.perf_counter()
+    def _prepare(self, job: CheckpointJob, snapshot: LearnerSnapshot, ledger: LedgerSnapshot) -> PreparedCheckpoint:
         try:
-            extra = {**job.extra, "ledger": ledger.state()}
-            return self.store.save(snapshot, extra)  # looked up now: tools may wrap store.save
+            return self.store.prepare(snapshot, {**job.extra, "ledger": ledger.state()})
         finally:
             self._release()
+
+    def _write(self, job: CheckpointJob) -> Path:
+        prepared = job.prepared.result()  # raises what the prepare raised
+        began = time.perf_counter()
+        try:
+            return self.store.write(prepared)
+        finally:
             heap.trim()
             job.write_s = time.perf_counter() - began
 

@@ -85,8 +85,9 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         # threads touch (see ContinualRecommender.__init__).
         self._trainer: Optional[ThreadPoolExecutor] = None
         self._training_job: Optional[Future] = None
-        # Checkpoints are written on that same thread (or on their own one without background
-        # training): see stream/checkpoint_writer.py. _checkpoint_job is the write in flight.
+        # Checkpoints are prepared on that same thread (on the writer's without background
+        # training) and written on the writer's: see stream/checkpoint_writer.py.
+        # _checkpoint_job is the checkpoint in flight.
         self._writer_pool: Optional[ThreadPoolExecutor] = None
         self._writer: Optional[CheckpointWriter] = None
         self._checkpoint_job: Optional[CheckpointJob] = None
@@ -249,7 +250,7 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self.metrics.beat()
         self._collect_training()
         self._collect_checkpoint()
-        if not self._busy:  # add_items runs the model: never while it trains or is being written
+        if not self._busy:  # add_items runs the model: never while it trains or is being prepared
             self._ingest_items()
         if self.events.rejoin_pending() and self.events.assignment():
             self._before_rebalance()
@@ -278,19 +279,19 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
             self._progress()
 
     def _checkpoint_writer(self) -> CheckpointWriter:
-        """The writer, on the trainer thread (so no experience runs during a write), or on a thread
-        of its own without background training (experiences then wait for it on the loop)."""
+        """The writer: checkpoints prepared on the trainer thread (no experience runs meanwhile)
+        and written on a thread of their own; without background training, both on that one."""
         if self._writer is None:
-            pool = self._trainer
-            if pool is None:
-                pool = self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recstream-checkpoint")
-            self._writer = CheckpointWriter(self.store, self.learner, pool)
+            self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recstream-checkpoint")
+            self._writer = CheckpointWriter(self.store, self.learner, self._trainer or self._writer_pool,
+                                            self._writer_pool)
         return self._writer
 
     @property
     def _busy(self) -> bool:
-        """An experience is training or a checkpoint is being written: the model must stay as it is."""
-        return self._training or self._checkpoint_job is not None
+        """An experience is training or a checkpoint is being prepared: the model must stay as it is."""
+        job = self._checkpoint_job
+        return self._training or (job is not None and job.holds_learner())
 
     def _ingest_items(self) -> None:
         records = self.items.next_batch(timeout_ms=0)

@@ -6,8 +6,9 @@ the de-duplication window, the totals and the dead-letter bookkeeping of
 stream/recovery.py. Its offsets are committed only once it is durable and
 everything the records before them produced is acknowledged by Kafka.
 Periodic checkpoints are written off the loop (stream/checkpoint_writer.py):
-the loop takes the snapshot, the background thread writes it, and a later
-turn commits it (``_collect_checkpoint``). Checkpoints at shutdown, before a
+the loop takes the snapshot, the trainer thread prepares it, the writer
+thread writes it while training goes on, and a later turn commits it
+(``_collect_checkpoint``). Checkpoints at shutdown, before a
 rebalance and on revocation are waited for.
 
 A mixin of ``stream.worker.Worker``: it reads and sets the worker's state.
@@ -127,7 +128,7 @@ class CheckpointMixin:
     def checkpoint(self, in_rebalance: bool = False, wait: bool = True) -> bool:
         """Save everything applied so far, then commit exactly those offsets.
 
-        The snapshot is taken now; the write runs on the background thread. With
+        The snapshot is taken now; the rest runs on the background threads. With
         ``wait`` (shutdown, rebalances, tools) this returns once the checkpoint is
         durable and committed, False when it could not be written (the last one
         stands). Without, it returns True at once and a later turn commits it
@@ -207,10 +208,10 @@ class CheckpointMixin:
         self._collect_training(wait=True)
         job, self._checkpoint_job = self._checkpoint_job, None
         if job is not None:
-            # Only a loss of the partitions (_on_lost) leaves a write in flight here: it becomes
-            # durable after they went, its offsets can be committed nowhere, and the next owners
-            # read on from the commit before it. Going back to it would hold their records
-            # twice: go back to the one before.
+            # A write still in flight here (partitions lost, or revoked while an experience
+            # trained beside the write) becomes durable after they went: its offsets can be
+            # committed nowhere, and the next owners read on from the commit before it. Going
+            # back to it would hold their records twice: go back to the one before.
             try:
                 path = job.result()
             except (OSError, RecstreamError):

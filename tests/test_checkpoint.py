@@ -251,6 +251,35 @@ def test_later_checkpoints_link_the_frozen_shard_and_write_only_the_trained_one(
     assert CheckpointStore(tmp_path / "state").load_latest(ContinualRecommender(config, encoder=encoder)) is not None
 
 
+def test_a_prepared_checkpoint_holds_its_moment_while_the_learner_trains_on(tmp_path, config, encoder):
+    """prepare() then write() later, as the worker does: training between them changes nothing
+    of what is written, and a second checkpoint prepared before the first is written survives
+    the first one's pruning and commits after it."""
+    learner = ContinualRecommender(config, encoder=encoder)
+    learner.add_items([Item(f"i{n}", f"film number {n}") for n in range(20)])
+    for k in range(64):
+        learner.observe(Event(f"e{k}", f"u{k % 5}", f"i{k % 20}", "click", float(k)))
+    learner.learn()
+    store = CheckpointStore(tmp_path / "state", keep=2)
+    first = store.prepare(learner, {"n": 1})
+    items_then, users_then = learner.item_vectors().copy(), learner.user_vectors([f"u{k}" for k in range(5)])
+    for k in range(64, 128):
+        learner.observe(Event(f"e{k}", f"u{k % 5}", f"i{k % 20}", "click", float(k)))
+    learner.learn()
+    assert not np.array_equal(learner.item_vectors(), items_then)  # the model moved on
+    second = store.prepare(learner, {"n": 2})
+    assert second.seq > first.seq and first.tmp.is_dir()
+    first_path = store.write(first)
+    assert second.tmp.is_dir()  # not taken for a crashed writer's leftover by the first one's pruning
+    second_path = store.write(second)
+    assert store.checkpoints() == [second_path, first_path] and not list(store.state_dir.glob(".tmp-*"))
+    shutil.rmtree(second_path)
+    restored = ContinualRecommender(config, encoder=encoder)
+    assert CheckpointStore(tmp_path / "state").load_latest(restored) == {"n": 1}
+    np.testing.assert_array_equal(restored.item_vectors(), items_then)
+    np.testing.assert_array_equal(restored.user_vectors([f"u{k}" for k in range(5)]), users_then)
+
+
 # -- torn and corrupt checkpoints -------------------------------------------------------
 
 def _newest(state: Path) -> Path:

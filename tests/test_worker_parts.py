@@ -154,26 +154,61 @@ def test_learner_snapshot_holds_the_moment_it_was_taken():
     assert snapshot.model == "the live model"  # what only training changes is read live
 
 
-def test_checkpoint_writer_writes_on_its_executor_and_holds_the_model_meanwhile():
+def test_checkpoint_writer_holds_the_model_while_preparing_and_writes_beside_training():
     from concurrent.futures import ThreadPoolExecutor
 
-    learner, gate, seen = _Learner(), threading.Event(), {}
+    learner, seen = _Learner(), {}
+    prepare_gate, write_gate = threading.Event(), threading.Event()
 
     class Store:
-        def save(self, snapshot, extra):
-            seen["in_flight"] = learner.training_in_flight
+        def prepare(self, snapshot, extra):
+            seen["in_flight_preparing"] = learner.training_in_flight
             seen["extra"] = extra
             seen["version"] = snapshot.model_version
-            gate.wait(5)
+            seen["prepare_thread"] = threading.current_thread().name
+            prepare_gate.wait(5)
+            return "prepared"
+
+        def write(self, prepared):
+            seen["written"] = prepared
+            seen["in_flight_writing"] = learner.training_in_flight
+            seen["write_thread"] = threading.current_thread().name
+            write_gate.wait(5)
             return "ckpt"
 
-    with ThreadPoolExecutor(1) as pool:
-        writer = CheckpointWriter(Store(), learner, pool)
+    with ThreadPoolExecutor(1, "trainer") as trainer, ThreadPoolExecutor(1, "writer") as writer_pool:
+        writer = CheckpointWriter(Store(), learner, trainer, writer_pool)
         job = writer.start({("events", 0): 5}, {"totals": {}}, EventLedger(4).snapshot())
         learner.model_version = 9  # the loop goes on meanwhile
+        assert job.holds_learner() and not job.done()
+        prepare_gate.set()
+        job.prepared.result(5)
+        assert not job.holds_learner() and not learner.training_in_flight  # free while the write runs
+        assert trainer.submit(lambda: "an experience").result(5) == "an experience"  # trains beside it
         assert not job.done()
-        gate.set()
+        write_gate.set()
         assert job.result() == "ckpt"
-    assert seen["in_flight"] is True and learner.training_in_flight is False
-    assert seen["version"] == 3 and job.offsets == {("events", 0): 5}
+    assert seen["in_flight_preparing"] is True and seen["in_flight_writing"] is False
+    assert seen["prepare_thread"].startswith("trainer") and seen["write_thread"].startswith("writer")
+    assert seen["written"] == "prepared" and seen["version"] == 3 and job.offsets == {("events", 0): 5}
     assert seen["extra"]["ledger"]["hashes"] == "" and "totals" in seen["extra"]
+
+
+def test_checkpoint_writer_on_one_thread_prepares_first_and_reports_a_failed_prepare():
+    from concurrent.futures import ThreadPoolExecutor
+
+    learner, order = _Learner(), []
+
+    class Store:
+        def prepare(self, snapshot, extra):
+            order.append("prepare")
+            raise OSError("disk full")
+
+        def write(self, prepared):
+            order.append("write")
+
+    with ThreadPoolExecutor(1) as pool:
+        job = CheckpointWriter(Store(), learner, pool, pool).start({}, {}, EventLedger(4).snapshot())
+        with pytest.raises(OSError, match="disk full"):
+            job.result()
+    assert order == ["prepare"] and learner.training_in_flight is False

@@ -134,6 +134,12 @@ class FakeLearner:
         return [], np.zeros((0, 4), np.float32)
 
 
+def skip_checkpoint_files(worker: Worker) -> None:
+    """The worker's fake learner has nothing to save: checkpoints keep their bookkeeping only."""
+    worker.store.prepare = lambda learner, extra: None
+    worker.store.write = lambda prepared: None
+
+
 def make_worker(tmp_path, polls=(), **settings) -> tuple[Worker, FakeConsumer, FakeProducer]:
     config = Settings(bootstrap_servers="127.0.0.1:1", state_dir=tmp_path / "state", metrics_port=0,
                       background_training=False, checkpoint_interval_s=1000, max_experience_wait_s=1000,
@@ -195,7 +201,7 @@ def test_dead_letters_already_sent_before_a_restart_are_not_sent_again(tmp_path)
     assert worker.totals.dead_lettered == 2 and worker.totals.valid == 1 and worker.totals.consumed == 3
     # Once a checkpoint covers their offsets they need not be remembered any longer.
     worker._dirty_since_checkpoint = True
-    worker.store.save = lambda learner, extra: None  # no real learner to save
+    skip_checkpoint_files(worker)
     assert worker.checkpoint()
     assert worker._dlq_done == set()
 
@@ -206,7 +212,7 @@ def test_output_the_broker_refused_is_sent_again_until_delivered(tmp_path):
     producer.fail_next = 2  # the user vector and the dead letter both fail once
     worker.turn()
     assert producer.sent == []  # handed to the producer, not yet delivered: the checkpoint waits for it
-    worker.store.save = lambda learner, extra: None  # no real learner to save
+    skip_checkpoint_files(worker)
     assert worker.checkpoint()
     keys = sorted(key for _, key, _, _ in producer.sent)
     assert keys == [b"k", b"user:u0"]  # each delivered exactly once in the end
@@ -268,7 +274,7 @@ def test_touched_users_are_published_once_per_window_and_before_every_checkpoint
     worker.turn()
     worker.turn()  # both polls inside one publish window
     assert producer.futures == [] and producer.sent == []
-    worker.store.save = lambda learner, extra: None  # no real learner to save
+    skip_checkpoint_files(worker)
     assert worker.checkpoint()  # publishes and delivers what the checkpoint covers first
     assert sorted(key for _, key, _, _ in producer.sent) == [b"user:u0", b"user:u1"]  # u0 once for 3 events
     assert worker.metrics.registry.get_sample_value("recstream_event_to_vector_seconds_count") == 4

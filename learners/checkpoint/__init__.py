@@ -25,11 +25,15 @@ Layout of ``state_dir``::
                                model-frozen.safetensors, a hard link to the previous
                                checkpoint's when this store wrote one for the same
                                encoder (never rewritten, so no torn write reaches it)
-    .tmp-<model_version>-<pid>/  a checkpoint being written (or a crashed writer's)
+    .tmp-<seq>-<pid>/          a checkpoint being written (or a crashed writer's)
 
 ``seq`` is this store's save counter (one more than the highest on disk), so
 two checkpoints of the same model version never collide and the highest
-``seq`` is the newest. A checkpoint is built in the tmp folder, every file
+``seq`` is the newest. A save has two halves: ``prepare`` serialises the
+learner's state in memory and exports its encoder into the tmp folder while
+the learner stands still (tens of milliseconds); ``write`` does the slow disk
+work and reads nothing of the learner, so it can run on another thread while
+training goes on. A checkpoint is built in the tmp folder, every file
 and folder is fsynced, ``MANIFEST.json`` is written last and fsynced, then the
 folder is renamed into place (the commit point) and ``state_dir`` is fsynced.
 On load, a folder whose manifest is missing or invalid, or whose files do
@@ -54,6 +58,6 @@ Everything public is re-exported here: ``from learners.checkpoint import ...`` k
 
 from learners.checkpoint.compatibility import LORA_MUST_MATCH, MUST_MATCH
 from learners.checkpoint.manifest import FORMAT, MANIFEST, MODEL_DIR, REQUIRED
-from learners.checkpoint.store import CheckpointStore
+from learners.checkpoint.store import CheckpointStore, PreparedCheckpoint
 
-__all__ = ["CheckpointStore", "FORMAT", "MANIFEST", "MODEL_DIR", "MUST_MATCH", "LORA_MUST_MATCH", "REQUIRED"]
+__all__ = ["CheckpointStore", "PreparedCheckpoint", "FORMAT", "MANIFEST", "MODEL_DIR", "MUST_MATCH", "LORA_MUST_MATCH", "REQUIRED"]

@@ -124,24 +124,41 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
 
 
 def export_hf_model(learner: "ContinualRecommender", folder: Path,
-                    frozen: Optional[tuple[Path, dict]] = None) -> dict[str, dict]:
+                    frozen: Optional[tuple[Path, dict]] = None) -> dict[str, Optional[dict]]:
     """The encoder with the learner's trained layers merged in, as a Hugging Face folder.
 
     ``learners.adapters.export_model(merged=True, split=True)``: the base model's
     weights in a frozen and a trained shard, the tokenizer, ``recstream.json``
     and the base folder's sentence-transformers files. ``frozen``, the path and
     manifest entry of a frozen shard this learner's encoder wrote before, is
-    hard-linked and not hashed again. Returns the manifest entries of the files
-    written, keyed ``model/...``.
+    hard-linked and not hashed again. Returns every file written, keyed
+    ``model/...``: the linked shard with its manifest entry, the others with
+    None, to be made durable and hashed by ``model_file_entries`` (which needs
+    nothing of the learner, so it may run while the learner trains on).
     """
     export_model(learner, folder, merged=True, split=True, frozen_shard=frozen[0] if frozen else None)
-    files = {}
+    files: dict[str, Optional[dict]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder.parent).as_posix()
-        if frozen is not None and path.name == FROZEN_SHARD and os.path.samefile(path, frozen[0]):
-            files[name] = frozen[1]  # a link to durable, already hashed bytes
-            continue
-        fsync_path(path)
-        size, digest, _ = hash_file(path, keep=False)
-        files[name] = {"size": size, "sha256": digest}
+        linked = frozen is not None and path.name == FROZEN_SHARD and _same_file(path, frozen[0])
+        files[path.relative_to(folder.parent).as_posix()] = frozen[1] if linked else None
     return files
+
+
+def model_file_entries(root: Path, files: dict[str, Optional[dict]]) -> dict[str, dict]:
+    """fsync and hash the exported files under ``root`` that have no manifest entry yet."""
+    out = {}
+    for name, entry in files.items():
+        if entry is None:
+            path = root / name
+            fsync_path(path)
+            size, digest, _ = hash_file(path, keep=False)
+            entry = {"size": size, "sha256": digest}
+        out[name] = entry
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # the old shard was pruned meanwhile: this one was written, not linked
+        return False

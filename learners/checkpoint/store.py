@@ -8,12 +8,14 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from learners.adapters import FROZEN_SHARD
 from learners.checkpoint.atomic import commit_folder, write_file
-from learners.checkpoint.collect import collect, compact_json, export_hf_model
+from learners.checkpoint.collect import collect, compact_json, export_hf_model, model_file_entries
 from learners.checkpoint.compatibility import check_config
 from learners.checkpoint.manifest import (FORMAT, MANIFEST, MODEL_DIR, TornCheckpoint, manifest_bytes, quick_check,
                                           verify)
@@ -44,6 +46,8 @@ class CheckpointStore:
         # (encoder identity, path, manifest entry) of the frozen model shard last written: the
         # next checkpoint of the same encoder hard-links it (collect.export_hf_model).
         self._frozen_shard: Optional[tuple[tuple, Path, dict]] = None
+        self._last_seq = 0
+        self._writing: set[Path] = set()  # tmp folders prepared and not yet written: never pruned
 
     # -- listing ----------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -65,9 +69,16 @@ class CheckpointStore:
     def save(self, learner: "ContinualRecommender", extra: Optional[dict] = None) -> Path:
         """Write a complete checkpoint atomically; returns its folder.
 
-        Raises ``OSError`` (disk) or ``CheckpointError`` (anything else); a failed
-        save leaves the previous checkpoints untouched.
+        ``write(prepare(learner, extra))`` in one go. Raises ``OSError`` (disk) or
+        ``CheckpointError`` (anything else); a failed save leaves the previous
+        checkpoints untouched.
         """
+        return self.write(self.prepare(learner, extra))
+
+    def prepare(self, learner: "ContinualRecommender", extra: Optional[dict] = None) -> PreparedCheckpoint:
+        """First half of a save, while the learner stands still: its state serialised to bytes
+        in memory and its encoder exported into a temporary folder. Tens of milliseconds;
+        the learner may train on as soon as this returns. Raises as ``save`` does."""
         started = time.perf_counter()
         try:
             extra_bytes = compact_json(extra if extra is not None else {})
@@ -75,39 +86,59 @@ class CheckpointStore:
             raise CheckpointError(f"the checkpoint's extra dict is not JSON-serialisable: {exc}") from exc
         self.state_dir.mkdir(parents=True, exist_ok=True)
         version = int(learner.model_version)
-        seq = self._next_seq()
-        tmp = self.state_dir / f".tmp-{version}-{os.getpid()}"
-        final = self.state_dir / f"ckpt-{version:012d}-{seq}"
+        # Above the last one prepared too: the previous write may not have committed yet.
+        seq = self._last_seq = max(self._next_seq(), self._last_seq + 1)
+        tmp = self.state_dir / f".tmp-{seq}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
+        encoder_key = (id(learner.encoder), learner.config.train_layers, learner.config.train_params)
+        self._writing.add(tmp)
         try:
-            tmp.mkdir()
-            files: dict[str, dict] = {}
-            for name, data in collect(learner, extra_bytes).items():
-                files[name] = write_file(tmp / name, data)
-            encoder_key = (id(learner.encoder), learner.config.train_layers, learner.config.train_params)
-            reuse = self._frozen_shard
-            reuse = reuse[1:] if reuse and reuse[0] == encoder_key and reuse[1].is_file() else None
-            files.update(export_hf_model(learner, tmp / MODEL_DIR, reuse))
-            head = {"format": FORMAT, "model_version": version, "seq": seq, "created": time.time()}
-            commit_folder(tmp, final, MANIFEST, manifest_bytes(head, files))
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, (OSError, CheckpointError)) or not isinstance(exc, Exception):
-                raise
-            raise CheckpointError(f"could not write a checkpoint to {self.state_dir}: {exc!r}") from exc
+            with _errors_said_where(self.state_dir):
+                tmp.mkdir()
+                blobs = collect(learner, extra_bytes)
+                reuse = self._frozen_shard
+                reuse = reuse[1:] if reuse and reuse[0] == encoder_key and reuse[1].is_file() else None
+                model_files = export_hf_model(learner, tmp / MODEL_DIR, reuse)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        return PreparedCheckpoint(tmp=tmp, final=self.state_dir / f"ckpt-{version:012d}-{seq}", version=version,
+                                  seq=seq, blobs=blobs, model_files=model_files, encoder_key=encoder_key,
+                                  prepare_s=time.perf_counter() - started)
+
+    def write(self, prepared: PreparedCheckpoint) -> Path:
+        """Second half of a save, on any thread: write, fsync and hash the files, commit the folder
+        (the manifest last, then the rename), prune old checkpoints. Reads nothing of the learner.
+        Checkpoints prepared one after another must be written in that order."""
+        started = time.perf_counter()
+        tmp, final = prepared.tmp, prepared.final
+        try:
+            with _errors_said_where(self.state_dir):
+                files = {name: write_file(tmp / name, data) for name, data in prepared.blobs.items()}
+                files.update(model_file_entries(tmp, prepared.model_files))
+                head = {"format": FORMAT, "model_version": prepared.version, "seq": prepared.seq,
+                        "created": time.time()}
+                commit_folder(tmp, final, MANIFEST, manifest_bytes(head, files))
+        finally:
+            self._discard(tmp)  # after the commit (a rename) nothing is left of it
         self.last_path = final
         shard = f"{MODEL_DIR}/{FROZEN_SHARD}"
-        self._frozen_shard = (encoder_key, final / shard, files[shard]) if shard in files else None
+        self._frozen_shard = (prepared.encoder_key, final / shard, files[shard]) if shard in files else None
         self.last_bytes = sum(f["size"] for f in files.values())
         try:
             self._prune(keep_path=final)
         except OSError as exc:  # the checkpoint itself is committed: pruning can wait for the next one
             log.warning("could not prune old checkpoints in %s: %s", self.state_dir, exc)
-        self.last_seconds = time.perf_counter() - started
-        log.info("checkpoint %s written: model version %d, %.1f MB in %.2f s",
-                 final.name, version, self.last_bytes / 1e6, self.last_seconds)
+        self.last_seconds = prepared.prepare_s + time.perf_counter() - started
+        log.info("checkpoint %s written: model version %d, %.1f MB in %.2f s (%.2f s of it with the learner held)",
+                 final.name, prepared.version, self.last_bytes / 1e6, self.last_seconds, prepared.prepare_s)
         return final
+
+    def _discard(self, tmp: Path) -> None:
+        """Forget a temporary folder of this store's, removing what is left of it."""
+        self._writing.discard(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once committed (renamed)
 
     def _prune(self, keep_path: Path) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop older ones and stale tmp folders."""
@@ -121,7 +152,8 @@ class CheckpointStore:
             shutil.rmtree(path, ignore_errors=True)
         for entry in self.state_dir.iterdir():
             match = _TMP.match(entry.name)
-            if match and entry.is_dir() and not _pid_alive_elsewhere(int(match.group(2))):
+            if (match and entry.is_dir() and entry not in self._writing
+                    and not _pid_alive_elsewhere(int(match.group(2)))):
                 log.info("removing stale temporary checkpoint folder %s", entry.name)
                 shutil.rmtree(entry, ignore_errors=True)
 
@@ -174,6 +206,30 @@ class CheckpointStore:
             except (TornCheckpoint, ValueError) as exc:
                 log.warning("skipping torn or corrupt checkpoint %s: %s", path, exc)
         return None
+
+
+@dataclass(frozen=True)
+class PreparedCheckpoint:
+    """A checkpoint between ``CheckpointStore.prepare`` and ``CheckpointStore.write``."""
+    tmp: Path                                 # the temporary folder it is built in
+    final: Path                               # its name once committed
+    version: int
+    seq: int
+    blobs: dict[str, bytes]                   # file contents, written by ``write``
+    model_files: dict[str, Optional[dict]]    # exported into tmp; None: to be fsynced and hashed
+    encoder_key: tuple
+    prepare_s: float                          # time the learner was held
+
+
+@contextmanager
+def _errors_said_where(state_dir: Path):
+    """Disk errors and our own pass as they are; anything else becomes a ``CheckpointError``."""
+    try:
+        yield
+    except (OSError, CheckpointError):
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"could not write a checkpoint to {state_dir}: {exc!r}") from exc
 
 
 def _pid_alive_elsewhere(pid: int) -> bool:

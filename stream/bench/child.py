@@ -78,17 +78,18 @@ def main(argv: list[str]) -> int:
     app.metrics.observe_event_to_vector = recorded
     clock = _UpdateClock(app.learner)
     app.learner.parts.strategy.plugins.append(clock)
-    checkpoints: list[list[float]] = []  # [wall-clock start, seconds] of every checkpoint save
-    save = app.store.save
+    # [wall-clock start, seconds the learner was held, seconds of the write] of every checkpoint
+    checkpoints: list[list[float]] = []
+    write = app.store.write
 
-    def timed_save(*args, **kwargs):
+    def timed_write(prepared):
         t0 = time.time()
         try:
-            return save(*args, **kwargs)
+            return write(prepared)
         finally:
-            checkpoints.append([t0, time.time() - t0])
+            checkpoints.append([t0 - prepared.prepare_s, prepared.prepare_s, time.time() - t0])
 
-    app.store.save = timed_save
+    app.store.write = timed_write
     app.connect()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: app.stop())

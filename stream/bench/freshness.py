@@ -292,7 +292,9 @@ def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, lin
         "worker": {k: child[k] for k in ("totals", "metrics", "model_version", "users", "catalogue", "sizes")},
         "worst_latency_per_second": [[int(sec), b[1]] for sec, b in sorted(matcher.timeline.items())],
         "model_updates_at_s": sorted(round(t - matcher.started_ms / 1000.0, 2) for t in updates.values()),
-        "checkpoints_at_s": [[round(t - matcher.started_ms / 1000.0, 2), round(d, 2)] for t, d in child["checkpoints"]],
+        # [start s, learner held s, write s] of every checkpoint
+        "checkpoints_at_s": [[round(t - matcher.started_ms / 1000.0, 2), round(held, 3), round(write, 3)]
+                             for t, held, write in child["checkpoints"]],
         "settings": {k: getattr(settings, k) for k in (
             "experience_size", "max_experience_wait_s", "max_pending_events", "overload",
             "checkpoint_interval_s", "batch_size", "replay_batch", "device", "producer_linger_ms")},

@@ -5,9 +5,11 @@ online EWC, replay mixing (``replay_batch`` replayed samples in every
 minibatch), the stats plugin that feeds the metrics, and a
 ``CheckpointPlugin`` saving every ``checkpoint_every`` experiences. The clock
 runs from the strategy's first ``before_training`` hook to its last
-``after_training`` hook, so every plugin (checkpoint saves included) is
-inside it; ``learn_wall`` also counts the learner's own work around the
-strategy (building the experience, re-embedding the trained items).
+``after_training`` hook, so every plugin is inside it: of a checkpoint save,
+the part that holds training (the state to bytes, waiting for the previous
+write); its disk half runs on the plugin's thread, beside whatever trains
+next. ``learn_wall`` also counts the learner's own work around the strategy
+(building the experience, re-embedding the trained items).
 
 ``bare``: the same ``TwoTower`` (its own copy, same catalogue, same events),
 the very minibatches the strategy used (captured in round one, replayed
@@ -161,6 +163,7 @@ def run(factory: LearnerFactory, world: BenchWorld, *, experiences_per_round: in
         progress(f"training: round {r + 1}: avalanche {runs['avalanche'][-1]:.1f} samples/s "
                  f"(learn() wall {runs['learn_wall'][-1]:.1f}), bare {runs['bare'][-1]:.1f} samples/s, "
                  f"{steps_total} steps, ratio {runs['ratio'][-1]:.2f}")
+    checkpoints.close()
     avalanche, bare, wall = (median(runs[k]) for k in ("avalanche", "bare", "learn_wall"))
     cfg = learner.config
     return {
@@ -170,6 +173,7 @@ def run(factory: LearnerFactory, world: BenchWorld, *, experiences_per_round: in
         "negatives": cfg.negatives, "max_text_tokens": cfg.max_text_tokens, "train_layers": cfg.train_layers,
         "history_length": cfg.history_length, "experience_size": exp_size,
         "experiences_per_round": experiences_per_round, "rounds": rounds, "checkpoint_every": checkpoint_every,
+        # checkpoint_seconds: what the saves held training up (their disk half runs beside it)
         "checkpoint_saves": checkpoints.saves, "checkpoint_seconds": round(checkpoints.seconds, 3),
         "plugins": [type(p).__name__ for p in strategy.plugins if not isinstance(p, (_Clock, _Capture))],
         "avalanche_samples_per_s": avalanche, "bare_samples_per_s": bare, "learn_wall_samples_per_s": wall,
