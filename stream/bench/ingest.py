@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 
+from stream import heap
 from stream.bench.common import BenchWorld, Cluster, LearnerFactory, Progress, event_records, item_records, \
     median, produce, ratio, temp_state_dir
 
@@ -119,6 +120,8 @@ def run(cluster: Cluster, factory: LearnerFactory, world: BenchWorld, *, events:
     for r in range(rounds):
         for name in order[r % 3:] + order[:r % 3]:
             if name == "bare":
+                # As Worker.connect() does (and Worker.close() undoes), so both sides run on the same heap.
+                heap.freeze_startup_objects()
                 rate = bare_consume(settings, settings.events_topic, events, kwargs, timeout_s)
             else:
                 result = worker_consume(settings, learner, events, name == "worker_publish", timeout_s)

@@ -27,6 +27,7 @@ import time
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
+from stream import heap
 from stream.bench.common import BenchWorld, LearnerFactory, Progress, median, ratio, temp_state_dir
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def run(factory: LearnerFactory, world: BenchWorld, *, experiences_per_round: in
         learner.observe(event)
         bare_learner.observe(event)  # same catalogue rows and model size on both sides
 
+    heap.freeze_startup_objects()  # as Worker.connect() does, for both sides
     strategy = learner.parts.strategy
     start, end, capture = _Clock("before_training", sync), _Clock("after_training", sync), _Capture()
     strategy.plugins.insert(0, start)
