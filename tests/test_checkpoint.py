@@ -222,19 +222,27 @@ def test_model_folder_loads_with_auto_model_and_holds_the_trained_top(tmp_path, 
     assert all(torch.equal(first[k], base_first[k].cpu()) for k in first)
 
 
+def film_learner(config, encoder) -> ContinualRecommender:
+    """20 films and 5 users, after one experience of 64 clicks."""
+    learner = ContinualRecommender(config, encoder=encoder)
+    learner.add_items([Item(f"i{n}", f"film number {n}") for n in range(20)])
+    click_and_learn(learner, range(64))
+    return learner
+
+
+def click_and_learn(learner, ks) -> None:
+    for k in ks:
+        learner.observe(Event(f"e{k}", f"u{k % 5}", f"i{k % 20}", "click", float(k)))
+    learner.learn()
+
+
 def test_later_checkpoints_link_the_frozen_shard_and_write_only_the_trained_one(tmp_path, config, encoder):
     from transformers import AutoModel
 
-    learner = ContinualRecommender(config, encoder=encoder)
-    learner.add_items([Item(f"i{n}", f"film number {n}") for n in range(20)])
-    for k in range(64):
-        learner.observe(Event(f"e{k}", f"u{k % 5}", f"i{k % 20}", "click", float(k)))
-    learner.learn()
+    learner = film_learner(config, encoder)
     store = CheckpointStore(tmp_path / "state", keep=1)
     first = store.save(learner, {})
-    for k in range(64, 128):
-        learner.observe(Event(f"e{k}", f"u{k % 5}", f"i{k % 20}", "click", float(k)))
-    learner.learn()
+    click_and_learn(learner, range(64, 128))
     second = store.save(learner, {})  # keep=1: the first checkpoint is pruned after this one commits
     assert not first.exists()
     frozen = second / "model" / FROZEN_SHARD
@@ -255,17 +263,11 @@ def test_a_prepared_checkpoint_holds_its_moment_while_the_learner_trains_on(tmp_
     """prepare() then write() later, as the worker does: training between them changes nothing
     of what is written, and a second checkpoint prepared before the first is written survives
     the first one's pruning and commits after it."""
-    learner = ContinualRecommender(config, encoder=encoder)
-    learner.add_items([Item(f"i{n}", f"film number {n}") for n in range(20)])
-    for k in range(64):
-        learner.observe(Event(f"e{k}", f"u{k % 5}", f"i{k % 20}", "click", float(k)))
-    learner.learn()
+    learner = film_learner(config, encoder)
     store = CheckpointStore(tmp_path / "state", keep=2)
     first = store.prepare(learner, {"n": 1})
     items_then, users_then = learner.item_vectors().copy(), learner.user_vectors([f"u{k}" for k in range(5)])
-    for k in range(64, 128):
-        learner.observe(Event(f"e{k}", f"u{k % 5}", f"i{k % 20}", "click", float(k)))
-    learner.learn()
+    click_and_learn(learner, range(64, 128))
     assert not np.array_equal(learner.item_vectors(), items_then)  # the model moved on
     second = store.prepare(learner, {"n": 2})
     assert second.seq > first.seq and first.tmp.is_dir()
