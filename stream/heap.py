@@ -18,8 +18,8 @@ process that goes on, such as a test run, can then collect what it dropped).
 from __future__ import annotations
 
 import ctypes
-import gc
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
