@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
+from typing import Optional
 
 from kafka import KafkaProducer
 
@@ -25,8 +27,11 @@ class DemoFeeder(threading.Thread):
     """Publishes the synthetic catalogue, then events at a steady rate, until stopped."""
 
     def __init__(self, bootstrap: str, settings, world: SyntheticWorld, rate_per_s: float = 200.0,
-                 total_events: int = 1_000_000) -> None:
+                 total_events: int = 1_000_000, run_id: Optional[str] = None) -> None:
         super().__init__(name="demo-feeder", daemon=True)
+        # Event ids unique to this run: the embedded broker starts empty every time, and a
+        # restarted worker would take the same ids again for duplicates and skip them all.
+        self.id_prefix = f"demo-{run_id or uuid.uuid4().hex[:8]}"
         # Batches as the worker's producer does: the embedded broker's cost grows with stored batches.
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=settings.producer_linger_ms)
         self._settings, self._world = settings, world
@@ -43,7 +48,7 @@ class DemoFeeder(threading.Thread):
             self._producer.send(s.items_topic, key=item.item_id.encode(), value=item_to_json(item))
         self._producer.flush()
         started = time.monotonic()
-        for event in self._world.events(self._total, start_ts=time.time()):
+        for event in self._world.events(self._total, start_ts=time.time(), id_prefix=self.id_prefix):
             if self._stopped.is_set():
                 break
             self._producer.send(s.events_topic, key=event.user_id.encode(), value=event_to_json(event))
