@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 import uuid
-from typing import Optional
 
 from kafka import KafkaProducer
 
@@ -27,11 +26,11 @@ class DemoFeeder(threading.Thread):
     """Publishes the synthetic catalogue, then events at a steady rate, until stopped."""
 
     def __init__(self, bootstrap: str, settings, world: SyntheticWorld, rate_per_s: float = 200.0,
-                 total_events: int = 1_000_000, run_id: Optional[str] = None) -> None:
+                 total_events: int = 1_000_000) -> None:
         super().__init__(name="demo-feeder", daemon=True)
         # Event ids unique to this run: the embedded broker starts empty every time, and a
         # restarted worker would take the same ids again for duplicates and skip them all.
-        self.id_prefix = f"demo-{run_id or uuid.uuid4().hex[:8]}"
+        self.id_prefix = f"demo-{uuid.uuid4().hex[:8]}"
         # Batches as the worker's producer does: the embedded broker's cost grows with stored batches.
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=settings.producer_linger_ms)
         self._settings, self._world = settings, world
