@@ -132,13 +132,16 @@ class ContinualRecommender:
 
     # -- items ----------------------------------------------------------------
     def add_items(self, items: Sequence[Item], frozen_cache: Optional[dict] = None) -> list[str]:
-        """Store texts; encode new or changed ones. Returns the ids whose text changed."""
+        """Store texts; encode new or changed ones. Returns the ids whose text changed.
+
+        Texts are stored only once all of them are encoded: a call that raises changes no text."""
+        newest = {item.item_id: item.text for item in items}  # the last of repeated ids wins
         changed_rows, texts = [], []
-        for item in items:
-            row, changed = self.catalogue.set_text(item.item_id, item.text)
-            if changed:
+        for item_id, text in newest.items():
+            row = self.catalogue.row(item_id)
+            if self.catalogue.texts[row] != text:
                 changed_rows.append(row)
-                texts.append(item.text)
+                texts.append(text)
         self.features.ensure_rows(len(self.catalogue))
         if changed_rows:
             cached = [frozen_cache.get(t) if frozen_cache is not None else None for t in texts]
@@ -152,6 +155,8 @@ class ContinualRecommender:
             for row, feature in zip(changed_rows, cached):
                 self.features.set_frozen(row, feature)
             self._refresh_pooled(torch.tensor(changed_rows))
+            for row, text in zip(changed_rows, texts):
+                self.catalogue.set_text(self.catalogue.ids[row], text)
         self._tables_stale = True
         return [self.catalogue.ids[r] for r in changed_rows]
 

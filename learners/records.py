@@ -26,6 +26,18 @@ MAX_RECORD_BYTES = 64 * 1024
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 16 * 1024
 
+# Ids end up in Kafka keys, uuid5 names, checkpoint files and logs, all of which need UTF-8.
+# JSON can carry what UTF-8 cannot (a lone surrogate escape such as "\ud800"), so an id must be
+# printable Unicode (``str.isprintable``: no control, format, surrogate, private-use, unassigned
+# or separator characters except the ASCII space); that one C-level test also keeps newlines and
+# NULs out of keys and log lines. Texts only need to encode to UTF-8 (the tokenizer reads them).
+
+
+# Every reason ``parse_event`` / ``parse_item`` can give (dashboards pre-create one series each).
+BAD_RECORD_REASONS = ("empty_record", "oversized", "invalid_utf8", "too_deep", "not_json", "not_an_object",
+                      "missing_field", "wrong_type", "empty_id", "id_too_long", "bad_id_chars",
+                      "unknown_event_type", "non_finite_ts", "empty_text", "bad_text_chars")
+
 
 class Event(NamedTuple):
     """Immutable like the other records; a NamedTuple because one is built per consumed event
@@ -114,6 +126,9 @@ def _id_field(obj: dict, name: str, raw: bytes) -> Union[str, BadRecord]:
         return BadRecord("empty_id", raw, name)
     if len(value) > MAX_ID_CHARS:
         return BadRecord("id_too_long", raw, f"{name} longer than {MAX_ID_CHARS}")
+    if not value.isprintable():
+        return BadRecord("bad_id_chars", raw, f"{name} holds a control, surrogate or other non-printable "
+                                               "character; ids must be printable Unicode")
     return value
 
 
@@ -131,6 +146,7 @@ def parse_event(raw: bytes) -> Union[Event, BadRecord]:
             and type(ts) is float and event_type in EVENT_WEIGHTS and math.isfinite(ts) \
             and 0 < len(event_id) <= MAX_ID_CHARS and 0 < len(user_id) <= MAX_ID_CHARS \
             and 0 < len(item_id) <= MAX_ID_CHARS \
+            and event_id.isprintable() and user_id.isprintable() and item_id.isprintable() \
             and not (event_id.isspace() or user_id.isspace() or item_id.isspace()):
         return _new_event((event_id, user_id, item_id, event_type, ts))
     return _checked_event(obj, raw)
@@ -176,7 +192,12 @@ def parse_item(raw: bytes) -> Union[Item, BadRecord]:
         return BadRecord("wrong_type", raw, "text must be a string")
     if not text.strip():
         return BadRecord("empty_text", raw, "text")
-    return Item(item_id=item_id, text=text[:MAX_TEXT_CHARS])
+    text = text[:MAX_TEXT_CHARS]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return BadRecord("bad_text_chars", raw, "text holds a lone surrogate escape; it must be valid Unicode")
+    return Item(item_id=item_id, text=text)
 
 
 def event_to_json(event: Event) -> bytes:

@@ -15,10 +15,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from learners.records import BAD_RECORD_REASONS
+
 _FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The ``operation`` label of recstream_broker_errors_total (stream/worker.py, kafka_io.py, items.py).
 BROKER_OPERATIONS = ("connect", "dlq_scan", "poll", "produce", "commit", "metadata", "items_metadata", "items_poll")
+# The ``stage`` label of recstream_record_failures_total (stream/isolation.py).
+RECORD_FAILURE_STAGES = ("events", "items", "user_vectors", "item_vectors")
 
 
 class WorkerMetrics:
@@ -33,6 +37,10 @@ class WorkerMetrics:
         self.dead_lettered = Counter("recstream_events_dead_lettered_total", "Records sent to the dead-letter topic",
                                      ["reason"], registry=r)
         self.duplicates = Counter("recstream_events_duplicate_total", "Events ignored as repeated deliveries", registry=r)
+        self.record_failures = Counter(
+            "recstream_record_failures_total",
+            "Valid records a later stage failed on, set aside so the worker goes on (see the log)", ["stage"],
+            registry=r)
         self.items_received = Counter("recstream_items_received_total", "Item records applied", registry=r)
         self.pending = Gauge("recstream_pending_events", "Events waiting for the next training experience", registry=r)
         self.train_steps = Counter("recstream_train_steps_total", "Optimizer steps", registry=r)
@@ -77,6 +85,10 @@ class WorkerMetrics:
             self.events_valid.labels(event_type=event_type)
         for operation in BROKER_OPERATIONS:
             self.broker_errors.labels(operation=operation)
+        for reason in BAD_RECORD_REASONS + ("apply_failed", "item_failed"):
+            self.dead_lettered.labels(reason=reason)
+        for stage in RECORD_FAILURE_STAGES:
+            self.record_failures.labels(stage=stage)
         self._server: ThreadingHTTPServer | None = None
 
     def observe_event_to_vector(self, seconds: list[float]) -> None:

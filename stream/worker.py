@@ -41,6 +41,7 @@ from stream import heap
 from stream.checkpoint_writer import CheckpointJob, CheckpointWriter
 from stream.config import Settings
 from stream.dedup import EventLedger
+from stream.isolation import apply_isolated, failure_detail
 from stream.items import ItemsFollower
 from stream.kafka_io import DeadLetterSink, KafkaSource, SourceRecord, VectorSink, make_producer
 from stream.learner_setup import learner_config, set_torch_threads
@@ -303,25 +304,36 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         if not records:
             return
         items, bad = [], []
+        source_of: dict[int, SourceRecord] = {}  # id(item) -> its record, for a dead letter
         for record in records:
             parsed = parse_item(record.value)
             if isinstance(parsed, BadRecord):
                 bad.append((parsed, record))
             else:
                 items.append(parsed)
-        changed = self.learner.add_items(items) if items else []
-        self.totals.items += len(items)
-        self.metrics.items_received.inc(len(items))
+                source_of[id(parsed)] = record
+        changed: list[str] = []
+        failed = apply_isolated(items, lambda batch: changed.extend(self.learner.add_items(batch)), "encoding items")
+        if failed:
+            bad.extend((BadRecord("item_failed", source_of[id(item)].value or b"", failure_detail(exc)),
+                        source_of[id(item)]) for item, exc in failed)
+            self.metrics.record_failures.labels(stage="items").inc(len(failed))
+        applied = len(items) - len(failed)
+        self.totals.items += applied
+        self.metrics.items_received.inc(applied)
         self._dead_letter(bad)
         if changed:
-            self._publish_items(self.learner.items_to_publish(self.settings.item_publish_min_change))
+            with self.learner.lock:  # vectors and their version from the same model
+                moved = self.learner.items_to_publish(self.settings.item_publish_min_change)
+                version = self.learner.model_version
+            self._publish_items(moved, version)
         self._deliver()
         self._dirty_since_checkpoint = True
 
     def _ingest_events(self, records: list[SourceRecord]) -> None:
         learner = self.learner
         bad: list[tuple[BadRecord, SourceRecord]] = []
-        events, stamps = [], []
+        events, sources = [], []
         applied = self._offsets
         redelivered = 0
         # Per partition run, not per record: offsets ascend within one, so only a run that starts
@@ -345,18 +357,20 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
                     bad.append((event, record))
                 else:
                     events.append(event)
-                    stamps.append(record.timestamp_ms)
+                    sources.append(record)
             applied[tp] = run[-1].offset + 1
         fresh = self.ledger.add_many(list(map(EVENT_ID_OF, events)))  # one vectorised lookup
         valid_by_type: Counter = Counter()
         duplicates = len(events) - sum(fresh)
         if len(events) > duplicates:
             if duplicates:
-                events, stamps = zip(*[(e, s) for e, s, new in zip(events, stamps, fresh) if new])
+                events, sources = map(list, zip(*[(e, r) for e, r, new in zip(events, sources, fresh) if new]))
             with learner.lock:  # once per batch
-                learner.observe_many(events)
+                failed = apply_isolated(events, learner.observe_many, "applying events")
+            if failed:
+                events, sources = self._set_aside_failed(events, sources, failed, bad)
             valid_by_type.update(map(EVENT_TYPE_OF, events))
-            self._queue_users(list(map(USER_ID_OF, events)), stamps)  # published once the window is over
+            self._queue_users(list(map(USER_ID_OF, events)), sources)  # published once the window is over
         self._dead_letter(bad)
         valid = sum(valid_by_type.values())
         consumed = len(records) - redelivered
@@ -369,6 +383,20 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self.metrics.duplicates.inc(duplicates)
         self.metrics.pending.set(learner.pending)
         self._dirty_since_checkpoint = True
+
+    def _set_aside_failed(self, events: list, sources: list, failed: list, bad: list) -> tuple[list, list]:
+        """Events the learner could not apply, one by one: dead letters instead of valid events."""
+        failed_ids = {id(event): exc for event, exc in failed}
+        kept_events, kept_sources = [], []
+        for event, record in zip(events, sources):
+            exc = failed_ids.get(id(event))
+            if exc is None:
+                kept_events.append(event)
+                kept_sources.append(record)
+            else:
+                bad.append((BadRecord("apply_failed", record.value or b"", failure_detail(exc)), record))
+        self.metrics.record_failures.labels(stage="events").inc(len(failed))
+        return kept_events, kept_sources
 
     def _drain(self) -> None:
         log.info("stopping: training what is pending, checkpointing and committing")

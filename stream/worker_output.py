@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from operator import attrgetter
+
+import numpy as np
 
 from learners.errors import BrokerError, RecstreamError
 from learners.records import BadRecord
+from stream.isolation import apply_isolated, failure_detail
 from stream.kafka_io import SourceRecord, make_producer
 from stream.messages import encode_vectors
 
@@ -35,6 +38,7 @@ USER_PUBLISH_WINDOW_S = 0.05
 # a producer that falls behind then slows the loop (the backlog waits in the events topic)
 # instead of growing in memory until the next checkpoint has to wait for all of it.
 MAX_UNACKNOWLEDGED_VECTORS = 2000
+_TIMESTAMP_OF = attrgetter("timestamp_ms")
 
 
 class Undelivered(RecstreamError):
@@ -42,7 +46,9 @@ class Undelivered(RecstreamError):
 
 
 class OutputMixin:
-    def _dead_letter(self, bad: list[tuple[BadRecord, SourceRecord]]) -> None:
+    def _dead_letter(self, bad: list[tuple[BadRecord, SourceRecord]], count_as_event: bool = True) -> None:
+        """Send bad records to the dead-letter topic, once each. ``count_as_event``: they are events
+        that were not applied (the totals count them as dead-lettered instead of valid)."""
         if not bad:
             return
         fresh = []
@@ -53,9 +59,10 @@ class OutputMixin:
                 # last checkpoint (_roll_back), the record is read again but not sent again.
                 self._dlq_done.add(source)
                 fresh.append((parsed, record))
-            self.metrics.dead_lettered.labels(reason=parsed.reason).inc()
-            if record.topic == self.settings.events_topic:
-                self.totals.dead_lettered += 1
+            if count_as_event:
+                self.metrics.dead_lettered.labels(reason=parsed.reason).inc()
+                if record.topic == self.settings.events_topic:
+                    self.totals.dead_lettered += 1
         if fresh:
             self.dead_letters.write_batch(fresh)
         if len(fresh) < len(bad):
@@ -119,14 +126,15 @@ class OutputMixin:
         except Exception as exc:  # noqa: BLE001 - whatever state the old producer is in, it is given up
             log.warning("closing the old producer failed: %s", exc)
 
-    def _queue_users(self, user_ids: list[str], stamps) -> None:
-        """Remember users touched by events (and the events' Kafka timestamps, ms) for publishing."""
+    def _queue_users(self, user_ids: list[str], sources: list[SourceRecord]) -> None:
+        """Remember users touched by events for publishing, with each user's latest event record
+        (dead-lettered should their vector fail) and the events' Kafka timestamps (ms)."""
         if not user_ids:
             return
         if not self._unpublished:
             self._unpublished_since = time.monotonic()
-        self._unpublished.update(dict.fromkeys(user_ids))
-        self._unpublished_stamps.extend(stamps)
+        self._unpublished.update(zip(user_ids, sources))
+        self._unpublished_stamps.extend(map(_TIMESTAMP_OF, sources))
 
     def _publish_queued_users(self, force: bool = False) -> None:
         """Publish the queued users' vectors once the window is over (or now, with ``force``).
@@ -134,9 +142,14 @@ class OutputMixin:
         if not self._unpublished or not (
                 force or time.monotonic() - self._unpublished_since >= USER_PUBLISH_WINDOW_S):
             return
-        users, stamps = list(self._unpublished), self._unpublished_stamps
+        queued, stamps = self._unpublished, self._unpublished_stamps
         self._unpublished, self._unpublished_stamps = {}, []
-        self._publish_users(users)
+        failed = apply_isolated(list(queued), self._publish_users, "publishing user vectors")
+        if failed:
+            # The events stay applied (valid); only this vector is missing: say which event it was.
+            self._dead_letter([(BadRecord("publish_failed", queued[user].value or b"", failure_detail(exc)),
+                                queued[user]) for user, exc in failed], count_as_event=False)
+            self.metrics.record_failures.labels(stage="user_vectors").inc(len(failed))
         sent_at_ms = time.time() * 1000.0
         self.metrics.observe_event_to_vector([max(0.0, (sent_at_ms - stamp) / 1000.0) for stamp in stamps])
 
@@ -149,20 +162,32 @@ class OutputMixin:
             self._deliver()
 
     def _publish_users(self, user_ids: list[str]) -> None:
+        """Compute and send these users' vectors; raises, sending nothing, if any of them fails."""
         if not user_ids:
             return
         with self.learner.lock:  # vectors and their version from the same model
             vectors = self.learner.user_vectors(user_ids)
             version = self.learner.model_version
+        records = encode_vectors("user", user_ids, vectors, version, time.time())
         self._version_mark.advance(version)  # durable before any vector of it goes out
-        self.vectors.write_batch(encode_vectors("user", user_ids, vectors, version, time.time()))
+        self.vectors.write_batch(records)
         self.metrics.vectors_published.labels(kind="user").inc(len(user_ids))
 
-    def _publish_items(self, ids_and_vectors, version: Optional[int] = None) -> None:
+    def _publish_items(self, ids_and_vectors, version: int) -> None:
+        """Send item vectors computed from the weights of ``version``; an item whose vector cannot
+        be encoded (not finite) is left out, logged and counted, and the rest go out."""
         ids, vectors = ids_and_vectors
-        if not ids:
+        if not len(ids):
             return
-        version = self.learner.model_version if version is None else version
+        rows = dict(zip(ids, vectors))
+        records: list = []
+        failed = apply_isolated(list(ids), lambda batch: records.extend(
+            encode_vectors("item", batch, np.stack([rows[i] for i in batch]), version, time.time())),
+            "encoding item vectors")
+        if failed:
+            self.metrics.record_failures.labels(stage="item_vectors").inc(len(failed))
+        if not records:
+            return
         self._version_mark.advance(version)  # durable before any vector of it goes out
-        self.vectors.write_batch(encode_vectors("item", ids, vectors, version, time.time()))
-        self.metrics.vectors_published.labels(kind="item").inc(len(ids))
+        self.vectors.write_batch(records)
+        self.metrics.vectors_published.labels(kind="item").inc(len(records))

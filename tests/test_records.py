@@ -66,6 +66,36 @@ def test_bad_events_become_bad_records(value, reason):
     assert parsed.raw == (value if value is not None else b"")
 
 
+@pytest.mark.parametrize("field", ["event_id", "user_id", "item_id"])
+@pytest.mark.parametrize("value", ["\ud800", "a\udfffb", "line\nbreak", "nul\x00", "bell\x07", "a\u2028b"])
+def test_ids_that_later_stages_cannot_carry_are_bad(field, value):
+    # A lone surrogate is valid JSON but not UTF-8: it would fail in the uuid5 name, the Kafka
+    # key and the checkpoint, after the event was applied (a record that stops the worker for good).
+    data = json.dumps({"event_id": "e", "user_id": "u", "item_id": "i", "event_type": "click", "ts": 1.0,
+                       field: value}).encode()
+    parsed = parse_event(data)
+    assert isinstance(parsed, BadRecord) and parsed.reason == "bad_id_chars" and field in parsed.detail
+    assert parse_item(json.dumps({"item_id": value, "text": "t"}).encode()).reason == "bad_id_chars"
+
+
+def test_the_poison_pill_of_a_lone_surrogate_escape_is_a_bad_record():
+    raw_event = b'{"event_id":"p","user_id":"\\ud800","item_id":"1","event_type":"click","ts":1.0}'
+    assert parse_event(raw_event).reason == "bad_id_chars"
+
+
+def test_printable_unicode_ids_and_texts_are_good():
+    for value in ("caf\u00e9", "\u7528\u6237-7", "\U0001f600", "a b", "item:1/2"):
+        event = parse_event(json.dumps({"event_id": value, "user_id": value, "item_id": value,
+                                        "event_type": "click", "ts": 1.0}).encode())
+        assert isinstance(event, Event) and event.user_id == value
+        event.user_id.encode("utf-8")
+    assert parse_item(json.dumps({"item_id": "1", "text": "line one\n\tline two"}).encode()).text.startswith("line")
+
+
+def test_item_text_with_a_lone_surrogate_is_bad():
+    assert parse_item(b'{"item_id": "1", "text": "Heat \\ud800 (1995)"}').reason == "bad_text_chars"
+
+
 def test_items_parse_and_reject_bad_shapes():
     assert parse_item(b'{"item_id": "1", "text": "Heat (1995) | Crime"}') == Item("1", "Heat (1995) | Crime")
     assert parse_item(b'{"item_id": "1"}').reason == "missing_field"
@@ -94,5 +124,7 @@ def test_parser_never_raises_on_arbitrary_json_objects(obj):
     parsed = parse_event(data)
     if isinstance(parsed, Event):
         assert parsed.user_id.strip() and parsed.item_id.strip() and parsed.event_id.strip()
+        for value in parsed[:3]:
+            value.encode("utf-8")  # every id of a good event can go into keys and uuids
     else:
         assert isinstance(parsed, BadRecord) and parsed.raw == data

@@ -1,0 +1,154 @@
+"""Small fakes for driving ``stream.worker.Worker`` turn by turn without a broker or a model."""
+
+from __future__ import annotations
+
+import json
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+from kafka import TopicPartition
+from kafka.errors import KafkaTimeoutError
+from kafka.future import Future
+
+from learners.learner import LearnReport
+from stream.config import Settings
+from stream.kafka_io import DeadLetterSink, KafkaSource, VectorSink
+from stream.metrics import WorkerMetrics
+from stream.worker import Worker
+from fake_kafka import FakeConsumer
+
+TP0 = TopicPartition("events", 0)
+
+
+def event_bytes(i: int) -> bytes:
+    return json.dumps({"event_id": f"e{i}", "user_id": f"u{i % 7}", "item_id": f"i{i % 5}",
+                       "event_type": "click", "ts": 1.0 + i}).encode()
+
+
+def consumer_record(offset: int, value: bytes, partition: int = 0):
+    return SimpleNamespace(topic="events", partition=partition, offset=offset, key=b"k", value=value,
+                           timestamp=1000 + offset, headers=[])
+
+
+class FakeProducer:
+    """Resolves every send at flush; ``fail_next`` sends fail once, ``refuse`` makes send() raise."""
+
+    def __init__(self):
+        self.sent = []
+        self.futures = []
+        self.fail_next = 0
+        self.refuse = False
+        self.send_calls = 0
+
+    def send(self, topic, key=None, value=None, headers=None):
+        self.send_calls += 1
+        if self.refuse:
+            raise KafkaTimeoutError("no metadata")
+        future = Future()
+        fail = self.fail_next > 0
+        self.fail_next -= fail
+        self.futures.append((future, fail, (topic, key, value, headers)))
+        return future
+
+    def flush(self, timeout=None):
+        futures, self.futures = self.futures, []
+        for n, (future, fail, record) in enumerate(futures):
+            if fail:
+                future.failure(KafkaTimeoutError("expired"))
+            else:
+                self.sent.append(record)
+                future.success(SimpleNamespace(partition=0, offset=len(self.sent) - 1))
+
+    def close(self, timeout=None):
+        pass
+
+
+class FakeItems:
+    offsets: dict = {}
+
+    def next_batch(self, timeout_ms=0):
+        return []
+
+    def close(self):
+        pass
+
+
+class _StateDict(dict):
+    def state(self):
+        return {"ids": list(self)}
+
+
+class FakeLearner:
+    """The verbs the worker loop uses; ``learn`` trains only once ``allow_training`` is set."""
+
+    def __init__(self):
+        self.model_version = 0
+        self._pending = []
+        self.lock = threading.RLock()
+        self.users, self.catalogue = _StateDict(), _StateDict()
+        self.allow_training = False
+        # What a checkpoint snapshot reads (stream/checkpoint_writer.py).
+        self.training_in_flight = False
+        self._published = np.zeros((0, 4), np.float32)
+        self._seq = self._refresh_cursor = self.samples_shed = 0
+
+    def item_vectors(self, item_ids=None):
+        return np.zeros((0, 4), np.float32)
+
+    @property
+    def pending(self):
+        return len(self._pending)
+
+    def observe(self, event):
+        self._pending.append(event)
+        self.users[event.user_id] = True
+
+    def observe_many(self, events):
+        for event in events:
+            self.observe(event)
+
+    def user_vectors(self, user_ids):
+        return np.full((len(user_ids), 4), 0.5, np.float32)
+
+    def on_step(self, callback):
+        pass
+
+    def shed_pending(self, keep):
+        return 0
+
+    def learn(self, max_samples=None):
+        if not self.allow_training or not self._pending:
+            return None
+        taken, self._pending = self._pending[:max_samples], self._pending[max_samples:]
+        self.model_version += 1
+        return LearnReport(self.model_version, len(taken), 0.01, 1.0, 0.0, 0, 1, 0)
+
+    def items_to_publish(self, min_change=0.0):
+        return [], np.zeros((0, 4), np.float32)
+
+
+def skip_checkpoint_files(worker: Worker) -> None:
+    """The worker's fake learner has nothing to save: checkpoints keep their bookkeeping only."""
+    worker.store.prepare = lambda learner, extra: None
+    worker.store.write = lambda prepared: None
+
+
+def make_worker(tmp_path, polls=(), **settings) -> tuple[Worker, FakeConsumer, FakeProducer]:
+    config = Settings(bootstrap_servers="127.0.0.1:1", state_dir=tmp_path / "state", metrics_port=0,
+                      background_training=False, checkpoint_interval_s=1000, max_experience_wait_s=1000,
+                      progress_interval_s=1000, **settings)
+    worker = Worker(config, learner=FakeLearner(), metrics=WorkerMetrics())
+    consumer, producer = FakeConsumer(polls, assigned={TP0}), FakeProducer()
+    worker.events = KafkaSource(consumer, sleep=lambda s: None)
+    worker.items = FakeItems()
+    worker.producer = producer
+    worker.vectors = VectorSink(producer, "vectors")
+    worker.dead_letters = DeadLetterSink(producer, "events.dlq")
+    worker._sleep = lambda seconds: None  # no real waits between delivery attempts
+    worker._connected = True
+    return worker, consumer, producer
+
+
+def gauge(metric) -> float:
+    return metric._value.get()  # noqa: SLF001
