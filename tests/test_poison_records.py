@@ -4,12 +4,11 @@ on is set aside (dead-lettered, logged, counted) and the loop goes on, commits i
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
-
 import numpy as np
 
 from stream.recovery import dead_letter_source
-from worker_fakes import TP0, FakeLearner, consumer_record, event_bytes, make_worker, skip_checkpoint_files
+from worker_fakes import (TP0, FakeItems, FakeLearner, consumer_record, event_bytes, item_record, make_worker,
+                          skip_checkpoint_files)
 
 POISON = b'{"event_id":"p","user_id":"\\ud800","item_id":"1","event_type":"click","ts":1.0}'
 
@@ -98,22 +97,8 @@ def test_a_user_vector_that_cannot_be_encoded_is_set_aside_and_the_others_go_out
     assert_totals_add_up(worker)
 
 
-class _Items:
-    def __init__(self, records):
-        self.records = records
-
-    def next_batch(self, timeout_ms=0):
-        records, self.records = self.records, []
-        return records
-
-    def close(self):
-        pass
-
-
-def item_record(offset: int, item_id: str, text: str):
-    value = json.dumps({"item_id": item_id, "text": text}).encode()
-    return SimpleNamespace(topic="items", partition=0, offset=offset, key=item_id.encode(), value=value,
-                           timestamp_ms=0, headers=[])
+def item(offset: int, item_id: str, text: str):
+    return item_record(offset, json.dumps({"item_id": item_id, "text": text}).encode())
 
 
 def test_an_item_text_the_encoder_fails_on_is_dead_lettered_and_the_rest_are_added(tmp_path):
@@ -127,8 +112,8 @@ def test_an_item_text_the_encoder_fails_on_is_dead_lettered_and_the_rest_are_add
         return []
 
     worker.learner.add_items = add_items
-    worker.items = _Items([item_record(0, "a", "Heat"), item_record(1, "b", "boom"), item_record(2, "c", "Ran"),
-                           item_record(3, "d", "\ud800 bad text")])
+    worker.items = FakeItems([item(0, "a", "Heat"), item(1, "b", "boom"), item(2, "c", "Ran"),
+                              item(3, "d", "\ud800 bad text")])
     worker._ingest_items()
     assert [item.item_id for item in added] == ["a", "c"]
     assert dead_letters(producer) == {"bad_text_chars": [("items", 0, 3)], "item_failed": [("items", 0, 1)]}

@@ -31,6 +31,11 @@ def consumer_record(offset: int, value: bytes, partition: int = 0):
                            timestamp=1000 + offset, headers=[])
 
 
+def item_record(offset: int, value: bytes):
+    return SimpleNamespace(topic="items", partition=0, offset=offset, key=b"i", value=value,
+                           timestamp_ms=0, headers=[])
+
+
 class FakeProducer:
     """Resolves every send at flush; ``fail_next`` sends fail once, ``refuse`` makes send() raise."""
 
@@ -65,10 +70,15 @@ class FakeProducer:
 
 
 class FakeItems:
-    offsets: dict = {}
+    """The items topic: hands out the records it is given, once."""
+
+    def __init__(self, records=()):
+        self.offsets: dict = {}
+        self.records = list(records)
 
     def next_batch(self, timeout_ms=0):
-        return []
+        records, self.records = self.records, []
+        return records
 
     def close(self):
         pass
@@ -134,11 +144,12 @@ def skip_checkpoint_files(worker: Worker) -> None:
     worker.store.write = lambda prepared: None
 
 
-def make_worker(tmp_path, polls=(), **settings) -> tuple[Worker, FakeConsumer, FakeProducer]:
+def make_worker(tmp_path, polls=(), learner=None, **settings) -> tuple[Worker, FakeConsumer, FakeProducer]:
+    """A worker on fakes (default: ``FakeLearner``), its scripted consumer and its producer."""
     config = Settings(bootstrap_servers="127.0.0.1:1", state_dir=tmp_path / "state", metrics_port=0,
                       background_training=False, checkpoint_interval_s=1000, max_experience_wait_s=1000,
                       progress_interval_s=1000, **settings)
-    worker = Worker(config, learner=FakeLearner(), metrics=WorkerMetrics())
+    worker = Worker(config, learner=learner or FakeLearner(), metrics=WorkerMetrics())
     consumer, producer = FakeConsumer(polls, assigned={TP0}), FakeProducer()
     worker.events = KafkaSource(consumer, sleep=lambda s: None)
     worker.items = FakeItems()
