@@ -17,9 +17,9 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
+# Only light modules here: --help and argument errors answer before torch is imported.
 from learners.errors import RecstreamError
-from stream.config import Settings
-from stream.learner_setup import LEARNER_SETTINGS, learner_config
+from stream.config import LEARNER_SETTINGS, Settings
 
 
 def _settings_options(func, only: typing.Optional[typing.Collection[str]] = None):
@@ -91,22 +91,40 @@ def worker(**options) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+class _StoppedDuringStartup(BaseException):
+    """SIGTERM/SIGINT before the worker could take it: nothing was read, nothing is lost. A
+    BaseException, as KeyboardInterrupt, so that no library's ``except Exception`` swallows it."""
+
+
 def _run_worker(settings: Settings) -> int:
-    from learners.synthetic import SyntheticWorld
-    from stream.worker import Worker
+    app = None
 
+    def on_signal(*_) -> None:
+        if app is None:  # still importing, loading the model or starting the demo
+            raise _StoppedDuringStartup
+        app.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # first: loading the model takes seconds
+        signal.signal(sig, on_signal)
     broker = feeder = None
-    if settings.bootstrap_servers is None:
-        from stream.demo import DemoFeeder, start_embedded
+    try:
+        from learners.synthetic import SyntheticWorld
+        from stream.worker import Worker
 
-        broker, bootstrap = start_embedded(settings)
-        settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
-        world = SyntheticWorld(n_items=settings.demo_items, n_users=settings.demo_users, seed=settings.seed)
-        feeder = DemoFeeder(bootstrap, settings, world, rate_per_s=settings.demo_rate)
-    app = Worker(settings)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # before connect(): it may wait long for Kafka
-        signal.signal(sig, lambda *_: app.stop())
-    app.connect()
+        if settings.bootstrap_servers is None:
+            from stream.demo import DemoFeeder, start_embedded
+
+            broker, bootstrap = start_embedded(settings)
+            settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
+            world = SyntheticWorld(n_items=settings.demo_items, n_users=settings.demo_users, seed=settings.seed)
+            feeder = DemoFeeder(bootstrap, settings, world, rate_per_s=settings.demo_rate)
+        app = Worker(settings)
+    except _StoppedDuringStartup:
+        logging.getLogger("recstream").info("stopped during start-up, before reading anything")
+        if broker is not None:
+            broker.stop()
+        return 0
+    app.connect()  # returns early on stop(), and run() then closes
     if feeder is not None:
         feeder.start()
         logging.getLogger("recstream").info(
@@ -143,6 +161,7 @@ def evaluate(events_path, items_path, out_path, blocks, k, strategies, joint_epo
     measured is the learner ``recstream worker`` would run with them."""
     from learners.evaluation.runner import evaluate as run_evaluation
     from learners.evaluation.strategies import make_factory
+    from stream.learner_setup import learner_config
 
     _logging("INFO")
     settings = _make_settings(learner_options)

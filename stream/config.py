@@ -191,3 +191,12 @@ class Settings(BaseSettings):
             "max_in_flight_requests_per_connection": 1,
             **self._security_kwargs(),
         }
+
+
+# Settings that are LearnerConfig fields of the same name; ``evaluate`` takes exactly these
+# (plus experience_size) as flags, so it measures the learner the worker would run.
+LEARNER_SETTINGS = (
+    "device", "train_layers", "train_params", "lora_rank", "lora_alpha", "gradient_checkpointing",
+    "max_text_tokens", "vector_dim", "history_length", "recency_decay", "batch_size", "negatives",
+    "temperature", "learning_rate", "text_lr_scale", "ewc_lambda", "ewc_decay", "replay_size", "replay_batch",
+    "popularity_weight", "popularity_half_life", "serving_average", "text_batch", "refresh_per_update", "max_users", "seed")

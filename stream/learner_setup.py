@@ -9,7 +9,7 @@ import sys
 import torch
 
 from learners.learner import LearnerConfig
-from stream.config import Settings
+from stream.config import LEARNER_SETTINGS, Settings
 
 log = logging.getLogger("stream.worker")
 
@@ -32,15 +32,6 @@ def set_torch_threads(settings: Settings) -> None:
         # thread, which holds it between torch ops: with the default 5 ms switch interval each
         # of those waits could cost the loop 5 ms.
         sys.setswitchinterval(_SWITCH_INTERVAL_S)
-
-
-# Settings that are LearnerConfig fields of the same name; ``evaluate`` takes exactly these
-# (plus experience_size) as flags, so it measures the learner the worker would run.
-LEARNER_SETTINGS = (
-    "device", "train_layers", "train_params", "lora_rank", "lora_alpha", "gradient_checkpointing",
-    "max_text_tokens", "vector_dim", "history_length", "recency_decay", "batch_size", "negatives",
-    "temperature", "learning_rate", "text_lr_scale", "ewc_lambda", "ewc_decay", "replay_size", "replay_batch",
-    "popularity_weight", "popularity_half_life", "serving_average", "text_batch", "refresh_per_update", "max_users", "seed")
 
 
 def learner_config(settings: Settings) -> LearnerConfig:
