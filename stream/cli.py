@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 # Only light modules here: --help and argument errors answer before torch is imported.
 from learners.errors import RecstreamError
-from stream.config import LEARNER_SETTINGS, Settings
+from stream.config import DEMO_STATE_DIR, LEARNER_SETTINGS, Settings
 
 
 def _settings_options(func, only: typing.Optional[typing.Collection[str]] = None):
@@ -115,7 +115,10 @@ def _run_worker(settings: Settings) -> int:
             from stream.demo import DemoFeeder, start_embedded
 
             broker, bootstrap = start_embedded(settings)
-            settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
+            update = {"bootstrap_servers": bootstrap}
+            if "state_dir" not in settings.model_fields_set:  # the demo's state stays apart from a real stream's
+                update["state_dir"] = DEMO_STATE_DIR
+            settings = settings.model_copy(update=update)
             world = SyntheticWorld(n_items=settings.demo_items, n_users=settings.demo_users, seed=settings.seed)
             feeder = DemoFeeder(bootstrap, settings, world, rate_per_s=settings.demo_rate)
         app = Worker(settings)

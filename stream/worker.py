@@ -46,6 +46,7 @@ from stream.items import ItemsFollower
 from stream.kafka_io import DeadLetterSink, KafkaSource, SourceRecord, VectorSink, make_producer
 from stream.learner_setup import learner_config, set_torch_threads
 from stream.metrics import WorkerMetrics
+from stream.origin import ForeignCheckpointError, StreamOrigin, check_checkpoint_origin, fetch_cluster_id
 from stream.recovery import PublishedVersionMark, Source
 from stream.worker_checkpoints import CheckpointMixin, Totals
 from stream.worker_membership import MembershipMixin
@@ -122,6 +123,8 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self._producer_lock = threading.Lock()  # _renew_producer from the loop or the trainer thread
         self._idle_since: Optional[float] = None
         self._last_topic_check = 0.0
+        self._saved_origin: Optional[dict] = None  # the stream the restored checkpoint was read from
+        self._origin: Optional[StreamOrigin] = None  # the stream this worker reads, once connected
         self._has_checkpoint = self._restore()
         self.events: Optional[KafkaSource] = None
         self.items: Optional[ItemsFollower] = None
@@ -145,6 +148,11 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         if not self._retry("connect", f"reaching Kafka at {s.bootstrap_servers}", self._open_clients,
                            cleanup=self._close_clients):
             return
+        try:
+            check_checkpoint_origin(self._origin, self._saved_origin, s.state_dir)
+        except ForeignCheckpointError:
+            self.close()
+            raise
         if not self._retry("dlq_scan", f"reading the dead-letter topic {s.dlq_topic!r}", self._recover_dead_letters):
             return
         if not self._has_checkpoint:
@@ -169,7 +177,8 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         items_consumer = KafkaConsumer(**{**s.consumer_kwargs(), **quick, "group_id": None,
                                           "client_id": s.client_id + "-items"})
         self.items = ItemsFollower(items_consumer, s.items_topic, self._item_start, on_error=self._broker_error)
-        log.info("connected to Kafka at %s", s.bootstrap_servers)
+        self._origin = StreamOrigin.of(s, fetch_cluster_id(s, BOOTSTRAP_TIMEOUT_MS))
+        log.info("connected to Kafka at %s (cluster %s)", s.bootstrap_servers, self._origin.cluster_id)
 
     def _close_clients(self) -> None:
         for part in (self.events, self.items):

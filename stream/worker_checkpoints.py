@@ -52,6 +52,7 @@ class CheckpointMixin:
         if extra is None:
             log.info("no checkpoint in %s: starting fresh", self.settings.state_dir)
             return False
+        self._saved_origin = extra.get("origin")
         self._offsets = {(t, int(p)): int(o) for t, p, o in extra.get("event_offsets", [])}
         self._checkpointed = dict(self._offsets)
         self._item_start = {int(p): int(o) for p, o in extra.get("item_offsets", [])}
@@ -157,6 +158,8 @@ class CheckpointMixin:
             # for more in the dead-letter topic (stream/recovery.py).
             "dlq_done": sorted([t, p, o] for t, p, o in self._dlq_done if not self._below_applied((t, p, o))),
             "dlq_positions": sorted([p, o] for p, o in dlq_positions.items()),
+            # Which cluster, group and topics these offsets belong to (stream/origin.py).
+            "origin": self._origin.as_dict() if self._origin is not None else self._saved_origin,
         }  # + "ledger", encoded on the writer thread from this snapshot of it
         self._checkpoint_job = self._checkpoint_writer().start(self._offsets, extra, self.ledger.snapshot())
         self._dirty_since_checkpoint = False

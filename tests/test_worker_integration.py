@@ -23,6 +23,8 @@ MALFORMED = [
     b'{"event_id": 5, "user_id": "u", "item_id": "i", "event_type": "click", "ts": 1.0}',  # wrong type
     b"\xff\xfe invalid utf-8",
     b"[1, 2, 3]",
+    # Valid JSON that UTF-8 cannot carry: once applied, it made publishing fail on every restart.
+    b'{"event_id": "m5", "user_id": "\\ud800", "item_id": "1", "event_type": "click", "ts": 1.0}',
 ]
 
 
@@ -90,3 +92,18 @@ def test_worker_end_to_end(broker, unique_topic, tmp_path):
         consumer.close()
     assert committed == ends
     assert sum(ends.values()) == total
+
+    # The same state folder given to a worker of another group and other topics: it refuses the
+    # checkpoint (whose offsets belong to these topics) and says what to do.
+    other = make_topics(broker.bootstrap, unique_topic)
+    stranger = WorkerProcess(broker.bootstrap, other, tmp_path / "state", tmp_path / "stranger.log")
+    try:
+        code = stranger.proc.wait(timeout=120)
+    except BaseException:
+        stranger.kill()
+        raise
+    stranger._log.close()
+    log_text = (tmp_path / "stranger.log").read_text()
+    assert code == 1, log_text
+    assert "belongs to another stream" in log_text and "--state-dir" in log_text, log_text
+    assert "Traceback" not in log_text
