@@ -123,6 +123,7 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self._producer_lock = threading.Lock()  # _renew_producer from the loop or the trainer thread
         self._idle_since: Optional[float] = None
         self._last_topic_check = 0.0
+        self._item_versions: dict[str, int] = {}  # item id -> model version its last vector went out with
         self._saved_origin: Optional[dict] = None  # the stream the restored checkpoint was read from
         self._origin: Optional[StreamOrigin] = None  # the stream this worker reads, once connected
         self._has_checkpoint = self._restore()
@@ -335,6 +336,12 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
             with self.learner.lock:  # vectors and their version from the same model
                 moved = self.learner.items_to_publish(self.settings.item_publish_min_change)
                 version = self.learner.model_version
+                if self._published_at_version(moved[0], version):
+                    # New texts moved vectors that already went out under this version (an item
+                    # named by events before its text came, or a text changed): one (item, version)
+                    # must name one vector, so this catalogue update is a model update of its own.
+                    version = self.learner.model_version = version + 1
+                    self.metrics.model_version.set(version)
             self._publish_items(moved, version)
         self._deliver()
         self._dirty_since_checkpoint = True

@@ -190,4 +190,10 @@ class OutputMixin:
             return
         self._version_mark.advance(version)  # durable before any vector of it goes out
         self.vectors.write_batch(records)
+        self._item_versions.update(dict.fromkeys(ids, version))
         self.metrics.vectors_published.labels(kind="item").inc(len(records))
+
+    def _published_at_version(self, item_ids, version: int) -> bool:
+        """Whether a vector of any of these items already went out under ``version``."""
+        versions = self._item_versions
+        return any(versions.get(item_id) == version for item_id in item_ids)

@@ -118,3 +118,39 @@ def test_an_item_text_the_encoder_fails_on_is_dead_lettered_and_the_rest_are_add
     assert [item.item_id for item in added] == ["a", "c"]
     assert dead_letters(producer) == {"bad_text_chars": [("items", 0, 3)], "item_failed": [("items", 0, 1)]}
     assert worker.totals.items == 2
+
+
+class _TextLearner(FakeLearner):
+    """Item vectors that follow each item's text, as the text part of the real model does."""
+
+    def __init__(self):
+        super().__init__()
+        self.texts: dict[str, str] = {}
+        self.sent: dict[str, str] = {}
+
+    def add_items(self, items):
+        changed = [i.item_id for i in items if self.texts.get(i.item_id) != i.text]
+        self.texts.update((i.item_id, i.text) for i in items)
+        return changed
+
+    def items_to_publish(self, min_change=0.0):
+        moved = [i for i, text in self.texts.items() if self.sent.get(i) != text]
+        self.sent.update((i, self.texts[i]) for i in moved)
+        vectors = np.array([[1.0, len(self.texts[i]), 0.0, 0.0] for i in moved], np.float32).reshape(-1, 4)
+        return moved, vectors
+
+
+def test_one_item_and_version_name_one_vector_when_texts_move_published_vectors(tmp_path):
+    worker, _, producer = make_worker(tmp_path)
+    worker.learner = _TextLearner()
+    worker.items = FakeItems([item(0, "a", "Heat"), item(1, "b", "Ran")])
+    worker._ingest_items()
+    worker.items = FakeItems([item(2, "a", "Heat (1995) | Crime"), item(3, "c", "Alien")])  # a's text changes
+    worker._ingest_items()
+    worker._deliver()
+    seen: dict = {}
+    for _, key, value, _ in producer.sent:
+        record = json.loads(value)
+        seen.setdefault((key, record["payload"]["model_version"]), set()).add(tuple(record["vector"]))
+    assert all(len(vectors) == 1 for vectors in seen.values()), seen
+    assert sorted(seen) == [(b"item:a", 0), (b"item:a", 1), (b"item:b", 0), (b"item:c", 1)]
