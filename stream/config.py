@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path("recstream-state"), description="checkpoint folder; a restarted worker resumes "
                             f"from it (the embedded demo's default: {DEMO_STATE_DIR})")
     checkpoint_interval_s: float = Field(60.0, gt=0, description="seconds between checkpoints (offsets commit with them)")
+    first_checkpoint_s: float = Field(
+        2.0, gt=0, description="seconds after the first records a (re)started worker applies until its first "
+        "checkpoint: a worker restarted in a crash loop still commits progress every cycle")
     dedup_window: int = Field(2_000_000, ge=1, description="event ids remembered for de-duplication")
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port (0 = off)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")

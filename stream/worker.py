@@ -123,6 +123,8 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self._producer_lock = threading.Lock()  # _renew_producer from the loop or the trainer thread
         self._idle_since: Optional[float] = None
         self._last_topic_check = 0.0
+        self._first_applied_at: Optional[float] = None  # when this process first applied an event
+        self._checkpointed_since_start = False  # a checkpoint holding this process's own events is durable
         self._item_versions: dict[str, int] = {}  # item id -> model version its last vector went out with
         self._saved_origin: Optional[dict] = None  # the stream the restored checkpoint was read from
         self._origin: Optional[StreamOrigin] = None  # the stream this worker reads, once connected
@@ -283,7 +285,7 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
             self._ingest_events(records)
         self._publish_queued_users()
         self._deliver_refused()
-        checkpoint_due = time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_s
+        checkpoint_due = self._checkpoint_due()
         if not self._busy and not checkpoint_due and self._training_due() and not self.events.rejoin_pending():
             self._train()  # (not while the group waits for this member to rejoin)
         self._backpressure()
@@ -293,6 +295,16 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
             self._update_lag()
         if time.monotonic() - self._last_progress >= self.settings.progress_interval_s:
             self._progress()
+
+    def _checkpoint_due(self) -> bool:
+        """Every ``checkpoint_interval_s``; the first one ``first_checkpoint_s`` after the first records
+        applied, so that a worker killed sooner than the interval still commits what it did."""
+        now = time.monotonic()
+        if now - self._last_checkpoint >= self.settings.checkpoint_interval_s:
+            return True
+        first = self._first_applied_at
+        return first is not None and not self._checkpointed_since_start \
+            and now - first >= self.settings.first_checkpoint_s
 
     def _checkpoint_writer(self) -> CheckpointWriter:
         """The writer: checkpoints prepared on the trainer thread (no experience runs meanwhile)
@@ -399,6 +411,8 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self.metrics.duplicates.inc(duplicates)
         self.metrics.pending.set(learner.pending)
         self._dirty_since_checkpoint = True
+        if self._first_applied_at is None and consumed:
+            self._first_applied_at = time.monotonic()
 
     def _set_aside_failed(self, events: list, sources: list, failed: list, bad: list) -> tuple[list, list]:
         """Events the learner could not apply, one by one: dead letters instead of valid events."""

@@ -186,6 +186,8 @@ class CheckpointMixin:
             return False
         self.metrics.checkpoints.inc()
         self.metrics.last_checkpoint.set(time.time())
+        if self._first_applied_at is not None and job.started >= self._first_applied_at:
+            self._checkpointed_since_start = True
         self._checkpointed = dict(job.offsets)
         # Dead letters below what this checkpoint holds are never read again: forget them.
         items_held = {int(p): int(o) for p, o in job.extra["item_offsets"]}

@@ -161,3 +161,20 @@ def test_records_already_applied_are_skipped_and_a_recreated_topic_is_read_as_ne
     worker.turn()
     assert [e.event_id for e in worker.learner._pending][2:] == ["e100", "e101"]  # not skipped as applied
     assert worker._offsets[("events", 0)] == 2
+
+
+def test_a_restarted_worker_checkpoints_soon_after_its_first_records_then_at_the_interval(tmp_path):
+    import time
+
+    batch = {TP0: [consumer_record(i, event_bytes(i)) for i in range(10)]}
+    more = {TP0: [consumer_record(i, event_bytes(i)) for i in range(10, 20)]}
+    worker, consumer, _ = make_worker(tmp_path, [batch, more], first_checkpoint_s=0.05)
+    skip_checkpoint_files(worker)
+    assert not worker._checkpoint_due()  # nothing applied yet: no hurry
+    worker.turn()
+    time.sleep(0.1)
+    worker.turn()  # due: written off the loop
+    worker._collect_checkpoint(wait=True)
+    assert consumer.commits and consumer.commits[-1][TP0].offset >= 10
+    time.sleep(0.1)
+    assert not worker._checkpoint_due()  # from now on every checkpoint_interval_s (1000 s here)
