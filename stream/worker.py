@@ -123,7 +123,7 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self._producer_lock = threading.Lock()  # _renew_producer from the loop or the trainer thread
         self._idle_since: Optional[float] = None
         self._last_topic_check = 0.0
-        self._first_applied_at: Optional[float] = None  # when this process first applied an event
+        self._first_applied_at: Optional[float] = None  # when this process first applied a record
         self._checkpointed_since_start = False  # a checkpoint holding this process's own events is durable
         self._item_versions: dict[str, int] = {}  # item id -> model version its last vector went out with
         self._saved_origin: Optional[dict] = None  # the stream the restored checkpoint was read from
@@ -344,6 +344,8 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self.totals.items += applied
         self.metrics.items_received.inc(applied)
         self._dead_letter(bad)
+        if self._first_applied_at is None:
+            self._first_applied_at = time.monotonic()  # encoded texts are progress a checkpoint keeps too
         if changed:
             with self.learner.lock:  # vectors and their version from the same model
                 moved = self.learner.items_to_publish(self.settings.item_publish_min_change)
