@@ -15,7 +15,7 @@ from learners.evaluation.report import markdown_table, write_plot, write_results
 from learners.evaluation.runner import evaluate
 from learners.records import Event, Item
 
-STRATEGY_KEYS = {"recall@10", "ndcg@10", "bwt", "train_seconds", "samples_trained", "per_block"}
+STRATEGY_KEYS = {"recall@10", "ndcg@10", "bwt", "train_seconds", "samples_trained", "cold", "per_block"}
 
 
 def _result(name: str, bwt: float | None = -0.01) -> StrategyResult:

@@ -24,6 +24,7 @@ def strategy_dict(result: StrategyResult) -> dict:
         "bwt": result.bwt,
         "train_seconds": result.train_seconds,
         "samples_trained": result.samples_trained,
+        "cold": {recall_key: result.cold_recall, ndcg_key: result.cold_ndcg},
         "per_block": [
             {"block": s.block, recall_key: s.recall, ndcg_key: s.ndcg, "users": s.users}
             for s in result.per_block
@@ -65,12 +66,14 @@ def markdown_table(results: dict) -> str:
         f"Protocol {results['protocol']}: {results['blocks']} blocks, K={k}, "
         f"{results['events']} events, {results['items']} items.",
         "",
-        f"| strategy | Recall@{k} | NDCG@{k} | BWT | train s | samples trained |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| strategy | Recall@{k} | NDCG@{k} | BWT | P1-cold NDCG@{k} | train s | samples trained |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in results["strategies"].items():
         bwt = "n/a" if s["bwt"] is None else f"{s['bwt']:+.4f}"
-        lines.append(f"| {name} | {s[f'recall@{k}']:.4f} | {s[f'ndcg@{k}']:.4f} | {bwt} "
+        cold = s.get("cold") or {}
+        cold_ndcg = "n/a" if f"ndcg@{k}" not in cold else f"{cold[f'ndcg@{k}']:.4f}"
+        lines.append(f"| {name} | {s[f'recall@{k}']:.4f} | {s[f'ndcg@{k}']:.4f} | {bwt} | {cold_ndcg} "
                      f"| {s['train_seconds']:.1f} | {s['samples_trained']} |")
     return "\n".join(lines) + "\n"
 
