@@ -61,9 +61,9 @@ def test_markdown_table_and_plot(tmp_path: Path):
                                         "frozen": _result("frozen", bwt=None)})
     table = markdown_table(results)
     lines = table.splitlines()
-    assert lines[2] == "| strategy | Recall@10 | NDCG@10 | BWT | train s | samples trained |"
-    assert "| popularity | 0.1500 | 0.2000 | -0.0100 | 1.5 | 1234 |" in lines
-    assert "| frozen | 0.1500 | 0.2000 | n/a | 1.5 | 1234 |" in lines
+    assert lines[2] == "| strategy | Recall@10 | NDCG@10 | BWT | P1-cold NDCG@10 | train s | samples trained |"
+    assert "| popularity | 0.1500 | 0.2000 | -0.0100 | 0.0000 | 1.5 | 1234 |" in lines
+    assert "| frozen | 0.1500 | 0.2000 | n/a | 0.0000 | 1.5 | 1234 |" in lines
     png = write_plot(tmp_path / "r.png", results)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
