@@ -40,7 +40,8 @@ LEARNER_SETTINGS = (
     "device", "train_layers", "train_params", "lora_rank", "lora_alpha", "gradient_checkpointing",
     "max_text_tokens", "vector_dim", "history_length", "recency_decay", "batch_size", "negatives",
     "temperature", "learning_rate", "text_lr_scale", "ewc_lambda", "ewc_decay", "replay_size", "replay_batch",
-    "popularity_weight", "popularity_half_life", "serving_average", "text_batch", "refresh_per_update", "max_users", "seed")
+    "popularity_weight", "popularity_half_lives", "user_tower", "attention_heads", "in_batch_negatives",
+    "serving_average", "text_batch", "refresh_per_update", "max_users", "seed")
 
 
 def learner_config(settings: Settings) -> LearnerConfig:
