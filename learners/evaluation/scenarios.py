@@ -26,7 +26,7 @@ def genre_of(text: str) -> str:
     """First genre of a ``Title | Genre, Genre`` text ('' when there is none)."""
     if "|" not in text:
         return ""
-    genres = text.rsplit("|", 1)[1]
+    _, _, genres = text.partition(" | ") if " | " in text else text.partition("|")
     return genres.replace("|", ",").split(",")[0].strip()
 
 
