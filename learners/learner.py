@@ -61,7 +61,7 @@ class LearnerConfig:
     profile_length: int = 0  # >0: user vectors from a uniform sample of this many of the user's events (else the ring)
     popularity_weight: float = 0.5  # popularity coordinates of item vectors: their largest norm (0: none)
     popularity_half_lives: str = "0.25,1,4,16"  # popularity rungs, half-lives in catalogue sizes (+ all-time)
-    user_tower: str = "attention"  # "attention" (causal self-attention over the history) or "sum"
+    user_tower: str = "sum"  # "sum" (weighted sum of the history) or "attention" (causal self-attention)
     attention_heads: int = 2
     in_batch_negatives: bool = True  # besides the uniform ones, log-Q corrected (learners.negatives)
     serving_average: float = 0.993  # >0: item vectors from a running average of the item side, this decay per step

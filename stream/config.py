@@ -100,8 +100,8 @@ class Settings(BaseSettings):
         "0.25,1,4,16", description="popularity rungs: half-lives as multiples of the catalogue size in events "
                                    "(comma-separated; an all-time rung is added); users learn which they follow")
     user_tower: Literal["attention", "sum"] = Field(
-        "attention", description="attention = causal self-attention over the user's recent items (SASRec); "
-                                 "sum = weighted sum of their context vectors")
+        "sum", description="sum = weighted sum of the user's recent items' context vectors; attention = causal "
+                           "self-attention over them (SASRec; scored lower on MovieLens slices, docs/evaluation.md)")
     attention_heads: int = Field(2, ge=1, description="attention heads of the user tower")
     in_batch_negatives: bool = Field(
         True, description="also score each event against the minibatch's other items (log-Q corrected)")
