@@ -59,9 +59,11 @@ class LearnerConfig:
     id_lr_scale: float = 1.0  # learning rate multipliers (Adam groups): id tables
     text_lr_scale: float = 1.0  # ... and the encoder's trainable top
     profile_length: int = 0  # >0: user vectors from a uniform sample of this many of the user's events (else the ring)
-    popularity_weight: float = 0.5  # popularity prior coordinate of item vectors (0: none)
-    popularity_half_life: float = 20_000.0  # events
-    user_popularity: float = 0.5  # the users' constant on that coordinate
+    popularity_weight: float = 0.5  # popularity coordinates of item vectors: their largest norm (0: none)
+    popularity_half_lives: str = "0.25,1,4,16"  # popularity rungs, half-lives in catalogue sizes (+ all-time)
+    user_tower: str = "sum"  # "sum" (weighted sum of the history) or "attention" (causal self-attention)
+    attention_heads: int = 2
+    in_batch_negatives: bool = True  # besides the uniform ones, log-Q corrected (learners.negatives)
     serving_average: float = 0.993  # >0: item vectors from a running average of the item side, this decay per step
     # What of the encoder trains: "top" (top train_layers layers), "lora" (LoRA adapters on
     # them), "full" (every layer; embeddings frozen). See learners/encoder.py.
@@ -100,8 +102,9 @@ class ContinualRecommender:
         self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim,
                               config.negatives, config.temperature, self.device,
                               text_batch=config.text_batch, popularity_weight=config.popularity_weight,
-                              popularity_half_life=config.popularity_half_life,
-                              user_popularity=config.user_popularity).to(self.device)
+                              popularity_half_lives=config.popularity_half_lives, user_tower=config.user_tower,
+                              history_length=config.history_length, heads=config.attention_heads,
+                              in_batch_negatives=config.in_batch_negatives).to(self.device)
         self._step_hook = StepCallbackPlugin()
         self.average = ServingAverage(self.model, config.serving_average, names=TwoTower.item_side_params) \
             if config.serving_average > 0 else None
@@ -117,8 +120,10 @@ class ContinualRecommender:
         self.samples_shed = 0
         self._refresh_cursor = 0
         self._item_table = np.zeros((0, config.vector_dim), np.float32)
-        self._ctx_table = np.zeros((0, self.model.dim), np.float32)
-        self._global_ctx = np.zeros(self.model.dim, np.float32)
+        # What publishing reads: the user tower's per-item tables and a copy of the tower, both
+        # as of the last model update (training changes the live tower on its own thread).
+        self._user_tables: dict[str, torch.Tensor] = {}
+        self._serving_tower = self._tower_copy()
         self._published = np.zeros((0, config.vector_dim), np.float32)
         self._tables_stale = True
         # Training on another thread (stream.worker's background training): ``lock`` guards
@@ -266,31 +271,35 @@ class ContinualRecommender:
         self._tables_stale = True
 
     # -- vectors --------------------------------------------------------------
+    def _tower_copy(self) -> torch.nn.Module:
+        tower = copy.deepcopy(self.model.tower).eval()
+        tower.requires_grad_(False)
+        return tower
+
     def _tables(self) -> None:
         with self.lock:
             if not self._tables_stale and len(self._item_table) == len(self.catalogue):
                 return
             if self.training_in_flight:
                 # The model is mid-update on the training thread: keep the last tables. Items
-                # first seen since then get a zero context until the update lands.
-                missing = len(self.catalogue) - len(self._ctx_table)
-                if missing > 0:
-                    self._ctx_table = np.concatenate(
-                        [self._ctx_table, np.zeros((missing, self._ctx_table.shape[1]), np.float32)])
+                # first seen since then get zero rows until the update lands.
+                missing = len(self.catalogue) - len(self._user_tables.get("ctx", ()))
+                if missing > 0 and self._user_tables:
+                    self._user_tables = {k: torch.cat([t, t.new_zeros(missing, t.shape[1])])
+                                         for k, t in self._user_tables.items()}
                 return
             self.features.ensure_rows(len(self.catalogue))
             self.model.grow(len(self.catalogue))
+            self._serving_tower = self._tower_copy()
             if not len(self.catalogue):  # nothing seen yet: no item rows to run the towers on
                 self._item_table = np.zeros((0, self.config.vector_dim), np.float32)
-                self._ctx_table = np.zeros((0, self.model.dim), np.float32)
-                self._global_ctx = self.model.global_ctx.detach().float().cpu().numpy()
+                self._user_tables = {}
                 self._tables_stale = False
                 return
             self.model.eval()
             with self.average.applied() if self.average else contextlib.nullcontext():
                 self._item_table = self.model.item_table().float().cpu().numpy()
-                self._ctx_table = self.model.context_table().float().cpu().numpy()
-                self._global_ctx = self.model.global_ctx.detach().float().cpu().numpy()
+                self._user_tables = {k: t.detach().float().cpu() for k, t in self.model.user_tables().items()}
             self.model.train()
             self._tables_stale = False
 
@@ -313,16 +322,12 @@ class ContinualRecommender:
     def user_vectors_from(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """User vectors of given histories (from ``user_histories``) with the current model."""
         self._tables()
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        weights = np.ascontiguousarray(weights, dtype=np.float32)
-        if rows.shape[1] == 0 or not len(self._ctx_table):
-            return self.model.finish_users(np.repeat(self._global_ctx[None, :], len(rows), axis=0))
-        # Weighted sum of context rows without building a [users, length, dim] gather first:
-        # 4-9x faster than einsum over ctx[rows], the top learner cost of publishing (recstream bench).
-        summed = self._global_ctx + torch.nn.functional.embedding_bag(
-            torch.from_numpy(rows), torch.from_numpy(self._ctx_table), mode="sum",
-            per_sample_weights=torch.from_numpy(weights)).numpy()
-        return self.model.finish_users(summed)
+        rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+        weights = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+        tables = self._user_tables or {"ctx": torch.zeros(0, self.model.ctx_dim)}
+        with torch.no_grad():
+            out = self._serving_tower.read(tables, rows, weights)
+        return self.model.finish_users(out).numpy()
 
     def items_to_publish(self, min_change: float = 0.0) -> tuple[list[str], np.ndarray]:
         """Items never published or whose vector moved by more than ``min_change`` (1 - cosine)."""

@@ -1,21 +1,26 @@
 """The two-tower recommender on top of the text encoder.
 
-item vector  = [sqrt(1 - b_i^2) * normalise(text_proj(text features) + item_emb[row]), b_i]
-context      = ctx_proj(text features) + ctx_emb[row]
-user vector  = [sqrt(1 - beta^2) * normalise(global_ctx + sum_j w_j * context[history_j]), beta]
+item vector = [sqrt(1 - |p_i|^2) * normalise(text_proj(text features) + item_emb[row]), p_i]
+context     = ctx_proj(text features) + ctx_emb[row]
+user vector = [sqrt(1 - b_u^2) * normalise(m_u), b_u * normalise(a_u)]
+              where (m_u, logit b_u, a_u) = user tower(context of the user's recent items)
 
 User and item vectors live in one space; dot(user, item) is the score. The
 learned id parts carry collaborative signal, the text part carries meaning and
-serves items before anyone has interacted with them (cold start). Training is
-a sampled softmax: each event's item against shared uniform negatives.
+serves items before anyone has interacted with them (cold start). The user
+tower (``learners.user_tower``) reads the order of the user's recent items.
 
-The last coordinate is a popularity prior: b_i = popularity_weight *
-log(1 + c_i) / log(1 + max c), with c_i the item's event count decayed with a
-half-life of ``popularity_half_life`` events (what is popular *now*), and beta
-the same constant for every user. Both vectors stay unit length, so the score
-is a fixed mix of "popular now" and the learned personal match; the learned
-part only has to explain what popularity does not. Counts are statistics, not
-parameters: they move with the stream, not with gradients.
+Popularity: p_i = popularity_weight * f_i / sqrt(rungs), f_i the item's
+log-scaled decayed event counts on every rung of ``learners.popularity``
+(half-lives relative to the catalogue size), so an item's vector says how
+popular it is now at several time scales. The user side holds the user's
+share of popularity b_u and which rungs they follow (a_u), both from the
+user tower: how much recency of popularity matters, and at which time scale,
+is learned per user instead of fixed. Both vectors stay unit length. Counts
+are statistics, not parameters: they move with the stream, not with gradients.
+
+Training is a sampled softmax of each event's item against uniform and
+in-batch negatives with the log-Q correction (``learners.negatives``).
 """
 
 from __future__ import annotations
@@ -29,8 +34,12 @@ from torch import nn
 
 from learners.encoder import TopLayers
 from learners.features import ItemFeatures
+from learners.negatives import corrected_logits
+from learners.popularity import PopularityLadder, parse_half_lives
+from learners.user_tower import build_tower
 
 _ROW_CHUNK = 4096
+_START_USER_POPULARITY = 0.5  # the users' share of popularity before anything is learned
 
 
 class TwoTower(nn.Module):
@@ -42,16 +51,19 @@ class TwoTower(nn.Module):
 
     def __init__(self, top: TopLayers, features: ItemFeatures, hidden_size: int, dim: int,
                  negatives: int, temperature: float, device: torch.device, text_batch: int = 0,
-                 popularity_weight: float = 0.0, popularity_half_life: float = 10_000.0,
-                 user_popularity: float = 0.5) -> None:
+                 popularity_weight: float = 0.0, popularity_half_lives: str = "0.25,1,4,16",
+                 user_tower: str = "attention", history_length: int = 64, heads: int = 2,
+                 in_batch_negatives: bool = True) -> None:
         super().__init__()
-        if not 0.0 <= popularity_weight < 1.0 or not 0.0 <= user_popularity < 1.0:
-            raise ValueError("popularity_weight and user_popularity must lie in [0, 1)")
+        if not 0.0 <= popularity_weight < 1.0:
+            raise ValueError("popularity_weight must lie in [0, 1)")
         self.popularity_weight = popularity_weight
-        self.user_popularity = user_popularity if popularity_weight > 0 else 0.0
-        self.popularity_decay = 0.5 ** (1.0 / popularity_half_life) if popularity_half_life > 0 else 1.0
+        self.ladder = PopularityLadder(parse_half_lives(popularity_half_lives))
+        self.pop_dims = self.ladder.rungs if popularity_weight > 0 else 0
+        if dim - self.pop_dims < 2:
+            raise ValueError(f"vector dim {dim} leaves no room next to {self.pop_dims} popularity coordinates")
         self.out_dim = dim
-        dim = dim - 1 if popularity_weight > 0 else dim  # the learned part
+        dim = dim - self.pop_dims  # the learned part
         # At most this many distinct positives per step run through the trainable top (with
         # gradient); the rest use their cached pooled features. 0: all of them.
         self.text_batch = text_batch
@@ -61,14 +73,15 @@ class TwoTower(nn.Module):
         self.dim = dim
         self.negatives = negatives
         self.temperature = temperature
+        self.in_batch_negatives = in_batch_negatives
+        self.tower = build_tower(user_tower, dim, self.pop_dims, _START_USER_POPULARITY, history_length, heads)
+        self.ctx_dim = self.tower.ctx_dim
         self.text_proj = nn.Linear(hidden_size, dim)
-        self.ctx_proj = nn.Linear(hidden_size, dim)
+        self.ctx_proj = nn.Linear(hidden_size, self.ctx_dim)
         self.item_emb = nn.Parameter(torch.zeros(0, dim))
-        self.ctx_emb = nn.Parameter(torch.zeros(0, dim))
-        # Unit-scale start: a zero sum would put cold users at normalise(0), whose gradient explodes.
-        self.global_ctx = nn.Parameter(torch.randn(dim) / dim ** 0.5)
-        # Decayed event counts per row (a statistic: never trained, but saved with the model).
-        self.popularity = nn.Parameter(torch.zeros(0), requires_grad=False)
+        self.ctx_emb = nn.Parameter(torch.zeros(0, self.ctx_dim))
+        # Decayed event counts per row and rung (statistics: never trained, but saved with the model).
+        self.popularity = nn.Parameter(torch.zeros(0, self.ladder.rungs), requires_grad=False)
         self.n_items = 0
         self._device = device
         self.grow(1)
@@ -82,58 +95,46 @@ class TwoTower(nn.Module):
         new_cap = max(n_items, _ROW_CHUNK, 2 * self.item_emb.shape[0])
         for name in ("item_emb", "ctx_emb"):
             old = getattr(self, name).data
-            fresh = torch.randn(new_cap, self.dim, device=old.device) * 0.01
+            fresh = torch.randn(new_cap, old.shape[1], device=old.device) * 0.01
             fresh[: old.shape[0]] = old
             setattr(self, name, nn.Parameter(fresh))
-        counts = torch.zeros(new_cap, device=self.popularity.device)
+        counts = torch.zeros(new_cap, self.ladder.rungs, device=self.popularity.device)
         counts[: self.popularity.shape[0]] = self.popularity.data
         self.popularity = nn.Parameter(counts, requires_grad=False)
         return True
 
-    # -- popularity prior -------------------------------------------------------
+    # -- popularity -----------------------------------------------------------------
     @torch.no_grad()
     def observe_popularity(self, rows: torch.Tensor) -> None:
-        """Count events of ``rows`` (in event order) into the decayed popularity."""
-        n = len(rows)
-        if n == 0 or self.popularity_weight <= 0:
-            return
-        counts = self.popularity.data
-        counts.mul_(self.popularity_decay ** n)
-        ages = torch.arange(n - 1, -1, -1, dtype=counts.dtype, device=counts.device)
-        counts.index_add_(0, rows.to(counts.device), self.popularity_decay ** ages)
-
-    def _prior(self, rows: torch.Tensor) -> torch.Tensor:
-        counts = self.popularity.data
-        if not len(counts):
-            return torch.zeros(len(rows), device=counts.device)
-        # All on the device (no float() of the maximum: on a GPU that waits for every queued
-        # step, once per forward). Counts are never negative: with none yet, every log is 0.
-        top = torch.log1p(counts[: max(self.n_items, 1)].max())
-        return self.popularity_weight * torch.log1p(counts[rows]) / torch.where(top > 0, top, torch.ones_like(top))
+        """Count events of ``rows`` (in event order) on every rung of the popularity ladder."""
+        self.ladder.observe(self.popularity.data, rows, self.n_items)
 
     def finish_items(self, learned: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Unit learned item parts -> published item vectors (popularity coordinate added)."""
-        if self.popularity_weight <= 0:
+        """Unit learned item parts -> published item vectors (popularity coordinates added)."""
+        if not self.pop_dims:
             return learned
-        prior = self._prior(rows).to(learned.device, learned.dtype)
-        return torch.cat([learned * torch.sqrt(1.0 - prior * prior).unsqueeze(-1), prior.unsqueeze(-1)], dim=-1)
+        features = self.ladder.features(self.popularity.data, rows, self.n_items).to(learned.device, learned.dtype)
+        prior = features * (self.popularity_weight / math.sqrt(self.pop_dims))
+        scale = torch.sqrt(1.0 - (prior * prior).sum(-1, keepdim=True))
+        return torch.cat([learned * scale, prior], dim=-1)
 
-    def finish_users(self, summed):
-        """Summed contexts (torch or numpy, [n, dim]) -> unit user vectors (prior coordinate added)."""
-        if isinstance(summed, np.ndarray):  # the publishing path: same maths, numpy out
-            return self.finish_users(torch.from_numpy(summed)).numpy()
-        unit = F.normalize(summed, dim=-1)
-        if self.popularity_weight <= 0:
+    def finish_users(self, out):
+        """User tower outputs (torch or numpy, [n, dim (+ 1 + rungs)]) -> unit user vectors."""
+        if isinstance(out, np.ndarray):  # the publishing path: same maths, numpy out
+            return self.finish_users(torch.from_numpy(out)).numpy()
+        unit = F.normalize(out[:, :self.dim], dim=-1)
+        if not self.pop_dims:
             return unit
-        beta = self.user_popularity
-        return torch.cat([unit * math.sqrt(1.0 - beta * beta), unit.new_full((len(unit), 1), beta)], dim=-1)
+        share = torch.sigmoid(out[:, self.dim:self.dim + 1])
+        rungs = F.normalize(out[:, self.dim + 1:], dim=-1)
+        return torch.cat([unit * torch.sqrt(1.0 - share * share), rungs * share], dim=-1)
 
     # -- towers ---------------------------------------------------------------
     def _text(self, rows: torch.Tensor, proj: nn.Linear, train_top: bool) -> torch.Tensor:
         """Projected text part for rows (zero where no text)."""
         feats = self.features
         has = feats.has_text[rows.cpu()].to(rows.device)
-        out = torch.zeros(len(rows), self.dim, device=rows.device)
+        out = torch.zeros(len(rows), proj.out_features, device=rows.device)
         if not bool(has.any()):
             return out
         with_text = rows[has]
@@ -157,25 +158,29 @@ class TwoTower(nn.Module):
         return self._text(rows, self.ctx_proj, False) + _lookup(self.ctx_emb, rows)
 
     def user_vectors(self, hist_rows: torch.Tensor, hist_weights: torch.Tensor) -> torch.Tensor:
+        """Unit user vectors of newest-first histories (the training path: only the rows used)."""
         unique, inverse = torch.unique(hist_rows, return_inverse=True)
-        ctx = self.context_vectors(unique)[inverse]  # [users, length, dim]
-        summed = self.global_ctx + (hist_weights.unsqueeze(-1) * ctx).sum(1)
-        return self.finish_users(summed)
+        tables = self.tower.tables(self.context_vectors(unique))
+        return self.finish_users(self.tower.read(tables, inverse.reshape(hist_rows.shape), hist_weights))
+
+    def users_from_tables(self, tables: dict[str, torch.Tensor], hist_rows: torch.Tensor,
+                          hist_weights: torch.Tensor) -> torch.Tensor:
+        """Unit user vectors from ``user_tables()`` (the publishing path)."""
+        return self.finish_users(self.tower.read(tables, hist_rows, hist_weights))
 
     # -- training -------------------------------------------------------------
     def forward(self, mbatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of each event's item (column 0) against shared uniform negatives."""
+        """Logits of each event's item (column 0) against uniform and in-batch negatives."""
         hist_rows, hist_weights, pos = mbatch[0], mbatch[1], mbatch[2]
         users = self.user_vectors(hist_rows, hist_weights)
         unique_pos, inverse = torch.unique(pos, return_inverse=True)
         pos_vecs = self.item_vectors(unique_pos, train_top=True)[inverse]
         neg = torch.randint(0, self.n_items, (self.negatives,), device=pos.device)
         neg_vecs = self.item_vectors(neg)
-        pos_logit = (users * pos_vecs).sum(-1, keepdim=True)
-        neg_logits = users @ neg_vecs.T
-        # A negative that happens to be the event's own item is no negative.
-        neg_logits = neg_logits.masked_fill(neg[None, :] == pos[:, None], float("-inf"))
-        logits = torch.cat([pos_logit, neg_logits], dim=1) / self.temperature
+        counts = self.popularity.data
+        logits = corrected_logits(users, pos, pos_vecs, neg, neg_vecs, self.ladder.frequency(counts, pos),
+                                  self.ladder.frequency(counts, neg), self.n_items, self.in_batch_negatives,
+                                  self.temperature)
         return logits, pos
 
     @staticmethod
@@ -190,9 +195,10 @@ class TwoTower(nn.Module):
         return self.item_vectors(rows)
 
     @torch.no_grad()
-    def context_table(self) -> torch.Tensor:
+    def user_tables(self) -> dict[str, torch.Tensor]:
+        """The user tower's per-item tables over the catalogue (``users_from_tables`` reads them)."""
         rows = torch.arange(self.n_items, device=self.item_emb.device)
-        return self.context_vectors(rows)
+        return self.tower.tables(self.context_vectors(rows))
 
 
 def _lookup(table: nn.Parameter, rows: torch.Tensor) -> torch.Tensor:

@@ -155,12 +155,13 @@ class UserHistories:
 
     # -- reading ------------------------------------------------------------
     def histories(self, slots: np.ndarray, before_seq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Item rows and normalised weights of the given slots, [n, length] each.
+        """Item rows and normalised weights of the given slots, [n, length] each, newest first.
 
         With ``before_seq``, only events older than that sequence number count
-        (the history a training sample saw when its event happened). Empty
-        places have row 0 and weight 0. Newer events weigh more
-        (``recency_decay`` per step of age) and weights sum to 1 per user.
+        (the history a training sample saw when its event happened). Position 0
+        is the newest event kept, then older ones; empty places come last, with
+        row 0 and weight 0 (the user tower reads the order). Newer events weigh
+        more (``recency_decay`` per step of age) and weights sum to 1 per user.
         """
         slots = np.asarray(slots, dtype=np.int64)
         n = len(slots)
@@ -175,8 +176,11 @@ class UserHistories:
         if before_seq is not None:
             keep &= seq < np.asarray(before_seq, dtype=np.int64)[:, None]
         # Age rank: 0 for the newest kept event of each user.
-        order = np.where(keep, seq, np.iinfo(np.int64).min)
-        rank = np.argsort(np.argsort(-order, axis=1, kind="stable"), axis=1, kind="stable")
+        order = np.argsort(np.where(keep, -seq, np.iinfo(np.int64).max), axis=1, kind="stable")
+        keep = np.take_along_axis(keep, order, axis=1)
+        rows = np.take_along_axis(rows, order, axis=1)
+        weights = np.take_along_axis(weights, order, axis=1)
+        rank = np.arange(self.length)[None, :]
         weights = np.where(keep, weights * self.recency_decay ** rank, 0.0).astype(np.float32)
         total = weights.sum(axis=1, keepdims=True)
         weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)

@@ -151,12 +151,15 @@ def _run_worker(settings: Settings) -> int:
 @click.option("--k", default=10, show_default=True, type=int)
 @click.option("--strategies", default="popularity,frozen,naive,ewc,replay,ewc_replay,joint", show_default=True,
               help="comma-separated strategy names")
+@click.option("--scenario", default="time", show_default=True, type=click.Choice(["time", "genre-epochs"]),
+              help="event order: time = the stream as it happened; genre-epochs = one genre group after "
+                   "another (a drift scenario for forgetting)")
 @click.option("--joint-epochs", default=2, show_default=True, type=click.IntRange(1),
               help="epochs of the joint reference over all events so far, at every block")
 @click.option("--joint-batch-size", default=512, show_default=True, type=click.IntRange(1),
               help="minibatch of the joint reference (an offline retrain; larger is cheaper per sample)")
 @functools.partial(_settings_options, only={*LEARNER_SETTINGS, "model", "experience_size", "torch_threads"})
-def evaluate(events_path, items_path, out_path, blocks, k, strategies, joint_epochs, joint_batch_size,
+def evaluate(events_path, items_path, out_path, blocks, k, strategies, scenario, joint_epochs, joint_batch_size,
              **learner_options) -> None:
     """Protocol P1 on CONTRACTS files; writes the results JSON plus a PNG plot and a Markdown table.
 
@@ -176,7 +179,7 @@ def evaluate(events_path, items_path, out_path, blocks, k, strategies, joint_epo
                            joint_epochs=joint_epochs, joint_batch_size=joint_batch_size)
     try:
         results = run_evaluation(events_path, items_path, out_path, blocks=blocks, k=k,
-                                 strategies=strategies.split(","), factory=factory)
+                                 strategies=strategies.split(","), factory=factory, scenario=scenario)
     except RecstreamError as exc:
         raise click.ClickException(str(exc)) from None
     from learners.evaluation.report import markdown_table

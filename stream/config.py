@@ -96,9 +96,18 @@ class Settings(BaseSettings):
     temperature: float = Field(0.05, gt=0, description="softmax temperature of the training loss")
     recency_decay: float = Field(0.97, gt=0, le=1, description="weight of a user's event shrinks by this per newer event")
     popularity_weight: float = Field(
-        0.5, ge=0, lt=1, description="popularity prior: weight of the vectors' last coordinate, the item's decayed "
-                                     "event count (log-scaled; users hold a constant there); 0 = none")
-    popularity_half_life: float = Field(20_000.0, gt=0, description="events after which a popularity count has halved")
+        0.5, ge=0, lt=1, description="popularity prior: largest norm of the item vectors' popularity coordinates "
+                                     "(log-scaled decayed event counts, one per rung); users learn their share; "
+                                     "0 = none")
+    popularity_half_lives: str = Field(
+        "0.25,1,4,16", description="popularity rungs: half-lives as multiples of the catalogue size in events "
+                                   "(comma-separated; an all-time rung is added); users learn which they follow")
+    user_tower: Literal["attention", "sum"] = Field(
+        "sum", description="sum = weighted sum of the user's recent items' context vectors; attention = causal "
+                           "self-attention over them (SASRec; scored lower on MovieLens slices, docs/evaluation.md)")
+    attention_heads: int = Field(2, ge=1, description="attention heads of the user tower")
+    in_batch_negatives: bool = Field(
+        True, description="also score each event against the minibatch's other items (log-Q corrected)")
     text_batch: int = Field(32, ge=0, description="distinct items per minibatch whose text runs through the trainable "
                                                   "layers (the rest use cached outputs); 0 = all")
     serving_average: float = Field(
@@ -206,4 +215,5 @@ LEARNER_SETTINGS = (
     "device", "train_layers", "train_params", "lora_rank", "lora_alpha", "gradient_checkpointing",
     "max_text_tokens", "vector_dim", "history_length", "recency_decay", "batch_size", "negatives",
     "temperature", "learning_rate", "text_lr_scale", "ewc_lambda", "ewc_decay", "replay_size", "replay_batch",
-    "popularity_weight", "popularity_half_life", "serving_average", "text_batch", "refresh_per_update", "max_users", "seed")
+    "popularity_weight", "popularity_half_lives", "user_tower", "attention_heads", "in_batch_negatives",
+    "serving_average", "text_batch", "refresh_per_update", "max_users", "seed")

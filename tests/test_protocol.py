@@ -282,3 +282,25 @@ def test_republished_item_keeps_place_and_newest_text():
 def test_bad_settings_are_rejected(blocks, k):
     with pytest.raises(ValueError):
         prepare_p1([ev(1, "u", "a")], [], blocks=blocks, k=k)
+
+
+def test_p1_cold_ranks_only_items_with_few_events_before_the_block():
+    # Block 0: "hot" has 5 events (not cold at block 1), "warm" 1, "a" 2; "new" none. Block 1:
+    # u0 gets hot and new, u1 gets warm. P1-cold at block 1: every item but hot; u0's cold
+    # truth {new}, u1's {warm}.
+    block0 = [ev(t, f"x{t}", "hot") for t in range(5)] + [ev(5, "u0", "warm"), ev(6, "u1", "hot"),
+                                                          ev(7, "u0", "a"), ev(8, "x9", "a")]
+    block1 = [ev(10, "u0", "hot"), ev(11, "u0", "new"), ev(12, "u1", "warm"), ev(13, "u1", "hot"),
+              ev(14, "z", "b"), ev(15, "z", "c"), ev(16, "z", "d"), ev(17, "z", "e"), ev(18, "z", "f")]
+    prepared = prepare_p1(block0 + block1, catalogue("hot", "warm", "new", "a"), blocks=2, k=1)
+    (cold,) = prepared.cold_tests
+    ids = prepared.catalogue
+    assert sorted(ids[r] for r in cold.candidates) == ["a", "b", "c", "d", "e", "f", "new", "warm"]
+    assert cold.user_ids == ["u0", "u1"]
+    assert [[ids[r] for r in t] for t in cold.truth] == [["new"], ["warm"]]
+    # "hot" scores highest for everyone; P1-cold never offers it: u0 (history warm, a) gets
+    # "new" first (a hit), u1 (history hot) gets "a" (a miss).
+    table = {u: {"hot": 9.0, "new": 1.0, "warm": 2.0, "a": 3.0} for u in ("u0", "u1")}
+    result = run_prepared(FakeRecommender(table), prepared)
+    assert result.cold_ndcg == pytest.approx(0.5)
+    assert result.cold_per_block[0].users == 2

@@ -15,7 +15,7 @@ from learners.evaluation.report import markdown_table, write_plot, write_results
 from learners.evaluation.runner import evaluate
 from learners.records import Event, Item
 
-STRATEGY_KEYS = {"recall@10", "ndcg@10", "bwt", "train_seconds", "samples_trained", "per_block"}
+STRATEGY_KEYS = {"recall@10", "ndcg@10", "bwt", "train_seconds", "samples_trained", "cold", "per_block"}
 
 
 def _result(name: str, bwt: float | None = -0.01) -> StrategyResult:
@@ -61,9 +61,9 @@ def test_markdown_table_and_plot(tmp_path: Path):
                                         "frozen": _result("frozen", bwt=None)})
     table = markdown_table(results)
     lines = table.splitlines()
-    assert lines[2] == "| strategy | Recall@10 | NDCG@10 | BWT | train s | samples trained |"
-    assert "| popularity | 0.1500 | 0.2000 | -0.0100 | 1.5 | 1234 |" in lines
-    assert "| frozen | 0.1500 | 0.2000 | n/a | 1.5 | 1234 |" in lines
+    assert lines[2] == "| strategy | Recall@10 | NDCG@10 | BWT | P1-cold NDCG@10 | train s | samples trained |"
+    assert "| popularity | 0.1500 | 0.2000 | -0.0100 | 0.0000 | 1.5 | 1234 |" in lines
+    assert "| frozen | 0.1500 | 0.2000 | n/a | 0.0000 | 1.5 | 1234 |" in lines
     png = write_plot(tmp_path / "r.png", results)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,5 @@
-"""Protocol P1 of CONTRACTS section 3: prequential (test-then-train) evaluation.
+"""Protocol P1 of CONTRACTS section 3: prequential (test-then-train) evaluation,
+with its cold-item slice P1-cold (step 5) measured on the same run.
 
 What does not depend on the strategy (block split, catalogue, each block's
 test users with their history and truth) is computed once by ``prepare_p1``
@@ -7,7 +8,7 @@ and shared; ``run_prepared`` then drives one ``Recommender`` through it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -60,6 +61,9 @@ class BlockTest:
     user_ids: list[str]
     history: list[np.ndarray]  # rows the user had an event with before the block: not candidates
     truth: list[np.ndarray]  # rows new to the user in the block (never empty)
+    # Only these rows are candidates (P1-cold: the items with few events before the block);
+    # None: the whole catalogue.
+    candidates: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class PreparedP1:
     catalogue: list[str]  # every candidate item id; the index breaks score ties
     tests: list[BlockTest]  # one per block 1..B-1
     k: int
+    cold_tests: list[BlockTest] = field(default_factory=list)  # P1-cold, one per block 1..B-1
 
     @property
     def n_events(self) -> int:
@@ -97,6 +102,12 @@ class StrategyResult:
     per_block: list[BlockScore]
     r_diag: dict[int, float]  # R[k][k]: NDCG on block k's test right after training on block k
     r_end: dict[int, float]  # R[end][k]: the same test after the last block
+    cold_recall: float = 0.0  # P1-cold (CONTRACTS section 3, step 5), same run
+    cold_ndcg: float = 0.0
+    cold_per_block: list[BlockScore] = field(default_factory=list)
+
+
+COLD_EVENTS = 5  # P1-cold: an item with fewer events than this before a block is cold there
 
 
 def prepare_p1(events: Sequence[Event], items: Sequence[Item], blocks: int = 10,
@@ -123,16 +134,21 @@ def prepare_p1(events: Sequence[Event], items: Sequence[Item], blocks: int = 10,
             catalogue.append(event.item_id)
 
     tests: list[BlockTest] = []
+    cold_tests: list[BlockTest] = []
     history: dict[str, set[int]] = {}
+    counts = np.zeros(len(catalogue), dtype=np.int64)  # events per row before the block
     for number, block in enumerate(split):
         in_block: dict[str, set[int]] = {}
         for event in block:
             in_block.setdefault(event.user_id, set()).add(row[event.item_id])
         if number > 0:
-            tests.append(_block_test(number, in_block, history))
+            test = _block_test(number, in_block, history)
+            tests.append(test)
+            cold_tests.append(_cold_test(test, np.flatnonzero(counts < COLD_EVENTS)))
         for user_id, rows in in_block.items():
             history.setdefault(user_id, set()).update(rows)
-    return PreparedP1(split, list(newest.values()), catalogue, tests, k)
+        np.add.at(counts, [row[event.item_id] for event in block], 1)
+    return PreparedP1(split, list(newest.values()), catalogue, tests, k, cold_tests)
 
 
 def _block_test(number: int, in_block: dict[str, set[int]],
@@ -148,6 +164,19 @@ def _block_test(number: int, in_block: dict[str, set[int]],
             seen.append(np.fromiter(sorted(before), dtype=np.intp, count=len(before)))
             truth.append(np.fromiter(sorted(new), dtype=np.intp, count=len(new)))
     return BlockTest(number, users, seen, truth)
+
+
+def _cold_test(test: BlockTest, cold: np.ndarray) -> BlockTest:
+    """P1-cold for one block: the P1 test users whose new items include cold ones, ranked
+    among the cold items only (their history still excluded)."""
+    users, seen, truth = [], [], []
+    for user_id, before, new in zip(test.user_ids, test.history, test.truth):
+        hit = new[np.isin(new, cold)]
+        if len(hit):
+            users.append(user_id)
+            seen.append(before)
+            truth.append(hit)
+    return BlockTest(test.block, users, seen, truth, candidates=cold)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -191,6 +220,10 @@ def score_block(recommender: Recommender, test: BlockTest, catalogue: list[str],
     chunk = _chunk(catalogue)
     frozen = frozen if frozen is not None else freeze_block(recommender, test, catalogue)
     recalls, ndcgs = [], []
+    outside = None
+    if test.candidates is not None:
+        outside = np.ones(len(catalogue), dtype=bool)
+        outside[test.candidates] = False
     for part, start in enumerate(range(0, len(test.user_ids), chunk)):
         users = test.user_ids[start:start + chunk]
         scores = np.array(recommender.scores(frozen[part], catalogue), dtype=np.float64)
@@ -198,6 +231,8 @@ def score_block(recommender: Recommender, test: BlockTest, catalogue: list[str],
             raise ValueError(f"{recommender.name}: scores() returned shape {scores.shape}, "
                              f"expected {(len(users), len(catalogue))}")
         np.nan_to_num(scores, copy=False, nan=-_HIGHEST, posinf=_HIGHEST, neginf=-_HIGHEST)
+        if outside is not None:
+            scores[:, outside] = -np.inf
         for i, seen in enumerate(test.history[start:start + chunk]):
             scores[i, seen] = -np.inf
         for ranked, truth in zip(top_k(scores, k), test.truth[start:start + chunk]):
@@ -236,10 +271,15 @@ def run_prepared(recommender: Recommender, prepared: PreparedP1,
     step("train block 0")
     per_block: list[BlockScore] = []
     r_diag: dict[int, float] = {}
+    cold_per_block: list[BlockScore] = []
+    cold_tests = {test.block: test for test in prepared.cold_tests}
     frozen: dict[int, list] = {}  # each block's test users with their history before the block
     for test in prepared.tests:
         frozen[test.block] = freeze_block(recommender, test, catalogue)
         per_block.append(score_block(recommender, test, catalogue, k, frozen[test.block]))
+        cold = cold_tests.get(test.block)
+        if cold is not None:  # the same moment and model as the P1 test
+            cold_per_block.append(score_block(recommender, cold, catalogue, k))
         step(f"test block {test.block}")
         _learn(recommender, prepared.blocks[test.block])
         step(f"train block {test.block}")
@@ -253,13 +293,16 @@ def run_prepared(recommender: Recommender, prepared: PreparedP1,
     step("forgetting")
 
     measured = [s for s in per_block if s.users]
+    cold_measured = [s for s in cold_per_block if s.users]
     return StrategyResult(
         name=recommender.name, k=k,
         recall=_mean([s.recall for s in measured]), ndcg=_mean([s.ndcg for s in measured]),
         bwt=float(np.mean([r_end[b] - r_diag[b] for b in r_diag])) if r_diag else None,
         train_seconds=float(recommender.train_seconds),
         samples_trained=int(recommender.samples_trained),
-        per_block=per_block, r_diag=r_diag, r_end=r_end)
+        per_block=per_block, r_diag=r_diag, r_end=r_end,
+        cold_recall=_mean([s.recall for s in cold_measured]), cold_ndcg=_mean([s.ndcg for s in cold_measured]),
+        cold_per_block=cold_per_block)
 
 
 def run_p1(recommender: Recommender, events: Sequence[Event], items: Sequence[Item],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from learners.evaluation.protocol import StrategyResult
 
@@ -24,6 +24,7 @@ def strategy_dict(result: StrategyResult) -> dict:
         "bwt": result.bwt,
         "train_seconds": result.train_seconds,
         "samples_trained": result.samples_trained,
+        "cold": {recall_key: result.cold_recall, ndcg_key: result.cold_ndcg},
         "per_block": [
             {"block": s.block, recall_key: s.recall, ndcg_key: s.ndcg, "users": s.users}
             for s in result.per_block
@@ -32,13 +33,17 @@ def strategy_dict(result: StrategyResult) -> dict:
 
 
 def results_dict(*, blocks: int, k: int, events: int, items: int,
-                 strategies: dict[str, StrategyResult]) -> dict:
-    """The section-4 object; ``items`` is the catalogue size (every candidate)."""
+                 strategies: dict[str, StrategyResult], scenario: Optional[str] = None) -> dict:
+    """The section-4 object; ``items`` is the catalogue size (every candidate). ``scenario``,
+    an optional field, names the event order when it is not the stream's own."""
     for name, result in strategies.items():
         if result.k != k:
             raise ValueError(f"strategy {name} was measured at K={result.k}, not K={k}")
-    return {"protocol": "P1", "blocks": blocks, "k": k, "events": events, "items": items,
-            "strategies": {name: strategy_dict(r) for name, r in strategies.items()}}
+    out = {"protocol": "P1", "blocks": blocks, "k": k, "events": events, "items": items}
+    if scenario is not None:
+        out["scenario"] = scenario
+    out["strategies"] = {name: strategy_dict(r) for name, r in strategies.items()}
+    return out
 
 
 def _write_text(path: PathLike, text: str) -> Path:
@@ -52,9 +57,10 @@ def _write_text(path: PathLike, text: str) -> Path:
 
 
 def write_results(path: PathLike, *, blocks: int, k: int, events: int, items: int,
-                  strategies: dict[str, StrategyResult]) -> dict:
+                  strategies: dict[str, StrategyResult], scenario: Optional[str] = None) -> dict:
     """Write the results JSON and return the dict written."""
-    results = results_dict(blocks=blocks, k=k, events=events, items=items, strategies=strategies)
+    results = results_dict(blocks=blocks, k=k, events=events, items=items, strategies=strategies,
+                           scenario=scenario)
     _write_text(path, json.dumps(results, indent=2, allow_nan=False) + "\n")
     return results
 
@@ -62,15 +68,19 @@ def write_results(path: PathLike, *, blocks: int, k: int, events: int, items: in
 def markdown_table(results: dict) -> str:
     k = results["k"]
     lines = [
-        f"Protocol {results['protocol']}: {results['blocks']} blocks, K={k}, "
+        f"Protocol {results['protocol']}"
+        + (f" ({results['scenario']} scenario)" if results.get("scenario") else "")
+        + f": {results['blocks']} blocks, K={k}, "
         f"{results['events']} events, {results['items']} items.",
         "",
-        f"| strategy | Recall@{k} | NDCG@{k} | BWT | train s | samples trained |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| strategy | Recall@{k} | NDCG@{k} | BWT | P1-cold NDCG@{k} | train s | samples trained |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in results["strategies"].items():
         bwt = "n/a" if s["bwt"] is None else f"{s['bwt']:+.4f}"
-        lines.append(f"| {name} | {s[f'recall@{k}']:.4f} | {s[f'ndcg@{k}']:.4f} | {bwt} "
+        cold = s.get("cold") or {}
+        cold_ndcg = "n/a" if f"ndcg@{k}" not in cold else f"{cold[f'ndcg@{k}']:.4f}"
+        lines.append(f"| {name} | {s[f'recall@{k}']:.4f} | {s[f'ndcg@{k}']:.4f} | {bwt} | {cold_ndcg} "
                      f"| {s['train_seconds']:.1f} | {s['samples_trained']} |")
     return "\n".join(lines) + "\n"
 

@@ -17,6 +17,7 @@ from learners.evaluation.files import read_events, read_items
 from learners.evaluation.popularity import PopularityRecommender
 from learners.evaluation.protocol import Recommender, StrategyResult, prepare_p1, run_prepared
 from learners.evaluation.report import write_markdown, write_plot, write_results
+from learners.evaluation.scenarios import SCENARIOS, apply_scenario
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,11 @@ def _build(name: str, factory: Optional[Factory]) -> Recommender:
 def evaluate(events_path: Union[str, Path], items_path: Union[str, Path],
              out_path: Union[str, Path], blocks: int = 10, k: int = 10,
              strategies: Optional[list[str]] = None, factory: Optional[Factory] = None,
-             show_progress: bool = True) -> dict:
+             show_progress: bool = True, scenario: str = "time") -> dict:
     """Run P1 for every strategy; write ``out_path`` and its .png / .md siblings.
+
+    ``scenario`` (``learners.evaluation.scenarios``): ``time`` is the stream as it
+    happened; ``genre-epochs`` replays it one genre group after another (drift).
 
     The JSON is rewritten after each strategy, so a long run that dies later
     still leaves the strategies already measured. Returns the results dict.
@@ -57,8 +61,11 @@ def evaluate(events_path: Union[str, Path], items_path: Union[str, Path],
     log.info("loaded %d events (%d bad) and %d items (%d bad)", len(events.records),
              events.bad, len(items.records), items.bad)
 
-    prepared = prepare_p1(events.records, items.records, blocks, k)  # shared by all strategies
-    del events, items
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"--scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
+    records = apply_scenario(scenario, events.records, items.records)
+    prepared = prepare_p1(records, items.records, blocks, k)  # shared by all strategies
+    del events, items, records
     out_path = Path(out_path)
     measured: dict[str, StrategyResult] = {}
     results: dict = {}
