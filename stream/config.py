@@ -6,6 +6,9 @@ automatically a flag, an environment variable and a documented setting.
 
 from __future__ import annotations
 
+import hashlib
+import re
+import socket
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -37,6 +40,13 @@ class Settings(BaseSettings):
     bootstrap_servers: Optional[str] = Field(
         None, description="Kafka bootstrap list host:port[,host:port]; empty = start the embedded broker")
     group_id: str = Field("recstream", description="consumer group")
+    group_instance_id: Optional[str] = Field(
+        None, description="static group membership: a name unique to this worker that it keeps across restarts "
+                          "(Kubernetes: the pod name; auto = the host name and the --state-dir), so a restarted "
+                          "worker gets its partitions back at once instead of waiting --session-timeout-ms for "
+                          "its killed predecessor to expire. A static member that stops for good keeps its "
+                          "partitions until its session expires. Two live workers never share one: the newer "
+                          "fences the older. Empty = dynamic membership")
     events_topic: str = Field("events", description="topic of click/favourite/purchase events")
     items_topic: str = Field("items", description="topic of item texts (compacted)")
     vectors_topic: str = Field("vectors", description="topic the user and item vectors go to")
@@ -135,9 +145,17 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path("recstream-state"), description="checkpoint folder; a restarted worker resumes "
                             f"from it (the embedded demo's default: {DEMO_STATE_DIR})")
     checkpoint_interval_s: float = Field(60.0, gt=0, description="seconds between checkpoints (offsets commit with them)")
+    catch_up_checkpoint_s: float = Field(
+        5.0, gt=0, description="seconds between checkpoints while the worker is behind (events lag, or item texts "
+        "still arriving); --checkpoint-interval-s once caught up. A worker restarted in a crash loop commits "
+        "progress every few seconds; files unchanged since the previous checkpoint are hard links, not copies")
     first_checkpoint_s: float = Field(
         2.0, gt=0, description="seconds after the first records a (re)started worker applies until its first "
         "checkpoint: a worker restarted in a crash loop still commits progress every cycle")
+    items_per_turn: int = Field(
+        64, ge=1, description="item texts encoded per turn of the loop at most: encoding holds the loop, so a "
+                              "catalogue arriving at once is taken in slices, and the group, events and "
+                              "checkpoints go on between them")
     dedup_window: int = Field(2_000_000, ge=1, description="event ids remembered for de-duplication")
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port (0 = off)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
@@ -174,19 +192,41 @@ class Settings(BaseSettings):
 
     def consumer_kwargs(self) -> dict:
         """Arguments for ``kafka.KafkaConsumer``: a group member that commits by hand."""
+        kwargs = {
+            **self.reader_kwargs(""),
+            "group_id": self.group_id,
+            "enable_auto_commit": False,
+            "max_poll_interval_ms": self.max_poll_interval_ms,
+            "session_timeout_ms": self.session_timeout_ms,
+            "heartbeat_interval_ms": max(1000, self.session_timeout_ms // 3),
+        }
+        instance = self.instance_id()
+        if instance:
+            kwargs["group_instance_id"] = instance
+        return kwargs
+
+    def instance_id(self) -> Optional[str]:
+        """The group instance id this worker joins with (None: dynamic membership)."""
+        value = (self.group_instance_id or "").strip()
+        if value != "auto":
+            return value or None
+        digest = hashlib.sha1(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:200] or "host"
+        return f"{host}-{digest}"
+
+    def reader_kwargs(self, role: str) -> dict:
+        """Arguments for a ``kafka.KafkaConsumer`` outside the group (manual assignment, no commits);
+        ``role`` is appended to the client id so the broker's logs tell the readers apart."""
         if not self.bootstrap_servers:
             raise ConfigError("no bootstrap servers: pass --bootstrap-servers or RECSTREAM_BOOTSTRAP_SERVERS")
         return {
             "bootstrap_servers": self.bootstrap_servers.split(","),
-            "group_id": self.group_id,
-            "client_id": self.client_id,
+            "group_id": None,
+            "client_id": self.client_id + (f"-{role}" if role else ""),
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
             "max_poll_records": self.max_poll_records,
             "fetch_max_wait_ms": self.fetch_max_wait_ms,
-            "max_poll_interval_ms": self.max_poll_interval_ms,
-            "session_timeout_ms": self.session_timeout_ms,
-            "heartbeat_interval_ms": max(1000, self.session_timeout_ms // 3),
             **self._security_kwargs(),
         }
 

@@ -15,7 +15,7 @@ from operator import attrgetter
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import FencedInstanceIdError, KafkaError
 from kafka.partitioner.default import DefaultPartitioner, murmur2
 
 from learners.errors import BrokerError
@@ -146,6 +146,8 @@ class KafkaSource:
         """One poll, flattened in (topic, partition, offset) order; [] on broker trouble."""
         try:
             polled = self._consumer.poll(timeout_ms=timeout_ms)
+        except FencedInstanceIdError as exc:
+            raise _fenced(exc) from exc
         except (KafkaError, OSError) as exc:
             self._failed("poll", exc)
             return []
@@ -195,6 +197,8 @@ class KafkaSource:
                    for (topic, partition), offset in offsets.items()}
         try:
             self._consumer.commit(offsets=payload)
+        except FencedInstanceIdError as exc:
+            raise _fenced(exc) from exc
         except KafkaError as exc:
             # A later commit carries newer offsets; a restart resumes from the checkpoint.
             log.warning("offset commit failed (%s: %s)", type(exc).__name__, exc)
@@ -253,6 +257,13 @@ class KafkaSource:
             self._consumer.close(autocommit=False)
         except KafkaError as exc:
             log.warning("closing the consumer failed: %s", exc)
+
+
+def _fenced(exc: BaseException) -> BrokerError:
+    return BrokerError(
+        f"another worker joined the group with this worker's group instance id ({exc}): two live workers "
+        "share one --group-instance-id (with 'auto': the same host and --state-dir). This one stops, its "
+        "last checkpoint stands. Give every worker its own --state-dir, or its own --group-instance-id.")
 
 
 class _ProducerSink:

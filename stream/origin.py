@@ -68,8 +68,8 @@ def check_checkpoint_origin(current: StreamOrigin, saved: Optional[dict], state_
 
 def fetch_cluster_id(settings, timeout_ms: int) -> Optional[str]:
     """The cluster id the brokers report (one admin request)."""
-    consumer = settings.consumer_kwargs()
-    admin = KafkaAdminClient(bootstrap_servers=consumer["bootstrap_servers"], client_id=settings.client_id + "-admin",
+    consumer = settings.reader_kwargs("admin")
+    admin = KafkaAdminClient(bootstrap_servers=consumer["bootstrap_servers"], client_id=consumer["client_id"],
                              request_timeout_ms=timeout_ms,
                              **{k: v for k, v in consumer.items() if k.startswith(("security_", "sasl_", "ssl_"))})
     try:

@@ -124,11 +124,15 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self._idle_since: Optional[float] = None
         self._last_topic_check = 0.0
         self._first_applied_at: Optional[float] = None  # when this process first applied a record
+        self._events_lag = 0  # records behind the log ends, as of the last lag update
+        self._last_poll_full = False  # the last poll returned all it may: more wait (known before the lag)
+        self._last_items_at = float("-inf")  # when item texts last arrived
         self._checkpointed_since_start = False  # a checkpoint holding this process's own events is durable
         self._item_versions: dict[str, int] = {}  # item id -> model version its last vector went out with
         self._saved_origin: Optional[dict] = None  # the stream the restored checkpoint was read from
         self._origin: Optional[StreamOrigin] = None  # the stream this worker reads, once connected
         self._has_checkpoint = self._restore()
+        self._progress_consumed = self.totals.consumed  # the first rate counts this process's records only
         self.events: Optional[KafkaSource] = None
         self.items: Optional[ItemsFollower] = None
         self.producer = None
@@ -177,8 +181,7 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         self.events = KafkaSource.from_settings(s, on_error=self._broker_error, **quick)
         self.events.subscribe([s.events_topic], on_assigned=self._on_assigned, on_revoked=self._on_revoked,
                               on_lost=self._on_lost)
-        items_consumer = KafkaConsumer(**{**s.consumer_kwargs(), **quick, "group_id": None,
-                                          "client_id": s.client_id + "-items"})
+        items_consumer = KafkaConsumer(**s.reader_kwargs("items"), **quick)
         self.items = ItemsFollower(items_consumer, s.items_topic, self._item_start, on_error=self._broker_error)
         self._origin = StreamOrigin.of(s, fetch_cluster_id(s, BOOTSTRAP_TIMEOUT_MS))
         log.info("connected to Kafka at %s (cluster %s)", s.bootstrap_servers, self._origin.cluster_id)
@@ -275,6 +278,7 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         timeout = 50 if self.learner.pending or self._unpublished else 500
         records = self.events.next_batch(timeout_ms=timeout)
         self._last_poll = time.monotonic()
+        self._last_poll_full = len(records) >= self.settings.max_poll_records
         if self._rollback_reason:  # set by a rebalance callback inside that poll
             self._roll_back()
         if self._stash:  # records a keepalive poll returned during training come first
@@ -297,14 +301,23 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
             self._progress()
 
     def _checkpoint_due(self) -> bool:
-        """Every ``checkpoint_interval_s``; the first one ``first_checkpoint_s`` after the first records
-        applied, so that a worker killed sooner than the interval still commits what it did."""
+        """Every ``checkpoint_interval_s``, every ``catch_up_checkpoint_s`` while behind, and the first
+        one ``first_checkpoint_s`` after the first records applied: a worker killed sooner than the
+        interval, over and over, still commits what it did."""
         now = time.monotonic()
-        if now - self._last_checkpoint >= self.settings.checkpoint_interval_s:
+        since = now - self._last_checkpoint
+        if since >= self.settings.checkpoint_interval_s:
+            return True
+        if self._dirty_since_checkpoint and since >= self.settings.catch_up_checkpoint_s and self._behind(now):
             return True
         first = self._first_applied_at
         return first is not None and not self._checkpointed_since_start \
             and now - first >= self.settings.first_checkpoint_s
+
+    def _behind(self, now: float) -> bool:
+        """Catching up: events wait in the log, or item texts arrived within the catch-up interval."""
+        return (self._events_lag > 0 or self._last_poll_full
+                or now - self._last_items_at < self.settings.catch_up_checkpoint_s)
 
     def _checkpoint_writer(self) -> CheckpointWriter:
         """The writer: checkpoints prepared on the trainer thread (no experience runs meanwhile)
@@ -322,9 +335,10 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
         return self._training or (job is not None and job.holds_learner())
 
     def _ingest_items(self) -> None:
-        records = self.items.next_batch(timeout_ms=0)
+        records = self.items.next_batch(timeout_ms=0, max_records=self.settings.items_per_turn)
         if not records:
             return
+        self._last_items_at = time.monotonic()
         items, bad = [], []
         source_of: dict[int, SourceRecord] = {}  # id(item) -> its record, for a dead letter
         for record in records:
@@ -479,5 +493,7 @@ class Worker(CheckpointMixin, TrainingMixin, MembershipMixin, OutputMixin):
 
     def _update_lag(self) -> None:
         self._last_lag = time.monotonic()
-        for topic, lag in self.events.lag().items():
+        lags = self.events.lag()
+        for topic, lag in lags.items():
             self.metrics.consumer_lag.labels(topic=topic).set(lag)
+        self._events_lag = sum(lags.values())

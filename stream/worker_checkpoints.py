@@ -83,8 +83,7 @@ class CheckpointMixin:
         """Read the dead-letter topic from the checkpoint's positions (all of it without a
         checkpoint) and remember the sources found there whose offsets will be read again."""
         s = self.settings
-        consumer = KafkaConsumer(**{**s.consumer_kwargs(), "group_id": None, "client_id": s.client_id + "-dlq-scan",
-                                    "bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS})
+        consumer = KafkaConsumer(**s.reader_kwargs("dlq-scan"), bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
         try:
             start = self._dlq_positions if self._dlq_positions_known else {}
             found, ends = scan_dead_letters(consumer, s.dlq_topic, start, (s.events_topic, s.items_topic))

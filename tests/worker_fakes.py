@@ -70,14 +70,16 @@ class FakeProducer:
 
 
 class FakeItems:
-    """The items topic: hands out the records it is given, once."""
+    """The items topic: hands out the records it is given, once, at most ``max_records`` a call."""
 
     def __init__(self, records=()):
         self.offsets: dict = {}
         self.records = list(records)
 
-    def next_batch(self, timeout_ms=0):
-        records, self.records = self.records, []
+    def next_batch(self, timeout_ms=0, max_records=500):
+        records, self.records = self.records[:max_records], self.records[max_records:]
+        for record in records:
+            self.offsets[record.partition] = record.offset + 1
         return records
 
     def close(self):

@@ -5,16 +5,35 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Optional
 
 
-def write_file(path: Path, data: bytes) -> dict:
+def write_file(path: Path, data: bytes, digest: Optional[str] = None) -> dict:
     """Write and fsync one file; returns its manifest entry (size and sha256)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"size": len(data), "sha256": digest or hashlib.sha256(data).hexdigest()}
+
+
+def write_or_link(path: Path, data: bytes, unchanged: Optional[tuple[Path, dict]]) -> tuple[dict, bool]:
+    """``write_file``, unless ``unchanged`` (a file of a committed checkpoint and its manifest entry)
+    holds exactly ``data``: then a hard link to it. Committed files are never written again, so
+    sharing them is safe, and a checkpoint taken every few seconds writes only what changed.
+    Returns the manifest entry and whether the file was linked."""
+    digest = hashlib.sha256(data).hexdigest()
+    if unchanged is not None:
+        source, entry = unchanged
+        if entry.get("size") == len(data) and entry.get("sha256") == digest:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, path)
+                return {"size": len(data), "sha256": digest}, True
+            except OSError:  # pruned meanwhile, or a file system without hard links: write it
+                pass
+    return write_file(path, data, digest), False
 
 
 def fsync_path(path: Path) -> None:

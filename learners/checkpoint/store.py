@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from learners.adapters import FROZEN_SHARD
-from learners.checkpoint.atomic import commit_folder, write_file
+from learners.checkpoint.atomic import commit_folder, write_or_link
 from learners.checkpoint.collect import collect, compact_json, export_hf_model, model_file_entries
 from learners.checkpoint.compatibility import check_config
 from learners.checkpoint.manifest import (FORMAT, MANIFEST, MODEL_DIR, TornCheckpoint, manifest_bytes, quick_check,
-                                          verify)
+                                          read_manifest, verify)
 from learners.checkpoint.restore import apply, parse
 from learners.errors import CheckpointError
 
@@ -42,10 +42,14 @@ class CheckpointStore:
         self.fallbacks = 0  # torn/corrupt checkpoints skipped by the last load_latest
         self.last_path: Optional[Path] = None
         self.last_bytes = 0
+        self.last_linked_bytes = 0  # of last_bytes, what was hard-linked from the previous checkpoint
         self.last_seconds = 0.0
         # (encoder identity, path, manifest entry) of the frozen model shard last written: the
         # next checkpoint of the same encoder hard-links it (collect.export_hf_model).
         self._frozen_shard: Optional[tuple[tuple, Path, dict]] = None
+        # The newest checkpoint written or restored, and its manifest's file entries: files the
+        # next one would write unchanged are hard-linked from it instead.
+        self._previous: Optional[tuple[Path, dict[str, dict]]] = None
         self._last_seq = 0
         self._writing: set[Path] = set()  # tmp folders prepared and not yet written: never pruned
 
@@ -91,7 +95,7 @@ class CheckpointStore:
         tmp = self.state_dir / f".tmp-{seq}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        encoder_key = (id(learner.encoder), learner.config.train_layers, learner.config.train_params)
+        encoder_key = _encoder_key(learner)
         self._writing.add(tmp)
         try:
             with _errors_said_where(self.state_dir):
@@ -115,25 +119,42 @@ class CheckpointStore:
         tmp, final = prepared.tmp, prepared.final
         try:
             with _errors_said_where(self.state_dir):
-                files = {name: write_file(tmp / name, data) for name, data in prepared.blobs.items()}
+                files, linked = {}, 0
+                for name, data in prepared.blobs.items():
+                    files[name], was_linked = write_or_link(tmp / name, data, self._unchanged(name))
+                    linked += len(data) if was_linked else 0
                 files.update(model_file_entries(tmp, prepared.model_files))
+                linked += sum(entry["size"] for entry in prepared.model_files.values() if entry is not None)
                 head = {"format": FORMAT, "model_version": prepared.version, "seq": prepared.seq,
                         "created": time.time()}
                 commit_folder(tmp, final, MANIFEST, manifest_bytes(head, files))
         finally:
             self._discard(tmp)  # after the commit (a rename) nothing is left of it
         self.last_path = final
-        shard = f"{MODEL_DIR}/{FROZEN_SHARD}"
-        self._frozen_shard = (prepared.encoder_key, final / shard, files[shard]) if shard in files else None
+        self._remember(final, files, prepared.encoder_key)
         self.last_bytes = sum(f["size"] for f in files.values())
+        self.last_linked_bytes = linked
         try:
             self._prune(keep_path=final)
         except OSError as exc:  # the checkpoint itself is committed: pruning can wait for the next one
             log.warning("could not prune old checkpoints in %s: %s", self.state_dir, exc)
         self.last_seconds = prepared.prepare_s + time.perf_counter() - started
-        log.info("checkpoint %s written: model version %d, %.1f MB in %.2f s (%.2f s of it with the learner held)",
-                 final.name, prepared.version, self.last_bytes / 1e6, self.last_seconds, prepared.prepare_s)
+        log.info("checkpoint %s written: model version %d, %.1f MB (%.1f MB of it unchanged, linked) in %.2f s "
+                 "(%.2f s of it with the learner held)", final.name, prepared.version, self.last_bytes / 1e6,
+                 linked / 1e6, self.last_seconds, prepared.prepare_s)
         return final
+
+    def _remember(self, path: Path, files: dict[str, dict], encoder_key: tuple) -> None:
+        """``path`` is the newest checkpoint: the next one links what it would write unchanged."""
+        self._previous = (path, files)
+        shard = f"{MODEL_DIR}/{FROZEN_SHARD}"
+        self._frozen_shard = (encoder_key, path / shard, files[shard]) if shard in files else None
+
+    def _unchanged(self, name: str) -> Optional[tuple[Path, dict]]:
+        """The previous checkpoint's file of this name and its manifest entry, if there is one."""
+        if self._previous is None or name not in self._previous[1]:
+            return None
+        return self._previous[0] / name, self._previous[1][name]
 
     def _discard(self, tmp: Path) -> None:
         """Forget a temporary folder of this store's, removing what is left of it."""
@@ -184,6 +205,7 @@ class CheckpointStore:
                     f"checkpoint {path} could not be restored into this learner ({exc!r}); start with a fresh "
                     "--state-dir, or run with the settings and version it was written with") from exc
             self.last_path = path
+            self._remember(path, read_manifest(path), _encoder_key(learner))
             log.info("restored checkpoint %s: model version %d (%d fallbacks)", path.name,
                      learner.model_version, self.fallbacks)
             return loaded["extra.json"]
@@ -219,6 +241,11 @@ class PreparedCheckpoint:
     model_files: dict[str, Optional[dict]]    # exported into tmp; None: to be fsynced and hashed
     encoder_key: tuple
     prepare_s: float                          # time the learner was held
+
+
+def _encoder_key(learner: "ContinualRecommender") -> tuple:
+    """What the frozen model shard depends on: a checkpoint of the same key may link the previous one's."""
+    return id(learner.encoder), learner.config.train_layers, learner.config.train_params
 
 
 @contextmanager
