@@ -35,7 +35,8 @@ def set_torch_threads(settings: Settings) -> None:
 
 
 def learner_config(settings: Settings) -> LearnerConfig:
-    return LearnerConfig(
-        model_path=settings.model_path(), **{name: getattr(settings, name) for name in LEARNER_SETTINGS},
-        lora_targets=tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
-        if settings.lora_targets else None)
+    """The learner ``settings`` describe: its fields were derived from ``LearnerConfig``, so they map one to one."""
+    values = settings.model_dump(include=set(LEARNER_SETTINGS))
+    targets = [name.strip() for name in (settings.lora_targets or "").split(",") if name.strip()]
+    values["lora_targets"] = tuple(targets) or None  # comma-separated text in the flag
+    return LearnerConfig(model_path=settings.model_path(), **values)
