@@ -57,7 +57,7 @@ def _learner_fields() -> dict[str, typing.Any]:
     return out
 
 
-class _KafkaSettings(BaseSettings):
+class KafkaSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSTREAM_", frozen=True, extra="forbid")
 
     # --- Kafka -------------------------------------------------------------
@@ -77,14 +77,13 @@ class _KafkaSettings(BaseSettings):
     max_poll_records: int = Field(2000, ge=1, description="records fetched per poll")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="consumer max.poll.interval.ms")
     fetch_max_wait_ms: int = Field(
-        50, ge=0, description="consumer fetch.max.wait.ms: how long a fetch may wait for new records (kafka-python's "
-                              "500 ms default was most of the event -> vector time on the embedded broker)")
+        50, ge=0, description="consumer fetch.max.wait.ms: how long a fetch may wait for new records; it adds "
+                              "up to this to event -> vector time when the stream is quiet")
     session_timeout_ms: int = Field(10_000, ge=1000, description="consumer session.timeout.ms")
     producer_linger_ms: int = Field(
         50, ge=0, description="producer linger.ms for vectors and dead letters: the wait to fill a batch. It adds "
-                              "at most this to event -> vector time; fewer, larger batches cost the broker less "
-                              "(recstream bench, its event producer lingering as long: event -> vector p99 "
-                              "1.24 s at 25 ms, 0.47 s at 50 ms; README Performance)")
+                              "at most this to event -> vector time, but fewer, larger batches cost the broker "
+                              "less, which under load keeps that time lower than a shorter wait would")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -135,8 +134,7 @@ class _KafkaSettings(BaseSettings):
             "acks": "all",
             "linger_ms": self.producer_linger_ms,
             # One request in flight (ordering) means one round trip per batch: the default
-            # 16 KiB holds only ~12 vector records, which capped publishing at a few thousand
-            # vectors/s (recstream bench, ingest incl. publishing); 256 KiB lifts that ~2-3x.
+            # 16 KiB holds only a dozen vector records, so round trips capped publishing.
             "batch_size": 256 * 1024,
             "retries": 5,
             "max_in_flight_requests_per_connection": 1,
@@ -145,7 +143,7 @@ class _KafkaSettings(BaseSettings):
 
 
 # The learner's settings sit between the Kafka ones and the worker's own, as a base class of their own.
-_LearnerSettings = create_model("_LearnerSettings", __base__=_KafkaSettings, **_learner_fields())
+_LearnerSettings = create_model("_LearnerSettings", __base__=KafkaSettings, **_learner_fields())
 
 
 class Settings(_LearnerSettings):

@@ -17,9 +17,9 @@ _SWITCH_INTERVAL_S = 0.001
 
 
 def set_torch_threads(settings: Settings) -> None:
-    """With background training, leave one core to the loop and Kafka's I/O threads: on a
-    2-core machine torch's two OpenMP threads and the loop fought for both, and an experience
-    ran 3x slower than on one thread while the loop fell behind (recstream bench)."""
+    """With background training, leave one core to the loop and Kafka's I/O threads: torch's
+    OpenMP threads spin, and with one on every core they and the loop fight for all of them,
+    slowing training and the loop alike (docs/performance.md)."""
     threads = settings.torch_threads
     if not threads and settings.background_training:
         threads = max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") \

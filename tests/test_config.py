@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from config_reference import PATH as REFERENCE
+from config_reference import render as render_reference
+from learners.config import LearnerConfig
 from learners.errors import ConfigError
 from stream.cli import main
-from learners.config import LearnerConfig
 from stream.config import LEARNER_SETTINGS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def test_environment_variables_fill_settings(monkeypatch):
@@ -39,13 +40,15 @@ def test_bad_bootstrap_is_refused_and_missing_one_says_what_to_do():
         Settings().consumer_kwargs()
 
 
-def test_every_setting_is_a_worker_flag_and_in_the_readme():
+def test_every_setting_is_a_worker_flag_and_documented():
     help_text = CliRunner().invoke(main, ["worker", "--help"], terminal_width=200).output
-    readme = README.read_text()
+    reference = REFERENCE.read_text()
     for name in Settings.model_fields:
         flag = "--" + name.replace("_", "-")
         assert flag in help_text, flag
-        assert f"`{flag}`" in readme and f"`RECSTREAM_{name.upper()}`" in readme, name
+        assert f"`{flag}`" in reference and f"`RECSTREAM_{name.upper()}`" in reference, name
+    assert reference == render_reference(), "docs/configuration.md is stale: run python tests/config_reference.py"
+    assert "docs/configuration.md" in README.read_text()
 
 
 def test_invalid_flag_value_names_the_flag_and_variable():
