@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 # Only light modules here: --help and argument errors answer before torch is imported.
 from learners.errors import RecstreamError
+from learners.quiet import silence_library_warnings
 from stream.config import DEMO_STATE_DIR, LEARNER_SETTINGS, Settings
 
 
@@ -78,6 +79,7 @@ def _logging(level: str) -> None:
 @click.group()
 def main() -> None:
     """recstream: streaming continual learning of user and item vectors from Kafka events."""
+    silence_library_warnings()  # before any command imports the libraries
 
 
 @main.command()
@@ -132,13 +134,18 @@ def _run_worker(settings: Settings) -> int:
         if broker is not None:
             broker.stop()
         return 0
+    worker_log, notice = logging.getLogger("stream.worker"), None
+    if feeder is not None:
+        from stream.demo import EmptyBrokerNotice
+
+        notice = EmptyBrokerNotice()
+        worker_log.addFilter(notice)
     app.connect()  # returns early on stop(), and run() then closes
     if feeder is not None:
+        from stream.demo import banner
+
         feeder.start()
-        logging.getLogger("recstream").info(
-            "demo: %d synthetic items, events at %.0f/s into %s; metrics at http://localhost:%d/metrics; "
-            "Ctrl-C stops", settings.demo_items, settings.demo_rate, settings.bootstrap_servers,
-            settings.metrics_port)
+        click.echo(banner(settings), err=True)
     try:
         return app.run()
     finally:
@@ -146,6 +153,8 @@ def _run_worker(settings: Settings) -> int:
             feeder.stop()
         if broker is not None:
             broker.stop()
+        if notice is not None:
+            worker_log.removeFilter(notice)
 
 
 @main.command()
