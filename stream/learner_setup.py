@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from learners.learner import LearnerConfig
+from learners.config import LearnerConfig
 from stream.config import LEARNER_SETTINGS, Settings
 
 log = logging.getLogger("stream.worker")
