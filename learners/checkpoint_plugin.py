@@ -8,7 +8,7 @@ measures the strategy with every plugin the product uses switched on.
 It saves in ``after_training``, after every ``after_training_exp`` hook has
 run (EWC has folded its importances, replay has updated its buffer), so the
 saved strategy state is complete. Only ``CheckpointStore.prepare`` (the state
-to bytes: ~0.09 s a save in ``recstream bench``) holds training up; the disk half
+to bytes, in memory) holds training up; the disk half
 (``CheckpointStore.write``: writing, fsync, hashing, the commit) runs on a
 thread of the plugin's own while the next experiences train, one write at a
 time: a save waits for the previous write to end, and a write that failed

@@ -46,7 +46,7 @@ class OnlineFisherEWC(EWCPlugin):
     @torch.no_grad()
     def after_backward(self, strategy, **kwargs):
         # Fused in-place ops, one temporary per parameter and one device sync per step: the
-        # plain-expression version was ~20% of a training step on CPU (recstream bench).
+        # plain-expression version was a large share of a training step on CPU.
         penalty = None
         sparse = getattr(strategy.model, "row_sparse_params", ())
         for name, param in self._trainable(strategy.model):

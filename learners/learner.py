@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from learners.catalogue import Catalogue
+from learners.config import LearnerConfig  # re-exported: torch-free, so the CLI reads it without torch
 from learners.encoder import TextEncoder, resolve_device
 from learners.experience import make_experience
 from learners.features import ItemFeatures
@@ -31,47 +32,6 @@ from learners.strategy import build_strategy
 from learners.users import UserHistories
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LearnerConfig:
-    model_path: str
-    device: str = "auto"
-    strategy: str = "ewc_replay"
-    train_layers: int = 0
-    max_text_tokens: int = 32
-    vector_dim: int = 128
-    history_length: int = 64
-    recency_decay: float = 0.97
-    batch_size: int = 128
-    epochs: int = 1
-    negatives: int = 1024
-    temperature: float = 0.05
-    learning_rate: float = 2e-3
-    ewc_lambda: float = 50.0
-    ewc_decay: float = 0.9
-    replay_size: int = 100_000
-    replay_batch: int = 128
-    max_users: int = 1_000_000
-    refresh_per_update: int = 2048
-    seed: int = 0
-    text_batch: int = 0  # distinct positives per step through the trainable top (0: all)
-    id_lr_scale: float = 1.0  # learning rate multipliers (Adam groups): id tables
-    text_lr_scale: float = 1.0  # ... and the encoder's trainable top
-    profile_length: int = 0  # >0: user vectors from a uniform sample of this many of the user's events (else the ring)
-    popularity_weight: float = 0.5  # popularity coordinates of item vectors: their largest norm (0: none)
-    popularity_half_lives: str = "0.25,1,4,16"  # popularity rungs, half-lives in catalogue sizes (+ all-time)
-    user_tower: str = "sum"  # "sum" (weighted sum of the history) or "attention" (causal self-attention)
-    attention_heads: int = 2
-    in_batch_negatives: bool = True  # besides the uniform ones, log-Q corrected (learners.negatives)
-    serving_average: float = 0.993  # >0: item vectors from a running average of the item side, this decay per step
-    # What of the encoder trains: "top" (top train_layers layers), "lora" (LoRA adapters on
-    # them), "full" (every layer; embeddings frozen). See learners/encoder.py.
-    train_params: str = "top"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: Optional[tuple[str, ...]] = None  # None: per family (query/value, q_proj/v_proj)
-    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Contract records (CONTRACTS section 1) and their validation.
+"""The records of docs/formats.md (event, item) and their validation.
 
 Parsing never raises: a bad record is returned as a ``BadRecord`` carrying the
 original bytes and a short machine-friendly reason, so callers can dead-letter
@@ -41,7 +41,7 @@ BAD_RECORD_REASONS = ("empty_record", "oversized", "invalid_utf8", "too_deep", "
 
 class Event(NamedTuple):
     """Immutable like the other records; a NamedTuple because one is built per consumed event
-    and a frozen dataclass's __init__ cost ~2 us of it (recstream bench, ingest)."""
+    and a frozen dataclass's __init__ would be a large share of that (docs/performance.md)."""
 
     event_id: str
     user_id: str
@@ -50,8 +50,8 @@ class Event(NamedTuple):
     ts: float
 
 
-# Event(...) goes through NamedTuple's Python-level __new__ (~0.6 us); the fast path builds
-# the same tuple directly.
+# Event(...) goes through NamedTuple's Python-level __new__; the fast path builds the same
+# tuple directly.
 _new_event = functools.partial(tuple.__new__, Event)
 # Field readers for batches of events: map() with these runs in C, a per-event loop does not
 # (the worker's ingest path and ``ContinualRecommender.observe_many``).
@@ -78,8 +78,8 @@ def _loads(raw: bytes) -> Union[dict, BadRecord]:
     if len(raw) > MAX_RECORD_BYTES:
         return BadRecord("oversized", raw, f"{len(raw)} bytes > {MAX_RECORD_BYTES}")
     try:
-        # orjson parses straight from bytes, ~2x the stdlib's decode + scan (recstream bench,
-        # ingest); it rejects NaN/Infinity like the stdlib decoder below is told to.
+        # orjson parses straight from bytes, skipping the stdlib's decode + scan; it rejects
+        # NaN/Infinity like the stdlib decoder below is told to.
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _loads_slowly(raw)  # names the reason; also takes what orjson refuses but JSON allows
@@ -112,7 +112,7 @@ def _reject_constant(name: str):
 
 
 # One decoder for every record: json.loads(..., parse_constant=) builds a new decoder per call,
-# ~1/3 of parsing an event (recstream bench, ingest).
+# a large share of parsing an event.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
@@ -136,9 +136,9 @@ def parse_event(raw: bytes) -> Union[Event, BadRecord]:
     obj = _loads(raw)
     if isinstance(obj, BadRecord):
         return obj
-    # Fast path, one event in ~1 us on top of the JSON parse (a third of the step-by-step
-    # checks, recstream bench ingest): a well-formed event passes this single test; anything
-    # else (int ts, the "favorite" alias, a bad field) takes the checks below, which name why.
+    # Fast path, a fraction of the step-by-step checks' cost: a well-formed event passes this
+    # single test; anything else (int ts, the "favorite" alias, a bad field) takes the checks
+    # below, which name why.
     get = obj.get
     event_id, user_id, item_id, event_type, ts = get("event_id"), get("user_id"), get("item_id"), \
         get("event_type"), get("ts")

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 # Only light modules here: --help and argument errors answer before torch is imported.
 from learners.errors import RecstreamError
+from learners.quiet import silence_library_warnings
 from stream.config import DEMO_STATE_DIR, LEARNER_SETTINGS, Settings
 
 
@@ -43,6 +44,11 @@ def _settings_options(func, only: typing.Optional[typing.Collection[str]] = None
         help_text = f"{field.description or ''} [env {env}; default {field.default!r}]"
         func = click.option(flag, name, type=kind, default=None, help=help_text)(func)
     return func
+
+
+def _default(name: str):
+    """A Settings default, for the commands whose flags are written by hand (one default per setting)."""
+    return Settings.model_fields[name].default
 
 
 def _make_settings(options: dict) -> Settings:
@@ -73,6 +79,7 @@ def _logging(level: str) -> None:
 @click.group()
 def main() -> None:
     """recstream: streaming continual learning of user and item vectors from Kafka events."""
+    silence_library_warnings()  # before any command imports the libraries
 
 
 @main.command()
@@ -127,13 +134,18 @@ def _run_worker(settings: Settings) -> int:
         if broker is not None:
             broker.stop()
         return 0
+    worker_log, notice = logging.getLogger("stream.worker"), None
+    if feeder is not None:
+        from stream.demo import EmptyBrokerNotice
+
+        notice = EmptyBrokerNotice()
+        worker_log.addFilter(notice)
     app.connect()  # returns early on stop(), and run() then closes
     if feeder is not None:
+        from stream.demo import banner
+
         feeder.start()
-        logging.getLogger("recstream").info(
-            "demo: %d synthetic items, events at %.0f/s into %s; metrics at http://localhost:%d/metrics; "
-            "Ctrl-C stops", settings.demo_items, settings.demo_rate, settings.bootstrap_servers,
-            settings.metrics_port)
+        click.echo(banner(settings), err=True)
     try:
         return app.run()
     finally:
@@ -141,6 +153,8 @@ def _run_worker(settings: Settings) -> int:
             feeder.stop()
         if broker is not None:
             broker.stop()
+        if notice is not None:
+            worker_log.removeFilter(notice)
 
 
 @main.command()
@@ -161,7 +175,9 @@ def _run_worker(settings: Settings) -> int:
 @functools.partial(_settings_options, only={*LEARNER_SETTINGS, "model", "experience_size", "torch_threads"})
 def evaluate(events_path, items_path, out_path, blocks, k, strategies, scenario, joint_epochs, joint_batch_size,
              **learner_options) -> None:
-    """Protocol P1 on CONTRACTS files; writes the results JSON plus a PNG plot and a Markdown table.
+    """Protocol P1 and P1-cold on offline files; writes the results JSON plus a PNG plot and a Markdown table.
+
+    Files, protocol and results file: docs/formats.md.
 
     The learner flags are the worker's own (same names, variables and defaults): what is
     measured is the learner ``recstream worker`` would run with them."""
@@ -188,14 +204,14 @@ def evaluate(events_path, items_path, out_path, blocks, k, strategies, scenario,
 
 @main.group()
 def convert() -> None:
-    """Turn public data sets into CONTRACTS files (events.jsonl, items.jsonl)."""
+    """Turn public data sets into offline files (events.jsonl, items.jsonl; docs/formats.md)."""
 
 
 @convert.command("movielens")
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def convert_movielens_cmd(src_dir, out_dir) -> None:
-    """MovieLens ratings.csv + movies.csv -> events.jsonl + items.jsonl (CONTRACTS section 3 mapping)."""
+    """MovieLens ratings.csv + movies.csv -> events.jsonl + items.jsonl (ratings to event types: docs/formats.md)."""
     from learners.evaluation.movielens import convert_movielens
 
     summary = convert_movielens(src_dir, out_dir)
@@ -206,11 +222,11 @@ def convert_movielens_cmd(src_dir, out_dir) -> None:
 @click.option("--events", "events_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--items", "items_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--bootstrap-servers", envvar="RECSTREAM_BOOTSTRAP_SERVERS", required=True)
-@click.option("--events-topic", envvar="RECSTREAM_EVENTS_TOPIC", default="events", show_default=True)
-@click.option("--items-topic", envvar="RECSTREAM_ITEMS_TOPIC", default="items", show_default=True)
+@click.option("--events-topic", envvar="RECSTREAM_EVENTS_TOPIC", default=_default("events_topic"), show_default=True)
+@click.option("--items-topic", envvar="RECSTREAM_ITEMS_TOPIC", default=_default("items_topic"), show_default=True)
 @click.option("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
 def replay(events_path, items_path, bootstrap_servers, events_topic, items_topic, rate) -> None:
-    """Publish CONTRACTS files to Kafka: items first (keyed by item_id), then events in file order (keyed by user_id)."""
+    """Publish offline files to Kafka: items first (keyed by item_id), then events in file order (keyed by user_id)."""
     from stream.replay import replay_files
 
     sent = replay_files(bootstrap_servers, events_path, items_path, events_topic, items_topic, rate)
@@ -221,7 +237,8 @@ def replay(events_path, items_path, bootstrap_servers, events_topic, items_topic
 @click.option("--user", "user_id", required=True)
 @click.option("--k", default=10, show_default=True, type=int)
 @click.option("--bootstrap-servers", envvar="RECSTREAM_BOOTSTRAP_SERVERS", required=True)
-@click.option("--vectors-topic", envvar="RECSTREAM_VECTORS_TOPIC", default="vectors", show_default=True)
+@click.option("--vectors-topic", envvar="RECSTREAM_VECTORS_TOPIC", default=_default("vectors_topic"),
+              show_default=True)
 @click.option("--timeout", default=30.0, show_default=True, type=float, help="seconds to read the topic")
 def topk(user_id, k, bootstrap_servers, vectors_topic, timeout) -> None:
     """Top-K items for a user from the published vectors (what a downstream ranker sees)."""
@@ -250,8 +267,9 @@ def topk(user_id, k, bootstrap_servers, vectors_topic, timeout) -> None:
 @click.option("--users", default=10_000, type=int, show_default=True, help="distinct users of the main sections")
 @click.option("--items", default=1_000, type=int, show_default=True, help="distinct items of the main sections")
 @click.option("--rate", default=1000.0, type=float, show_default=True, help="events/s of the steady run")
-@click.option("--producer-linger-ms", default=50, type=int, show_default=True,
-              help="linger.ms of the steady run's event producer (send time is the clock's start, so it counts)")
+@click.option("--producer-linger-ms", default=_default("producer_linger_ms"), type=int, show_default=True,
+              help="linger.ms of the steady run's event producer, the worker's own by default (send time is "
+                   "the clock's start, so it counts)")
 @click.option("--scales", default="1000,100000", show_default=True,
               help="comma-separated user = item counts for the scale section")
 @click.option("--sections", default="ingest,training,freshness,scale", show_default=True,

@@ -59,6 +59,46 @@ class DemoFeeder(threading.Thread):
         self._producer.close()
 
 
+def banner(settings) -> str:
+    """What a newcomer needs to look at the demo: where its broker is, its topics, the ids, a query."""
+    topk = f"recstream topk --user user-0 --bootstrap-servers {settings.bootstrap_servers}"
+    if settings.vectors_topic != "vectors":
+        topk += f" --vectors-topic {settings.vectors_topic}"
+    return "\n".join((
+        f"recstream demo: an embedded Kafka broker on {settings.bootstrap_servers} (new and empty every start),",
+        f"  fed {settings.demo_rate:g} synthetic events/s of users user-0..user-{settings.demo_users - 1} "
+        f"on items item-0..item-{settings.demo_items - 1}.",
+        f"  topics: {settings.events_topic} and {settings.items_topic} in, {settings.vectors_topic} out, "
+        f"bad records to {settings.dlq_topic}",
+        f"  a user's top 10 items, once their first vector is out:  {topk}",
+        (f"  metrics: http://localhost:{settings.metrics_port}/metrics; " if settings.metrics_port else "  ")
+        + "Ctrl-C stops",
+    ))
+
+
+class EmptyBrokerNotice(logging.Filter):
+    """The demo's broker starts empty on every run, so a restored checkpoint's offsets always lie
+    above its new logs, and the worker says at ERROR, once per partition, that the topic "was
+    deleted and created again". Expected here: the first becomes one INFO line, the rest go."""
+
+    MARK = "deleted and created again"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._told = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or self.MARK not in record.getMessage():
+            return True
+        if self._told:
+            return False
+        self._told = True
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        record.msg, record.args = ("demo: the embedded broker started empty, so the checkpoint's offsets lie above "
+                                   "its new topics; reading them from the start"), ()
+        return True
+
+
 def start_embedded(settings) -> tuple[EmbeddedBroker, str]:
     broker = EmbeddedBroker()
     broker.start()

@@ -30,9 +30,9 @@ ErrorCallback = Callable[[str, BaseException], None]
 
 class SourceRecord(NamedTuple):
     """One consumed record. A NamedTuple, not a frozen dataclass: one is built per record on
-    the ingest path, and a frozen dataclass's __init__ cost ~3.5 us of the worker's ~30 us of
-    per-event work on top of kafka-python (recstream bench, ingest). ``headers`` are as the
-    client hands them over (kafka-python: a list of (str, bytes) pairs)."""
+    the ingest path, where a frozen dataclass's __init__ is a noticeable share of the per-event
+    cost (docs/performance.md). ``headers`` are as the client hands them over
+    (kafka-python: a list of (str, bytes) pairs)."""
 
     topic: str
     partition: int
@@ -47,8 +47,8 @@ class SourceRecord(NamedTuple):
         return _new_source_record(_CONSUMER_RECORD_FIELDS(record))
 
 
-# A C-level getter and tuple.__new__, mapped over a partition's records: ~0.5 us a record,
-# against ~1.4 us for a Python-level constructor call each (timed over 100,000 bench records).
+# A C-level getter and tuple.__new__, mapped over a partition's records: no Python-level
+# constructor call per record on the ingest path.
 _CONSUMER_RECORD_FIELDS = attrgetter("topic", "partition", "offset", "key", "value", "timestamp", "headers")
 _new_source_record = partial(tuple.__new__, SourceRecord)
 
@@ -394,7 +394,7 @@ class KeyCachingPartitioner(DefaultPartitioner):
 
     Its murmur2 is pure Python and it lists the available partitions on every call:
     together the largest per-record cost of ``send`` when every event republishes a user
-    vector (py-spy on recstream bench). Same partition for every key; the cache is
+    vector. Same partition for every key; the cache is
     dropped whole when it holds ``max_keys`` keys or the topic's partition count changes.
     """
 

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from learners.learner import LearnerConfig
+from learners.config import LearnerConfig
 from stream.config import LEARNER_SETTINGS, Settings
 
 log = logging.getLogger("stream.worker")
@@ -17,9 +17,9 @@ _SWITCH_INTERVAL_S = 0.001
 
 
 def set_torch_threads(settings: Settings) -> None:
-    """With background training, leave one core to the loop and Kafka's I/O threads: on a
-    2-core machine torch's two OpenMP threads and the loop fought for both, and an experience
-    ran 3x slower than on one thread while the loop fell behind (recstream bench)."""
+    """With background training, leave one core to the loop and Kafka's I/O threads: torch's
+    OpenMP threads spin, and with one on every core they and the loop fight for all of them,
+    slowing training and the loop alike (docs/performance.md)."""
     threads = settings.torch_threads
     if not threads and settings.background_training:
         threads = max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") \
@@ -35,7 +35,8 @@ def set_torch_threads(settings: Settings) -> None:
 
 
 def learner_config(settings: Settings) -> LearnerConfig:
-    return LearnerConfig(
-        model_path=settings.model_path(), **{name: getattr(settings, name) for name in LEARNER_SETTINGS},
-        lora_targets=tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
-        if settings.lora_targets else None)
+    """The learner ``settings`` describe: its fields were derived from ``LearnerConfig``, so they map one to one."""
+    values = settings.model_dump(include=set(LEARNER_SETTINGS))
+    targets = [name.strip() for name in (settings.lora_targets or "").split(",") if name.strip()]
+    values["lora_targets"] = tuple(targets) or None  # comma-separated text in the flag
+    return LearnerConfig(model_path=settings.model_path(), **values)

@@ -1,4 +1,4 @@
-"""Vector records of CONTRACTS section 1, shaped for the Qdrant / Milvus Kafka sinks.
+"""Vector records (docs/formats.md, "Vector"), shaped for the Qdrant / Milvus Kafka sinks.
 
 Encoding runs for every published vector, so the float list is formatted by
 one ``json.dumps`` over ``ndarray.tolist()`` and batches are normalised in one
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-try:  # 5x faster than json.dumps on 128 floats: the top per-vector cost of publishing (recstream bench)
+try:  # formatting the floats is the largest per-vector cost of publishing; orjson does it fastest
     import orjson
 except ImportError:  # pragma: no cover - optional speed-up; same JSON values either way
     orjson = None

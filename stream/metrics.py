@@ -85,7 +85,7 @@ class WorkerMetrics:
             self.events_valid.labels(event_type=event_type)
         for operation in BROKER_OPERATIONS:
             self.broker_errors.labels(operation=operation)
-        for reason in BAD_RECORD_REASONS + ("apply_failed", "item_failed"):
+        for reason in BAD_RECORD_REASONS + ("apply_failed", "item_failed", "publish_failed"):
             self.dead_lettered.labels(reason=reason)
         for stage in RECORD_FAILURE_STAGES:
             self.record_failures.labels(stage=stage)
@@ -145,8 +145,7 @@ def observe_many(histogram: Histogram, values: list[float]) -> None:
     """``histogram.observe(v)`` for every value, with one increment per bucket and one for the sum.
 
     Exactly the buckets and sum the per-value calls give; a per-value call walks the
-    buckets in Python under a lock, ~2-3 us, and the worker makes one per event (recstream
-    bench, ingest). Uses prometheus_client's histogram fields; without them, per value.
+    buckets in Python under a lock, and the worker makes one per event. Uses prometheus_client's histogram fields; without them, per value.
     """
     if not values:
         return

@@ -1,4 +1,4 @@
-"""Publish CONTRACTS files (events.jsonl / items.jsonl) to Kafka as they are."""
+"""Publish offline files (events.jsonl / items.jsonl, docs/formats.md) to Kafka as they are."""
 
 from __future__ import annotations
 

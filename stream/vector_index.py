@@ -1,7 +1,7 @@
 """A small read side for downstream rankers: follow the ``vectors`` topic, answer top-k.
 
 ``VectorIndex`` keeps the newest vector per entity key (``user:<id>`` /
-``item:<id>``) from the records of CONTRACTS section 1 and ranks items for a
+``item:<id>``) from the vector records (docs/formats.md) and ranks items for a
 user by inner product (the vectors are L2-normalised, so this is cosine).
 
 It reads the topic without a consumer group: every partition is assigned and

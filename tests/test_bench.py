@@ -1,5 +1,5 @@
 """``recstream bench`` runs end to end in a reduced mode and writes the JSON shape the
-README's Performance section is built from. Shape only: no timing is asserted
+tables of docs/performance.md are built from. Shape only: no timing is asserted
 (the figures depend on the machine and its neighbours)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MovieLens CSV -> contract files (CONTRACTS sections 2 and 3)."""
+"""MovieLens CSV -> offline files and the rating mapping of docs/formats.md."""
 
 from __future__ import annotations
 

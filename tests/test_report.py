@@ -1,4 +1,4 @@
-"""Results file (CONTRACTS section 4), Markdown table, plot, and the runner end to end."""
+"""Results file (docs/formats.md), Markdown table, plot, and the runner end to end."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Every CONTRACTS strategy through one tiny stream, and the online-Fisher EWC plugin on its own.
+"""Every evaluation strategy through one tiny stream, and the online-Fisher EWC plugin on its own.
 
 The conformance test drives all seven strategies (popularity, frozen, naive,
 ewc, replay, ewc_replay, joint) through ``evaluate`` with the real default
 model and a tiny learner configuration, then checks the results file against
-CONTRACTS section 4. The EWC test needs no model folder.
+docs/formats.md. The EWC test needs no model folder.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from stream.vector_index import VectorIndex
 
 
 def encode(kind: str, entity_id: str, vector, model_version: int, updated_at: float = 1_763_860_000.0) -> bytes:
-    """A vectors-topic value as CONTRACTS section 1 describes it, built by hand."""
+    """A vectors-topic value as docs/formats.md describes it, built by hand."""
     return json.dumps({
         "collection_name": kind + "s",
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{kind}:{entity_id}")),

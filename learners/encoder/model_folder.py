@@ -44,6 +44,7 @@ from torch import nn
 
 from learners.encoder.precision import CACHE_DTYPES
 from learners.errors import ModelLoadError
+from learners.quiet import no_weight_loading_bar
 
 POOLINGS = ("mean", "cls", "last_token")
 DECODER_TYPES = frozenset({
@@ -144,22 +145,23 @@ def load_hf_folder(path: str) -> tuple[Any, nn.Module, EncoderSpec]:
 
     folder = Path(path)
     try:
-        if (folder / "adapter_config.json").is_file():
-            from peft import PeftConfig, PeftModel
+        with no_weight_loading_bar():
+            if (folder / "adapter_config.json").is_file():
+                from peft import PeftConfig, PeftModel
 
-            base_path = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
-            if not base_path or not Path(base_path).is_dir():
-                raise ModelLoadError(f"{path}: the adapter's base model folder {base_path!r} is not here")
-            _, base, base_spec = load_hf_folder(base_path)
-            model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
-            tok_path = folder if (folder / "tokenizer_config.json").is_file() else Path(base_path)
-            tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
-            spec = read_spec(folder, model.config) if (folder / "recstream.json").is_file() else base_spec
-        else:
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModel.from_pretrained(path, local_files_only=True).float()
-            spec = read_spec(folder, config)
+                base_path = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+                if not base_path or not Path(base_path).is_dir():
+                    raise ModelLoadError(f"{path}: the adapter's base model folder {base_path!r} is not here")
+                _, base, base_spec = load_hf_folder(base_path)
+                model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+                tok_path = folder if (folder / "tokenizer_config.json").is_file() else Path(base_path)
+                tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
+                spec = read_spec(folder, model.config) if (folder / "recstream.json").is_file() else base_spec
+            else:
+                config = AutoConfig.from_pretrained(path, local_files_only=True)
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                model = AutoModel.from_pretrained(path, local_files_only=True).float()
+                spec = read_spec(folder, config)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load a Hugging Face model from {path!r}: {exc}") from exc
     tokenizer.padding_side = spec.padding_side

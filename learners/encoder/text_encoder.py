@@ -9,7 +9,7 @@ load that cached bottom + top reproduces the whole model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from learners.encoder.top_layers import TopLayers
 from learners.encoder.train_params import (DEFAULT_LORA_TARGETS, build_top, check_train_params,
                                            resolve_train_layers)
 from learners.errors import ModelLoadError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from learners.config import LearnerConfig
 
 _PROBE_TEXTS = ("a short probe", "a somewhat longer probe text for the split check of the encoder")
 
@@ -62,16 +65,10 @@ class TextEncoder:
             self.check_split()
 
     @classmethod
-    def from_config(cls, config: Any, device: torch.device) -> "TextEncoder":
-        """From a ``LearnerConfig`` (or anything with its field names)."""
-        targets = getattr(config, "lora_targets", None)
-        if isinstance(targets, str):
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
+    def from_config(cls, config: "LearnerConfig", device: torch.device) -> "TextEncoder":
         return cls(config.model_path, config.train_layers, config.max_text_tokens, device,
-                   train_params=getattr(config, "train_params", "top"),
-                   lora_rank=getattr(config, "lora_rank", 8), lora_alpha=getattr(config, "lora_alpha", 16.0),
-                   lora_targets=targets or None,
-                   gradient_checkpointing=getattr(config, "gradient_checkpointing", False))
+                   train_params=config.train_params, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                   lora_targets=config.lora_targets, gradient_checkpointing=config.gradient_checkpointing)
 
     # -- structure ---------------------------------------------------------------------------------
     def num_layers(self) -> int:

@@ -1,8 +1,8 @@
-"""Offline evaluation: protocol P1 (CONTRACTS section 3) on events/items files.
+"""Offline evaluation: protocol P1 and P1-cold (docs/formats.md) on events/items files.
 
 ``protocol`` runs any ``Recommender`` through the prequential blocks,
-``popularity`` is the simplest peer, ``report`` writes the results file of
-CONTRACTS section 4 with a plot and a table, ``runner.evaluate`` ties them
-together, ``movielens`` converts the MovieLens CSVs into contract files.
+``popularity`` is the simplest peer, ``report`` writes the results file
+(docs/formats.md) with a plot and a table, ``runner.evaluate`` ties them
+together, ``movielens`` converts the MovieLens CSVs into offline files.
 This package never imports ``stream/``.
 """

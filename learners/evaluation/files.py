@@ -1,4 +1,4 @@
-"""Read and write the offline files of CONTRACTS section 2 (JSON lines).
+"""Read and write the offline files of docs/formats.md (JSON lines).
 
 A bad line is counted and logged, never fatal: one broken record in a file of
 millions should not cost an evaluation run.

@@ -33,7 +33,7 @@ class ConversionSummary:
 
 
 def rating_to_event_type(rating: float) -> str:
-    """CONTRACTS section 3: >= 4.5 favourite, 3.5..4.5 purchase, below click."""
+    """docs/formats.md, offline files: >= 4.5 favourite, 3.5..4.5 purchase, below click."""
     if rating >= 4.5:
         return "favourite"
     if rating >= 3.5:

@@ -1,4 +1,4 @@
-"""Protocol P1 of CONTRACTS section 3: prequential (test-then-train) evaluation,
+"""Protocol P1 (docs/formats.md): prequential (test-then-train) evaluation,
 with its cold-item slice P1-cold (step 5) measured on the same run.
 
 What does not depend on the strategy (block split, catalogue, each block's
@@ -102,7 +102,7 @@ class StrategyResult:
     per_block: list[BlockScore]
     r_diag: dict[int, float]  # R[k][k]: NDCG on block k's test right after training on block k
     r_end: dict[int, float]  # R[end][k]: the same test after the last block
-    cold_recall: float = 0.0  # P1-cold (CONTRACTS section 3, step 5), same run
+    cold_recall: float = 0.0  # P1-cold (docs/formats.md), same run
     cold_ndcg: float = 0.0
     cold_per_block: list[BlockScore] = field(default_factory=list)
 

@@ -1,4 +1,4 @@
-"""The results file of CONTRACTS section 4, plus a plot and a Markdown table.
+"""The results file (docs/formats.md), plus a plot and a Markdown table.
 
 ``write_plot`` and ``markdown_table`` take the results dict (the JSON shape),
 so they work just as well on a results file loaded from disk.
@@ -34,7 +34,7 @@ def strategy_dict(result: StrategyResult) -> dict:
 
 def results_dict(*, blocks: int, k: int, events: int, items: int,
                  strategies: dict[str, StrategyResult], scenario: Optional[str] = None) -> dict:
-    """The section-4 object; ``items`` is the catalogue size (every candidate). ``scenario``,
+    """The results object; ``items`` is the catalogue size (every candidate). ``scenario``,
     an optional field, names the event order when it is not the stream's own."""
     for name, result in strategies.items():
         if result.k != k:

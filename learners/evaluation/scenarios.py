@@ -1,6 +1,6 @@
 """Evaluation scenarios: the same events in another order, so P1 measures something else.
 
-``time`` is the stream as it happened (P1 as CONTRACTS defines it).
+``time`` is the stream as it happened (P1 as docs/formats.md defines it).
 
 ``genre-epochs`` is a drift scenario: items are grouped by the first genre of
 their text (``Title (year) | Genre, Genre``; MovieLens lists genres in

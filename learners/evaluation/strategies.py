@@ -1,4 +1,4 @@
-"""Every CONTRACTS strategy as a P1 ``Recommender``, built on the one learner.
+"""Every evaluation strategy (docs/formats.md) as a P1 ``Recommender``, built on the one learner.
 
 All learner strategies (naive, ewc, replay, ewc_replay, joint) drive
 ``ContinualRecommender`` exactly as the worker does: events are observed in

@@ -153,7 +153,7 @@ class _Reader(threading.Thread):
                 seen = time.time()
                 for records in polled.values():
                     for record in records:
-                        # The key says whose vector it is (CONTRACTS: user:<id> / item:<id>); only
+                        # The key says whose vector it is (user:<id> / item:<id>, docs/formats.md); only
                         # item records are decoded (for their model version): the reader shares
                         # the CPU with the worker, so it does as little as it can.
                         kind, _, entity = record.key.decode().partition(":")

@@ -1,4 +1,4 @@
-"""The bench results as Markdown tables (what the README's Performance section shows)."""
+"""The bench results as Markdown tables (what docs/performance.md shows)."""
 
 from __future__ import annotations
 
