@@ -31,9 +31,11 @@ Layout of ``state_dir``::
 two checkpoints of the same model version never collide and the highest
 ``seq`` is the newest. A save has two halves: ``prepare`` serialises the
 learner's state in memory and exports its encoder into the tmp folder while
-the learner stands still (0.1-0.25 s in the bench's worker); ``write`` does the slow disk
+the learner stands still (the short half); ``write`` does the slow disk
 work and reads nothing of the learner, so it can run on another thread while
-training goes on. A checkpoint is built in the tmp folder, every file
+training goes on. A checkpoint is built in the tmp folder; a file whose bytes
+equal the previous checkpoint's (written or restored by this store) is a hard
+link to it, so frequent checkpoints write only what changed. Every file
 and folder is fsynced, ``MANIFEST.json`` is written last and fsynced, then the
 folder is renamed into place (the commit point) and ``state_dir`` is fsynced.
 On load, a folder whose manifest is missing or invalid, or whose files do

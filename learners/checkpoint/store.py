@@ -81,7 +81,7 @@ class CheckpointStore:
 
     def prepare(self, learner: "ContinualRecommender", extra: Optional[dict] = None) -> PreparedCheckpoint:
         """First half of a save, while the learner stands still: its state serialised to bytes
-        in memory and its encoder exported into a temporary folder (0.1-0.25 s in the bench's worker);
+        in memory and its encoder exported into a temporary folder;
         the learner may train on as soon as this returns. Raises as ``save`` does."""
         started = time.perf_counter()
         try:
