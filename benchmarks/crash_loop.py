@@ -3,8 +3,9 @@
     recstream convert movielens ../shared/data/movielens-latest-small --out /tmp/ml
     python benchmarks/crash_loop.py --data /tmp/ml --cycles 5 --kill-after-s 30
 
-All events and item texts are on the embedded broker before the first start. After each
-kill it prints what the group has committed (events) and what the newest checkpoint holds
+All item texts and the first ``--backlog`` events are on the embedded broker before the first
+start; the rest of the events arrive at ``--live-rate`` per second while the worker is killed
+and restarted (all of them up front with ``--backlog 0``). After each kill it prints what the group has committed (events) and what the newest checkpoint holds
 (item texts, model version). A last start runs to the end and is stopped with SIGTERM, to
 check nothing was lost: consumed = valid + dead-lettered + duplicates, and the committed
 offsets reach the log end.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -48,6 +50,15 @@ def newest_checkpoint(state_dir: Path) -> dict:
             "folder": newest}
 
 
+def feed(bootstrap: str, topic: str, events: list[Event], rate: float) -> None:
+    """Produce ``events`` at about ``rate`` per second, in one-second slices."""
+    step = max(1, int(rate))
+    for start in range(0, len(events), step):
+        began = time.monotonic()
+        produce_events(bootstrap, topic, events[start:start + step])
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path, help="folder with events.jsonl and items.jsonl")
@@ -56,6 +67,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=0, help="first N events (0: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="worker setting (RECSTREAM_<KEY>), repeatable")
+    parser.add_argument("--backlog", type=int, default=0, help="events on the broker before the first start "
+                        "(0: all of them)")
+    parser.add_argument("--live-rate", type=float, default=300.0, help="events per second after the backlog")
     parser.add_argument("--no-final-run", action="store_true")
     args = parser.parse_args()
     items = [Item(**json.loads(line)) for line in open(args.data / "items.jsonl")]
@@ -69,8 +83,13 @@ def main() -> None:
     with EmbeddedBroker() as broker:
         topics = make_topics(broker.bootstrap, lambda prefix: f"{prefix}-{uuid.uuid4().hex[:6]}")
         produce_items(broker.bootstrap, topics.items, items)
-        produce_events(broker.bootstrap, topics.events, events)
-        print(f"{len(events)} events, {len(items)} item texts; worker killed {args.kill_after_s:.0f} s "
+        backlog = args.backlog or len(events)
+        produce_events(broker.bootstrap, topics.events, events[:backlog])
+        feeder = threading.Thread(target=feed, args=(broker.bootstrap, topics.events, events[backlog:],
+                                                      args.live_rate), daemon=True)
+        feeder.start()
+        print(f"{len(events)} events ({backlog} up front, the rest at {args.live_rate:.0f}/s), "
+              f"{len(items)} item texts; worker killed {args.kill_after_s:.0f} s "
               f"after each start; settings {settings}", flush=True)
         print("cycle | committed events | items in checkpoint | model version | checkpoints so far", flush=True)
         for cycle in range(args.cycles):
@@ -82,6 +101,7 @@ def main() -> None:
                   f"{ckpt['items']} | {ckpt['model_version']} | {ckpt['checkpoints']}", flush=True)
         if args.no_final_run:
             return
+        feeder.join()
         texts_before = newest_checkpoint(state)["items"]
         worker = WorkerProcess(broker.bootstrap, topics, state, work / "final.log", **settings)
         started = time.monotonic()
