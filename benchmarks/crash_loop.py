@@ -21,10 +21,10 @@ import time
 import uuid
 from pathlib import Path
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from learners.records import Event, Item  # noqa: E402
+from learners.records import Event, Item, event_to_json  # noqa: E402
 from stream.broker import EmbeddedBroker, log_end_offsets  # noqa: E402
 from worker_harness import WorkerProcess, make_topics, produce_events, produce_items  # noqa: E402
 
@@ -51,12 +51,16 @@ def newest_checkpoint(state_dir: Path) -> dict:
 
 
 def feed(bootstrap: str, topic: str, events: list[Event], rate: float) -> None:
-    """Produce ``events`` at about ``rate`` per second, in one-second slices."""
+    """Produce ``events`` at about ``rate`` per second, in one-second slices, through one producer."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     step = max(1, int(rate))
     for start in range(0, len(events), step):
         began = time.monotonic()
-        produce_events(bootstrap, topic, events[start:start + step])
+        for event in events[start:start + step]:
+            producer.send(topic, key=event.user_id.encode(), value=event_to_json(event))
+        producer.flush()
         time.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
+    producer.close()
 
 
 def main() -> None:
