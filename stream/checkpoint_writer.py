@@ -20,7 +20,7 @@ A checkpoint comes in three steps:
    experiences train meanwhile. Writes run one at a time, in order.
 
 The worker commits a checkpoint's offsets only after ``CheckpointJob.result()``
-reports it durable (stream/worker_checkpoints.py), so the exactly-once
+reports it durable (stream/worker/checkpointer.py), so the exactly-once
 guarantees are those of a checkpoint written on the loop.
 """
 

@@ -134,6 +134,10 @@ class WorkerMetrics:
         threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
         return self._server.server_address[1]
 
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()

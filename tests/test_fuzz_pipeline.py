@@ -71,12 +71,12 @@ def test_every_record_is_applied_or_dead_lettered_and_every_vector_is_sound(lear
         worker, consumer, producer = make_worker(
             Path(state), [{TP0: [consumer_record(o, v) for o, v in enumerate(events)]}], learner=learner,
             experience_size=8)
-        worker.items = FakeItems([item_record(o, v) for o, v in enumerate(items)])
+        worker.consumers.items = FakeItems([item_record(o, v) for o, v in enumerate(items)])
         before = worker.totals.consumed
         worker.turn()
         worker.turn()
         skip_checkpoint_files(worker)
-        worker._dirty_since_checkpoint = True
+        worker.checkpointer.mark_dirty()
         assert worker.checkpoint()  # publishes and delivers everything first
 
     t = worker.totals

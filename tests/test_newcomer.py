@@ -55,7 +55,7 @@ def test_a_recreated_topic_on_the_demo_broker_is_one_info_line(tmp_path, caplog)
     try:
         with caplog.at_level(logging.INFO, logger="stream.worker"):
             for partition_offset in (5, 9):  # the same note twice (as for a second partition)
-                worker._offsets[("events", 0)] = partition_offset
+                worker.ingest.apply_offset(("events", 0), partition_offset)
                 consumer.highwaters[TP0] = 2
                 worker.turn()
     finally:
@@ -69,7 +69,7 @@ def test_a_recreated_topic_on_the_demo_broker_is_one_info_line(tmp_path, caplog)
 def test_without_the_demo_a_recreated_topic_stays_an_error(tmp_path, caplog):
     recreated = {TP0: [consumer_record(o, event_bytes(100 + o)) for o in range(0, 2)]}
     worker, consumer, _ = make_worker(tmp_path, [recreated])
-    worker._offsets[("events", 0)] = 5
+    worker.ingest.apply_offset(("events", 0), 5)
     consumer.highwaters[TP0] = 2
     with caplog.at_level(logging.INFO, logger="stream.worker"):
         worker.turn()

@@ -13,7 +13,7 @@ from kafka.future import Future
 
 from learners.learner import LearnReport
 from stream.config import Settings
-from stream.kafka_io import DeadLetterSink, KafkaSource, VectorSink
+from stream.kafka_io import KafkaSource
 from stream.metrics import WorkerMetrics
 from stream.worker import Worker
 from fake_kafka import FakeConsumer
@@ -142,8 +142,8 @@ class FakeLearner:
 
 def skip_checkpoint_files(worker: Worker) -> None:
     """The worker's fake learner has nothing to save: checkpoints keep their bookkeeping only."""
-    worker.store.prepare = lambda learner, extra: None
-    worker.store.write = lambda prepared: None
+    worker.checkpointer.store.prepare = lambda learner, extra: None
+    worker.checkpointer.store.write = lambda prepared: None
 
 
 def make_worker(tmp_path, polls=(), learner=None, **settings) -> tuple[Worker, FakeConsumer, FakeProducer]:
@@ -153,13 +153,9 @@ def make_worker(tmp_path, polls=(), learner=None, **settings) -> tuple[Worker, F
                       progress_interval_s=1000, **settings)
     worker = Worker(config, learner=learner or FakeLearner(), metrics=WorkerMetrics())
     consumer, producer = FakeConsumer(polls, assigned={TP0}), FakeProducer()
-    worker.events = KafkaSource(consumer, sleep=lambda s: None)
-    worker.items = FakeItems()
-    worker.producer = producer
-    worker.vectors = VectorSink(producer, "vectors")
-    worker.dead_letters = DeadLetterSink(producer, "events.dlq")
-    worker._sleep = lambda seconds: None  # no real waits between delivery attempts
-    worker._connected = True
+    worker.attach(KafkaSource(consumer, sleep=lambda s: None), FakeItems(), producer)
+    worker.lifecycle.sleep = lambda seconds: None  # no real waits between delivery attempts
+    worker.connected = True
     return worker, consumer, producer
 
 
