@@ -19,9 +19,9 @@ from learners.records import BAD_RECORD_REASONS
 
 _FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-# The ``operation`` label of recstream_broker_errors_total (stream/worker.py, kafka_io.py, items.py).
+# The ``operation`` label of recstream_broker_errors_total (stream/worker/, stream/kafka/clients.py, stream/kafka/items.py).
 BROKER_OPERATIONS = ("connect", "dlq_scan", "poll", "produce", "commit", "metadata", "items_metadata", "items_poll")
-# The ``stage`` label of recstream_record_failures_total (stream/isolation.py).
+# The ``stage`` label of recstream_record_failures_total (stream/worker/isolation.py).
 RECORD_FAILURE_STAGES = ("events", "items", "user_vectors", "item_vectors")
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from learners.synthetic import SyntheticWorld
-from stream.broker import read_topic
+from stream.kafka.broker import read_topic
 from stream.config import Settings
 from stream.demo import DemoFeeder, create_topics
 

@@ -7,7 +7,7 @@ from kafka.future import Future
 
 from learners.errors import BrokerError
 from learners.records import BadRecord
-from stream.kafka_io import DeadLetterSink, KafkaSource, SourceRecord, VectorSink
+from stream.kafka.clients import DeadLetterSink, KafkaSource, SourceRecord, VectorSink
 from fake_kafka import FakeConsumer
 
 

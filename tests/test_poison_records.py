@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import numpy as np
 
-from stream.recovery import dead_letter_source
+from stream.kafka.recovery import dead_letter_source
 from worker_fakes import (TP0, FakeItems, FakeLearner, consumer_record, event_bytes, item_record, make_worker,
                           skip_checkpoint_files)
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from kafka.partitioner.default import DefaultPartitioner
 
-from stream.checkpoint_writer import CheckpointWriter, LearnerSnapshot
-from stream.dedup import EventLedger, hash_ids
-from stream.kafka_io import KeyCachingPartitioner
+from stream.worker.checkpoint_writer import CheckpointWriter, LearnerSnapshot
+from stream.worker.dedup import EventLedger, hash_ids
+from stream.kafka.clients import KeyCachingPartitioner
 
 
 class _ReferenceLedger:
@@ -218,7 +218,7 @@ def test_frozen_startup_objects_are_left_alone_by_the_collector_until_thawed():
     import gc
     import weakref
 
-    from stream import heap
+    from stream.worker import heap
 
     class Node:
         pass

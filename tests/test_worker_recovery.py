@@ -9,8 +9,8 @@ import pytest
 
 from learners.errors import BrokerError
 from learners.records import BadRecord
-from stream.kafka_io import DeadLetterSink, SourceRecord, VectorSink
-from stream.recovery import PublishedVersionMark, dead_letter_source
+from stream.kafka.clients import DeadLetterSink, SourceRecord, VectorSink
+from stream.kafka.recovery import PublishedVersionMark, dead_letter_source
 from stream.worker import publisher
 from worker_fakes import TP0, FakeProducer, consumer_record, event_bytes, gauge, make_worker, skip_checkpoint_files
 

@@ -13,7 +13,7 @@ from kafka.future import Future
 
 from learners.learner import LearnReport
 from stream.config import Settings
-from stream.kafka_io import KafkaSource
+from stream.kafka.clients import KafkaSource
 from stream.metrics import WorkerMetrics
 from stream.worker import Worker
 from fake_kafka import FakeConsumer
@@ -100,7 +100,7 @@ class FakeLearner:
         self.lock = threading.RLock()
         self.users, self.catalogue = _StateDict(), _StateDict()
         self.allow_training = False
-        # What a checkpoint snapshot reads (stream/checkpoint_writer.py).
+        # What a checkpoint snapshot reads (stream/worker/checkpoint_writer.py).
         self.training_in_flight = False
         self._published = np.zeros((0, 4), np.float32)
         self._seq = self._refresh_cursor = self.samples_shed = 0

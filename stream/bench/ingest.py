@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 
-from stream import heap
+from stream.worker import heap
 from stream.bench.common import BenchWorld, Cluster, LearnerFactory, Progress, event_records, item_records, \
     median, produce, ratio, temp_state_dir
 

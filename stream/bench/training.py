@@ -27,7 +27,7 @@ import time
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from stream import heap
+from stream.worker import heap
 from stream.bench.common import BenchWorld, LearnerFactory, Progress, median, ratio, temp_state_dir
 
 log = logging.getLogger(__name__)

@@ -2,10 +2,10 @@
 
 A checkpoint holds the learner and everything applied up to the ingest's
 applied offsets, the items offsets, the de-duplication window, the totals and
-the dead-letter bookkeeping of stream/recovery.py. Its offsets are committed
+the dead-letter bookkeeping of stream/kafka/recovery.py. Its offsets are committed
 only once it is durable and everything the records before them produced is
 acknowledged by Kafka. Periodic checkpoints are written off the loop
-(stream/checkpoint_writer.py): the loop takes the snapshot, the trainer thread
+(stream/worker/checkpoint_writer.py): the loop takes the snapshot, the trainer thread
 prepares it, the writer thread writes it while training goes on, and a later
 turn commits it (``collect``). Checkpoints at shutdown, before a rebalance and
 on revocation are waited for.
@@ -28,12 +28,12 @@ from kafka import KafkaConsumer
 
 from learners.checkpoint import CheckpointStore
 from learners.errors import RecstreamError
-from stream.checkpoint_writer import CheckpointJob, CheckpointWriter
+from stream.worker.checkpoint_writer import CheckpointJob, CheckpointWriter
 from stream.config import Settings
 from stream.metrics import WorkerMetrics
-from stream.origin import StreamOrigin
-from stream.recovery import Source, scan_dead_letters
-from stream.worker.clients import Consumers
+from stream.kafka.origin import StreamOrigin
+from stream.kafka.recovery import Source, scan_dead_letters
+from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.ingest import Ingest
 from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, Publisher
@@ -58,7 +58,7 @@ class Checkpointer:
         self.book = dead_letter_book
         self.store = CheckpointStore(settings.state_dir)
         # Checkpoints are prepared on the trainer thread (on the writer's without background
-        # training) and written on the writer's: see stream/checkpoint_writer.py.
+        # training) and written on the writer's: see stream/worker/checkpoint_writer.py.
         self._writer_pool: Optional[ThreadPoolExecutor] = None
         self._writer: Optional[CheckpointWriter] = None
         self._job: Optional[CheckpointJob] = None  # the checkpoint in flight
@@ -257,10 +257,10 @@ class Checkpointer:
             "item_offsets": sorted(items.offsets.items()) if items else [],
             "totals": dict(vars(self.totals)),
             # Dead letters sent for offsets above these ones, and where a restart starts looking
-            # for more in the dead-letter topic (stream/recovery.py).
+            # for more in the dead-letter topic (stream/kafka/recovery.py).
             "dlq_done": sorted([t, p, o] for t, p, o in self.book.sent if not self._below_applied((t, p, o))),
             "dlq_positions": sorted([p, o] for p, o in self.book.positions.items()),
-            # Which cluster, group and topics these offsets belong to (stream/origin.py).
+            # Which cluster, group and topics these offsets belong to (stream/kafka/origin.py).
             "origin": self.origin.as_dict() if self.origin is not None else self._saved_origin,
         }  # + "ledger", encoded on the writer thread from this snapshot of it
         self._job = self.writer().start(applied, extra, self.ingest.ledger_snapshot())

@@ -2,14 +2,14 @@
 
 Shared by the parts that send dead letters (publisher), skip re-read records
 (ingest) and checkpoint (checkpointer): a record re-read after a restart or a
-rollback is never dead-lettered twice (stream/recovery.py).
+rollback is never dead-lettered twice (stream/kafka/recovery.py).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from stream.recovery import Source
+from stream.kafka.recovery import Source
 
 
 class DeadLetterBook:

@@ -33,15 +33,15 @@ from kafka.errors import KafkaError
 
 from learners.errors import BrokerError
 from learners.learner import ContinualRecommender
-from stream import heap
+from stream.worker import heap
 from stream.config import Settings
-from stream.items import ItemsFollower
-from stream.kafka_io import KafkaSource, make_producer
+from stream.kafka.items import ItemsFollower
+from stream.kafka.clients import KafkaSource, make_producer
 from stream.learner_setup import learner_config, set_torch_threads
 from stream.metrics import WorkerMetrics
-from stream.origin import ForeignCheckpointError, StreamOrigin, check_checkpoint_origin, fetch_cluster_id
+from stream.kafka.origin import ForeignCheckpointError, StreamOrigin, check_checkpoint_origin, fetch_cluster_id
 from stream.worker.checkpointer import Checkpointer
-from stream.worker.clients import Consumers
+from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.ingest import Ingest
 from stream.worker.lifecycle import Lifecycle
@@ -134,7 +134,7 @@ class Worker:
             self.checkpoint()
         self.connected = True
         # The model, the clients and the libraries stay for the whole run: a full garbage
-        # collection would walk them all again each time (0.35 s here, GIL held; stream/heap.py).
+        # collection would walk them all again each time (0.35 s here, GIL held; stream/worker/heap.py).
         log.info("%d startup objects exempt from garbage collection", heap.freeze_startup_objects())
 
     def _open_clients(self) -> None:

@@ -13,7 +13,7 @@ import logging
 
 from stream.metrics import WorkerMetrics
 from stream.worker.checkpointer import Checkpointer
-from stream.worker.clients import Consumers
+from stream.worker.consumers import Consumers
 from stream.worker.lifecycle import Lifecycle
 from stream.worker.publisher import Undelivered
 from stream.worker.trainer import Trainer

@@ -4,7 +4,7 @@ Nothing is dropped: ``deliver`` waits until everything sent is acknowledged,
 sending again (through a fresh producer if need be) for as long as Kafka
 refuses it; a checkpoint -- and so a commit -- never happens before that.
 ``PublishedVersionMark`` is advanced before any vector of a new model version
-goes out (stream/recovery.py).
+goes out (stream/kafka/recovery.py).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 from learners.errors import BrokerError, RecstreamError
 from learners.records import BadRecord
 from stream.config import Settings
-from stream.isolation import apply_isolated, failure_detail
-from stream.kafka_io import DeadLetterSink, SourceRecord, VectorSink, make_producer
-from stream.messages import encode_vectors
+from stream.worker.isolation import apply_isolated, failure_detail
+from stream.kafka.clients import DeadLetterSink, SourceRecord, VectorSink, make_producer
+from stream.kafka.messages import encode_vectors
 from stream.metrics import WorkerMetrics
-from stream.recovery import PublishedVersionMark
+from stream.kafka.recovery import PublishedVersionMark
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.lifecycle import Lifecycle
 from stream.worker.totals import Totals

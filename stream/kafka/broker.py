@@ -21,7 +21,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka import errors as Errors
 
 from learners.errors import BrokerError
-from stream.kafka_io import SourceRecord
+from stream.kafka.clients import SourceRecord
 
 log = logging.getLogger(__name__)
 

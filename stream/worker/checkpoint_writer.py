@@ -35,8 +35,8 @@ from typing import Any, Optional
 import numpy as np
 
 from learners.checkpoint import CheckpointStore, PreparedCheckpoint
-from stream import heap
-from stream.dedup import LedgerSnapshot
+from stream.worker import heap
+from stream.worker.dedup import LedgerSnapshot
 
 
 class _Frozen:
