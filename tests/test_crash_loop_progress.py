@@ -13,10 +13,10 @@ import pytest
 from kafka.errors import FencedInstanceIdError
 
 from fake_kafka import FakeConsumer
-from learners.errors import BrokerError
 from learners.records import Item
-from stream.kafka.clients import KafkaSource
 from stream.config import Settings
+from stream.kafka.clients import KafkaSource
+from stream.kafka.errors import BrokerError
 from worker_fakes import TP0, FakeItems, FakeLearner, consumer_record, event_bytes, item_record, make_worker, \
     skip_checkpoint_files
 

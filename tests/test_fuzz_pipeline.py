@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from learners.learner import ContinualRecommender
 from learners.records import BadRecord, parse_event
-from stream.learner_setup import learner_config
 from stream.config import Settings
+from stream.learner_setup import learner_config
 from worker_fakes import TP0, FakeItems, consumer_record, item_record, make_worker, skip_checkpoint_files
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from kafka.partitioner.default import DefaultPartitioner
 
+from stream.kafka.clients import KeyCachingPartitioner
 from stream.worker.checkpoint_writer import CheckpointWriter, LearnerSnapshot
 from stream.worker.dedup import EventLedger, hash_ids
-from stream.kafka.clients import KeyCachingPartitioner
 
 
 class _ReferenceLedger:

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from learners.errors import BrokerError
 from learners.records import BadRecord
 from stream.kafka.clients import DeadLetterSink, SourceRecord, VectorSink
+from stream.kafka.errors import BrokerError
 from stream.kafka.recovery import PublishedVersionMark, dead_letter_source
 from stream.worker import publisher
 from worker_fakes import TP0, FakeProducer, consumer_record, event_bytes, gauge, make_worker, skip_checkpoint_files

@@ -18,8 +18,8 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Offse
 from kafka.errors import FencedInstanceIdError, KafkaError
 from kafka.partitioner.default import DefaultPartitioner, murmur2
 
-from learners.errors import BrokerError
 from learners.records import BadRecord
+from stream.kafka.errors import BrokerError
 
 log = logging.getLogger(__name__)
 

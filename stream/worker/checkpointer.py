@@ -28,11 +28,11 @@ from kafka import KafkaConsumer
 
 from learners.checkpoint import CheckpointStore
 from learners.errors import RecstreamError
-from stream.worker.checkpoint_writer import CheckpointJob, CheckpointWriter
 from stream.config import Settings
-from stream.metrics import WorkerMetrics
 from stream.kafka.origin import StreamOrigin
 from stream.kafka.recovery import Source, scan_dead_letters
+from stream.metrics import WorkerMetrics
+from stream.worker.checkpoint_writer import CheckpointJob, CheckpointWriter
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.ingest import Ingest

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from stream.kafka.items import ItemsFollower
 from stream.kafka.clients import KafkaSource
+from stream.kafka.items import ItemsFollower
 
 
 @dataclass

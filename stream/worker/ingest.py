@@ -17,12 +17,12 @@ from operator import attrgetter
 
 from learners.records import EVENT_ID_OF, EVENT_TYPE_OF, USER_ID_OF, BadRecord, parse_event, parse_item
 from stream.config import Settings
-from stream.worker.dedup import EventLedger, LedgerSnapshot
-from stream.worker.isolation import apply_isolated, failure_detail
 from stream.kafka.clients import SourceRecord
 from stream.metrics import WorkerMetrics
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
+from stream.worker.dedup import EventLedger, LedgerSnapshot
+from stream.worker.isolation import apply_isolated, failure_detail
 from stream.worker.publisher import Publisher
 from stream.worker.totals import Totals
 

@@ -31,15 +31,15 @@ from typing import Optional
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
-from learners.errors import BrokerError
 from learners.learner import ContinualRecommender
-from stream.worker import heap
 from stream.config import Settings
-from stream.kafka.items import ItemsFollower
 from stream.kafka.clients import KafkaSource, make_producer
+from stream.kafka.errors import BrokerError
+from stream.kafka.items import ItemsFollower
+from stream.kafka.origin import ForeignCheckpointError, StreamOrigin, check_checkpoint_origin, fetch_cluster_id
 from stream.learner_setup import learner_config, set_torch_threads
 from stream.metrics import WorkerMetrics
-from stream.kafka.origin import ForeignCheckpointError, StreamOrigin, check_checkpoint_origin, fetch_cluster_id
+from stream.worker import heap
 from stream.worker.checkpointer import Checkpointer
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook

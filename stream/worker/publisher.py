@@ -17,15 +17,16 @@ from typing import Optional
 
 import numpy as np
 
-from learners.errors import BrokerError, RecstreamError
+from learners.errors import RecstreamError
 from learners.records import BadRecord
 from stream.config import Settings
-from stream.worker.isolation import apply_isolated, failure_detail
 from stream.kafka.clients import DeadLetterSink, SourceRecord, VectorSink, make_producer
+from stream.kafka.errors import BrokerError
 from stream.kafka.messages import encode_vectors
-from stream.metrics import WorkerMetrics
 from stream.kafka.recovery import PublishedVersionMark
+from stream.metrics import WorkerMetrics
 from stream.worker.dead_letter_book import DeadLetterBook
+from stream.worker.isolation import apply_isolated, failure_detail
 from stream.worker.lifecycle import Lifecycle
 from stream.worker.totals import Totals
 

@@ -17,9 +17,9 @@ import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Callable, Optional
 
-from stream.worker import heap
 from stream.config import Settings
 from stream.metrics import WorkerMetrics
+from stream.worker import heap
 from stream.worker.consumers import Consumers
 from stream.worker.ingest import Ingest
 from stream.worker.publisher import Publisher
