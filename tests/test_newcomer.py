@@ -63,7 +63,7 @@ def test_a_recreated_topic_on_the_demo_broker_is_one_info_line(tmp_path, caplog)
     notes = [r for r in caplog.records if "embedded broker started empty" in r.getMessage()]
     assert [r.levelname for r in notes] == ["INFO"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert [e.event_id for e in worker.learner._pending][:2] == ["e100", "e101"]  # read as new, as before
+    assert [e.event_id for e in worker.learner.observed][:2] == ["e100", "e101"]  # read as new, as before
 
 
 def test_without_the_demo_a_recreated_topic_stays_an_error(tmp_path, caplog):

@@ -75,7 +75,7 @@ def test_an_event_the_learner_fails_on_is_dead_lettered_alone(tmp_path):
     worker, consumer, producer = make_worker(tmp_path, [{TP0: records}], learner=_FailingLearner())
     run_and_checkpoint(worker)
     assert dead_letters(producer) == {"apply_failed": [("events", 0, 1)]}
-    assert [e.event_id for e in worker.learner._pending] == ["e0", "e2"]  # each applied once
+    assert [e.event_id for e in worker.learner.observed] == ["e0", "e2"]  # each applied once
     assert worker.totals.valid == 2 and worker.totals.dead_lettered == 1
     assert worker.metrics.registry.get_sample_value("recstream_record_failures_total", {"stage": "events"}) == 1
     assert consumer.commits[-1][TP0].offset == 3

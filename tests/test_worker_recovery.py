@@ -155,11 +155,11 @@ def test_records_already_applied_are_skipped_and_a_recreated_topic_is_read_as_ne
     worker.ingest.apply_offset(("events", 0), 5)
     consumer.highwaters[TP0] = 7
     worker.turn()
-    assert [e.event_id for e in worker.learner._pending] == ["e5", "e6"]  # e3 and e4 were applied before
+    assert [e.event_id for e in worker.learner.observed] == ["e5", "e6"]  # e3 and e4 were applied before
     assert worker.ingest.applied[("events", 0)] == 7 and worker.totals.consumed == 2
     consumer.highwaters[TP0] = 2
     worker.turn()
-    assert [e.event_id for e in worker.learner._pending][2:] == ["e100", "e101"]  # not skipped as applied
+    assert [e.event_id for e in worker.learner.observed][2:] == ["e100", "e101"]  # not skipped as applied
     assert worker.ingest.applied[("events", 0)] == 2
 
 

@@ -12,6 +12,7 @@ from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 
 from learners.learner import LearnReport
+from learners.stream_state import StreamState
 from stream.config import Settings
 from stream.kafka.clients import KafkaSource
 from stream.metrics import WorkerMetrics
@@ -96,24 +97,25 @@ class FakeLearner:
 
     def __init__(self):
         self.model_version = 0
-        self._pending = []
+        self.observed = []  # events observed and not trained on yet, in order
         self.lock = threading.RLock()
         self.users, self.catalogue = _StateDict(), _StateDict()
         self.allow_training = False
-        # What a checkpoint snapshot reads (stream/worker/checkpoint_writer.py).
-        self.training_in_flight = False
-        self._published = np.zeros((0, 4), np.float32)
-        self._seq = self._refresh_cursor = self.samples_shed = 0
+        self.training_in_flight = False  # set by a checkpoint snapshot (stream/worker/checkpoint_writer.py)
+
+    def snapshot(self):
+        """No samples to save: checkpoints of a fake keep the worker's bookkeeping only."""
+        return StreamState(self.model_version, 0, [], np.zeros((0, 4), np.float32), 0, 0)
 
     def item_vectors(self, item_ids=None):
         return np.zeros((0, 4), np.float32)
 
     @property
     def pending(self):
-        return len(self._pending)
+        return len(self.observed)
 
     def observe(self, event):
-        self._pending.append(event)
+        self.observed.append(event)
         self.users[event.user_id] = True
 
     def observe_many(self, events):
@@ -130,9 +132,9 @@ class FakeLearner:
         return 0
 
     def learn(self, max_samples=None):
-        if not self.allow_training or not self._pending:
+        if not self.allow_training or not self.observed:
             return None
-        taken, self._pending = self._pending[:max_samples], self._pending[max_samples:]
+        taken, self.observed = self.observed[:max_samples], self.observed[max_samples:]
         self.model_version += 1
         return LearnReport(self.model_version, len(taken), 0.01, 1.0, 0.0, 0, 1, 0)
 

@@ -35,6 +35,7 @@ from typing import Any, Optional
 import numpy as np
 
 from learners.checkpoint import CheckpointStore, PreparedCheckpoint
+from learners.stream_state import StreamState
 from stream.worker import heap
 from stream.worker.dedup import LedgerSnapshot
 
@@ -77,12 +78,12 @@ class LearnerSnapshot:
         self._live = learner
         self.users = _Frozen(_copy_state(learner.users.state()), len(learner.users))
         self.catalogue = _Frozen(_copy_state(learner.catalogue.state()), len(learner.catalogue))
-        self._pending = list(learner._pending)  # noqa: SLF001 - the fields a checkpoint holds
-        self._published = np.array(learner._published, copy=True)  # noqa: SLF001
-        self.model_version = int(learner.model_version)
-        self._seq = int(learner._seq)  # noqa: SLF001
-        self._refresh_cursor = int(learner._refresh_cursor)  # noqa: SLF001
-        self.samples_shed = int(getattr(learner, "samples_shed", 0))
+        self._stream = learner.snapshot()
+        self.model_version = self._stream.model_version
+
+    def snapshot(self) -> StreamState:
+        """The learner's stream state as of this snapshot (no copy: it is a copy already)."""
+        return self._stream
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._live, name)
