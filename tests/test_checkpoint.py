@@ -19,13 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learners.adapters import TRAINED_SHARD
 from learners.checkpoint import MANIFEST, CheckpointStore
 from learners.checkpoint.collect import collect
 from learners.checkpoint.restore import apply, parse
 from learners.encoder import TextEncoder
 from learners.errors import CheckpointError, RecstreamError
 from learners.experience import make_experience
+from learners.export import TRAINED_SHARD
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import Event
 from learners.synthetic import SyntheticWorld
