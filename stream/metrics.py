@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -133,6 +134,10 @@ class WorkerMetrics:
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
         return self._server.server_address[1]
+
+    def broker_error(self, operation: str, exc: Optional[BaseException] = None) -> None:
+        """Count one failed broker operation (also the ``on_error`` callback of the Kafka clients)."""
+        self.broker_errors.labels(operation=operation).inc()
 
     @property
     def serving(self) -> bool:

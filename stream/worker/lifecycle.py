@@ -22,6 +22,3 @@ class Lifecycle:
             if left <= 0:
                 return
             time.sleep(min(0.25, left))
-
-    def broker_error(self, operation: str, exc: BaseException = None) -> None:
-        self.metrics.broker_errors.labels(operation=operation).inc()

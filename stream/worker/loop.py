@@ -142,13 +142,13 @@ class Worker:
         quick = {"bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS}
         producer = make_producer(s, **quick)
         self.publisher.attach(producer)
-        events = KafkaSource.from_settings(s, on_error=self.lifecycle.broker_error, **quick)
+        events = KafkaSource.from_settings(s, on_error=self.metrics.broker_error, **quick)
         self.consumers.events = events
         m = self.membership
         events.subscribe([s.events_topic], on_assigned=m.on_assigned, on_revoked=m.on_revoked, on_lost=m.on_lost)
         items_consumer = KafkaConsumer(**s.reader_kwargs("items"), **quick)
         self.consumers.items = ItemsFollower(items_consumer, s.items_topic, self.ingest.item_start,
-                                             on_error=self.lifecycle.broker_error)
+                                             on_error=self.metrics.broker_error)
         self.checkpointer.origin = StreamOrigin.of(s, fetch_cluster_id(s, BOOTSTRAP_TIMEOUT_MS))
         log.info("connected to Kafka at %s (cluster %s)", s.bootstrap_servers, self.checkpointer.origin.cluster_id)
 
@@ -175,7 +175,7 @@ class Worker:
             except (BrokerError, KafkaError, OSError) as exc:
                 if cleanup is not None:
                     cleanup()
-                self.lifecycle.broker_error(operation, exc)
+                self.metrics.broker_error(operation, exc)
                 log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
                 self.lifecycle.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX_S)

@@ -135,7 +135,7 @@ class Publisher:
             if not errors:
                 return
             for exc in errors:
-                self.lifecycle.broker_error("produce", exc)
+                self.metrics.broker_error("produce", exc)
             if self.lifecycle.stopping:
                 raise Undelivered(str(errors[0]))
             log.warning("Kafka did not take our output (%s); sending again in %.1fs", errors[0], delay)
@@ -160,7 +160,7 @@ class Publisher:
             try:
                 fresh = make_producer(self.settings, bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
             except BrokerError as exc:
-                self.lifecycle.broker_error("connect", exc)
+                self.metrics.broker_error("connect", exc)
                 log.warning("could not create a new Kafka producer (%s); trying again later", exc)
                 return
             log.warning("Kafka keeps refusing our output: replaced the producer; records the old one had not "
