@@ -10,8 +10,8 @@ A checkpoint comes in three steps:
 2. The *prepare* (``CheckpointStore.prepare``: the learner's state to bytes in
    memory, the encoder exported to a temporary folder), on the thread that
    trains, so the model, the optimizer, EWC and the replay buffer -- which only
-   training changes -- stand still meanwhile: 0.1-0.25 s in ``recstream
-   bench``'s worker, whose writes then took 0.2-0.45 s. Until it
+   training changes -- stand still meanwhile (its cost and the write's:
+   docs/performance.md). Until it
    ends the learner is marked ``training_in_flight``, as during an experience:
    the loop keeps publishing user vectors from the last vector tables and does
    not grow the model or encode new item texts.

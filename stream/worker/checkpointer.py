@@ -167,6 +167,7 @@ class Checkpointer:
         self.book.remember((t, int(p), int(o)) for t, p, o in extra.get("dlq_done", []))
         if "dlq_positions" in extra:
             self.book.advance({int(p): int(o) for p, o in extra["dlq_positions"]})
+            self.book.positions_known = True
         # Vectors of versions above the checkpoint's may have gone out before a crash, from a
         # model that is lost now: continue above all of them, so versions never go backwards.
         published = self.publisher.version_mark.value
@@ -196,6 +197,7 @@ class Checkpointer:
         again = {source for source in found if not self._below_applied(source)}
         self.book.remember(again)
         self.book.advance(ends)
+        self.book.positions_known = True
         log.info("dead-letter topic %r read from %s: %d record(s) there come from offsets this worker will "
                  "read again; they will not be dead-lettered twice", s.dlq_topic, start or "the beginning", len(again))
 

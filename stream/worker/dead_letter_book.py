@@ -41,7 +41,6 @@ class DeadLetterBook:
         return dict(self._positions)
 
     def advance(self, positions: dict[int, int]) -> None:
-        """Move the restart positions forward (never back) and mark them known."""
+        """Move the restart positions forward (never back)."""
         for partition, offset in positions.items():
             self._positions[int(partition)] = max(self._positions.get(int(partition), 0), int(offset))
-        self.positions_known = True

@@ -69,6 +69,11 @@ class Ingest:
     def ledger_snapshot(self) -> LedgerSnapshot:
         return self._ledger.snapshot()
 
+    @property
+    def ledger_size(self) -> int:
+        """Event ids the de-duplication window holds now."""
+        return len(self._ledger)
+
     def restore(self, applied: dict[Partition, int], item_start: dict[int, int], ledger: list) -> None:
         """Start over from a checkpoint's offsets and de-duplication window; the stash is dropped
         (its records are read again)."""

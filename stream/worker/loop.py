@@ -134,7 +134,7 @@ class Worker:
             self.checkpoint()
         self.connected = True
         # The model, the clients and the libraries stay for the whole run: a full garbage
-        # collection would walk them all again each time (0.35 s here, GIL held; stream/worker/heap.py).
+        # collection would walk them all again each time, holding the GIL (stream/worker/heap.py).
         log.info("%d startup objects exempt from garbage collection", heap.freeze_startup_objects())
 
     def _open_clients(self) -> None:
