@@ -112,10 +112,6 @@ class Checkpointer:
         """A checkpoint is being prepared: the model must stay as it is."""
         return self._job is not None and self._job.holds_learner()
 
-    @property
-    def in_flight(self) -> bool:
-        return self._job is not None
-
     # -- going back --
 
     @property

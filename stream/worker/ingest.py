@@ -59,7 +59,7 @@ class Ingest:
         return dict(self._applied)
 
     def apply_offset(self, tp: Partition, offset: int) -> None:
-        """Mark ``tp`` applied up to ``offset`` (state restored from elsewhere, e.g. a tool)."""
+        """Mark ``tp`` applied up to ``offset``, as if its records below had been (tests, tools)."""
         self._applied[tp] = offset
 
     @property

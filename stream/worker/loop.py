@@ -104,6 +104,7 @@ class Worker:
         return self.checkpointer.checkpoint(in_rebalance=in_rebalance, wait=wait)
 
     def _on_trained(self) -> None:
+        """An experience changed the model (on either thread): the next checkpoint has it to save."""
         self.checkpointer.mark_dirty()
 
     def connect(self) -> None:
