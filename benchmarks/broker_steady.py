@@ -26,7 +26,7 @@ import uuid
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from stream.broker import EmbeddedBroker, ensure_topics
+from stream.kafka.broker import EmbeddedBroker, ensure_topics
 
 
 def cpu_seconds(pid: int) -> float:

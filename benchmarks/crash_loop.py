@@ -25,7 +25,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from learners.records import Event, Item, event_to_json  # noqa: E402
-from stream.broker import EmbeddedBroker, log_end_offsets  # noqa: E402
+from stream.kafka.broker import EmbeddedBroker, log_end_offsets  # noqa: E402
 from worker_harness import WorkerProcess, make_topics, produce_events, produce_items  # noqa: E402
 
 

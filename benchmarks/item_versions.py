@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from learners.records import Event, Item  # noqa: E402
-from stream.broker import EmbeddedBroker, read_topic  # noqa: E402
+from stream.kafka.broker import EmbeddedBroker, read_topic  # noqa: E402
 from worker_harness import WorkerProcess, make_topics, produce_events, produce_items  # noqa: E402
 
 

@@ -15,7 +15,3 @@ class ModelLoadError(RecstreamError):
 
 class CheckpointError(RecstreamError):
     """A checkpoint is missing, torn or does not match the model."""
-
-
-class BrokerError(RecstreamError):
-    """Kafka could not be reached or answered with an error."""

@@ -35,7 +35,7 @@ def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     leaves = getattr(flat, "_datasets", None)
     if leaves and all(isinstance(d, torch.utils.data.TensorDataset) and len(d.tensors) >= 3 for d in leaves):
         try:
-            indices = torch.as_tensor(list(flat._get_lazy_indices()), dtype=torch.long)
+            indices = torch.as_tensor(list(flat._get_lazy_indices()), dtype=torch.long)  # noqa: SLF001 - guarded
             return tuple(torch.cat([d.tensors[k] for d in leaves])[indices] for k in range(3))  # type: ignore
         except Exception:  # noqa: BLE001 - Avalanche internals changed: the public path below
             pass

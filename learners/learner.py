@@ -29,6 +29,7 @@ from learners.model import TwoTower
 from learners.records import EVENT_TYPE_OF, EVENT_WEIGHTS, ITEM_ID_OF, USER_ID_OF, Event, Item
 from learners.serving_average import ServingAverage
 from learners.strategy import build_strategy
+from learners.stream_state import StreamState
 from learners.users import UserHistories
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,22 @@ class ContinualRecommender:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def snapshot(self) -> StreamState:
+        """A copy of the stream state (the caller holds ``lock`` if another thread observes)."""
+        return StreamState(int(self.model_version), int(self._seq), list(self._pending),
+                           np.array(self._published, np.float32, copy=True), int(self._refresh_cursor),
+                           int(self.samples_shed))
+
+    def restore(self, state: StreamState) -> None:
+        """Put back a stream state taken by ``snapshot`` (vector tables are rebuilt on next use)."""
+        self.model_version = int(state.model_version)
+        self._seq = int(state.event_seq)
+        self._pending = [tuple(int(v) for v in sample) for sample in state.pending]
+        self._published = np.array(state.published, np.float32, copy=True)
+        self._refresh_cursor = int(state.refresh_cursor)
+        self.samples_shed = int(state.samples_shed)
+        self._tables_stale = True
 
     def learn(self, max_samples: Optional[int] = None) -> Optional[LearnReport]:
         """Train one experience on everything observed since the last call.

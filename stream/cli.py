@@ -227,7 +227,7 @@ def convert_movielens_cmd(src_dir, out_dir) -> None:
 @click.option("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
 def replay(events_path, items_path, bootstrap_servers, events_topic, items_topic, rate) -> None:
     """Publish offline files to Kafka: items first (keyed by item_id), then events in file order (keyed by user_id)."""
-    from stream.replay import replay_files
+    from stream.kafka.replay import replay_files
 
     sent = replay_files(bootstrap_servers, events_path, items_path, events_topic, items_topic, rate)
     click.echo(f"published {sent['items']} items and {sent['events']} events")

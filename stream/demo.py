@@ -11,7 +11,7 @@ from kafka import KafkaProducer
 
 from learners.records import event_to_json, item_to_json
 from learners.synthetic import SyntheticWorld
-from stream.broker import EmbeddedBroker, ensure_topics
+from stream.kafka.broker import EmbeddedBroker, ensure_topics
 
 log = logging.getLogger(__name__)
 

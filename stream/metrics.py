@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -19,9 +20,9 @@ from learners.records import BAD_RECORD_REASONS
 
 _FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-# The ``operation`` label of recstream_broker_errors_total (stream/worker.py, kafka_io.py, items.py).
+# The ``operation`` label of recstream_broker_errors_total (stream/worker/, stream/kafka/clients.py, stream/kafka/items.py).
 BROKER_OPERATIONS = ("connect", "dlq_scan", "poll", "produce", "commit", "metadata", "items_metadata", "items_poll")
-# The ``stage`` label of recstream_record_failures_total (stream/isolation.py).
+# The ``stage`` label of recstream_record_failures_total (stream/worker/isolation.py).
 RECORD_FAILURE_STAGES = ("events", "items", "user_vectors", "item_vectors")
 
 
@@ -133,6 +134,14 @@ class WorkerMetrics:
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
         return self._server.server_address[1]
+
+    def broker_error(self, operation: str, exc: Optional[BaseException] = None) -> None:
+        """Count one failed broker operation (also the ``on_error`` callback of the Kafka clients)."""
+        self.broker_errors.labels(operation=operation).inc()
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
 
     def close(self) -> None:
         if self._server is not None:

@@ -25,7 +25,7 @@ def unique_topic():
 @pytest.fixture(scope="session")
 def broker():
     """One embedded tansu broker for the whole test session."""
-    from stream.broker import EmbeddedBroker
+    from stream.kafka.broker import EmbeddedBroker
 
     with EmbeddedBroker() as running:
         yield running

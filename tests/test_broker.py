@@ -3,10 +3,10 @@ import time
 import pytest
 from kafka import KafkaProducer
 
-from learners.errors import BrokerError
-from stream.broker import EmbeddedBroker, ensure_topics, log_end_offsets, read_topic
 from stream.config import Settings
-from stream.kafka_io import KafkaSource
+from stream.kafka.broker import EmbeddedBroker, ensure_topics, log_end_offsets, read_topic
+from stream.kafka.clients import KafkaSource
+from stream.kafka.errors import BrokerError
 
 pytestmark = pytest.mark.integration
 

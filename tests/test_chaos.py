@@ -31,8 +31,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from learners.checkpoint import CheckpointStore
 from learners.records import event_to_json
 from learners.synthetic import SyntheticWorld
-from stream.broker import EmbeddedBroker, ensure_topics, log_end_offsets, read_topic
-from stream.recovery import dead_letter_source
+from stream.kafka.broker import EmbeddedBroker, ensure_topics, log_end_offsets, read_topic
+from stream.kafka.recovery import dead_letter_source
 from worker_harness import Topics, WorkerProcess, free_port, make_topics, produce_items
 
 pytestmark = pytest.mark.integration

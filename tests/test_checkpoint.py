@@ -19,13 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learners.adapters import TRAINED_SHARD
 from learners.checkpoint import MANIFEST, CheckpointStore
 from learners.checkpoint.collect import collect
 from learners.checkpoint.restore import apply, parse
 from learners.encoder import TextEncoder
 from learners.errors import CheckpointError, RecstreamError
 from learners.experience import make_experience
+from learners.export import TRAINED_SHARD
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import Event
 from learners.synthetic import SyntheticWorld
@@ -125,10 +125,12 @@ def test_round_trip_restores_identical_vectors_and_state(tmp_path, config, train
     assert loader.fallbacks == 0
 
     assert fresh.model_version == trained.model_version
-    assert fresh._seq == trained._seq and fresh._pending == trained._pending
+    restored, saved = fresh.snapshot(), trained.snapshot()
+    assert restored.event_seq == saved.event_seq and restored.pending == saved.pending
+    assert restored.refresh_cursor == saved.refresh_cursor and restored.samples_shed == saved.samples_shed
     assert fresh.catalogue.ids == trained.catalogue.ids and fresh.catalogue.texts == trained.catalogue.texts
     assert fresh.users.user_ids() == trained.users.user_ids()
-    np.testing.assert_array_equal(fresh._published, trained._published)
+    np.testing.assert_array_equal(restored.published, saved.published)
     np.testing.assert_array_equal(fresh.item_vectors(), trained.item_vectors())
     np.testing.assert_array_equal(fresh.user_vectors(all_users(trained)), trained.user_vectors(all_users(trained)))
     assert torch.equal(torch.get_rng_state(), saved_rng)

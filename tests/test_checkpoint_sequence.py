@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from learners.adapters import FROZEN_SHARD, TRAINED_SHARD
 from learners.checkpoint import CheckpointStore
 from learners.encoder import TextEncoder
+from learners.export import FROZEN_SHARD, TRAINED_SHARD
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import Event, Item
 from stream.config import default_model_path

@@ -13,10 +13,10 @@ import pytest
 from kafka.errors import FencedInstanceIdError
 
 from fake_kafka import FakeConsumer
-from learners.errors import BrokerError
 from learners.records import Item
-from stream.kafka_io import KafkaSource
 from stream.config import Settings
+from stream.kafka.clients import KafkaSource
+from stream.kafka.errors import BrokerError
 from worker_fakes import TP0, FakeItems, FakeLearner, consumer_record, event_bytes, item_record, make_worker, \
     skip_checkpoint_files
 
@@ -32,7 +32,7 @@ def test_while_events_wait_in_the_log_a_worker_checkpoints_every_catch_up_interv
     committed = []
     for _ in range(3):
         worker.turn()
-        worker._collect_checkpoint(wait=True)
+        worker.checkpointer.collect(wait=True)
         committed.append(consumer.commits[-1][TP0].offset if consumer.commits else 0)
         time.sleep(0.1)
     assert committed[-1] >= 20 and committed == sorted(committed)  # commits follow the events applied
@@ -45,7 +45,7 @@ def test_once_caught_up_a_worker_checkpoints_at_the_interval_only(tmp_path):
     for _ in range(3):
         worker.turn()
         time.sleep(0.1)
-    worker._collect_checkpoint(wait=True)
+    worker.checkpointer.collect(wait=True)
     assert consumer.commits == []  # checkpoint_interval_s is 1000 s here
 
 
@@ -57,7 +57,7 @@ def test_item_texts_arriving_at_once_are_encoded_in_slices_between_polls(tmp_pat
     worker, consumer, _ = make_worker(tmp_path, _batches(3), items_per_turn=64)
     encoded: list[list[str]] = []
     worker.learner.add_items = lambda items: encoded.append([i.item_id for i in items]) or []
-    worker.items = FakeItems([item_record(o, _text(o)) for o in range(150)])
+    worker.consumers.items = FakeItems([item_record(o, _text(o)) for o in range(150)])
     polls = []
     for _ in range(3):
         worker.turn()

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from learners.synthetic import SyntheticWorld
-from stream.broker import read_topic
 from stream.config import Settings
 from stream.demo import DemoFeeder, create_topics
+from stream.kafka.broker import read_topic
 
 pytestmark = pytest.mark.integration  # the real embedded broker
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from learners.adapters import (export_model, load_exported, load_trainable_state_dict, trainable_parameters,
-                               trainable_state_dict)
+from learners.adapters import load_trainable_state_dict, trainable_parameters, trainable_state_dict
 from learners.encoder import TextEncoder, last_token_pool
 from learners.encoder.layers import encoder_layers
 from learners.errors import ConfigError
+from learners.export import export_model, load_exported
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.synthetic import SyntheticWorld
 
@@ -373,7 +373,7 @@ def test_cuda_bf16_autocast_and_checkpointing(models):
 
 def test_settings_map_to_the_learner_config(models):
     from stream.config import Settings
-    from stream.worker import learner_config
+    from stream.learner_setup import learner_config
 
     settings = Settings(model=str(models["qwen2"]), train_params="lora", lora_rank=4, lora_alpha=8.0,
                         lora_targets="q_proj, k_proj,v_proj", gradient_checkpointing=True, train_layers=2)
@@ -391,7 +391,7 @@ def test_settings_map_to_the_learner_config(models):
 
 @pytest.mark.integration
 def test_worker_trains_a_tiny_decoder_with_lora(models, broker, unique_topic, tmp_path):
-    from stream.broker import read_topic
+    from stream.kafka.broker import read_topic
     from worker_harness import WorkerProcess, make_topics, produce_events, produce_items
 
     topics = make_topics(broker.bootstrap, unique_topic)

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from learners.learner import ContinualRecommender
 from learners.records import BadRecord, parse_event
-from stream.learner_setup import learner_config
 from stream.config import Settings
+from stream.learner_setup import learner_config
 from worker_fakes import TP0, FakeItems, consumer_record, item_record, make_worker, skip_checkpoint_files
 
 pytestmark = pytest.mark.integration
@@ -71,12 +71,12 @@ def test_every_record_is_applied_or_dead_lettered_and_every_vector_is_sound(lear
         worker, consumer, producer = make_worker(
             Path(state), [{TP0: [consumer_record(o, v) for o, v in enumerate(events)]}], learner=learner,
             experience_size=8)
-        worker.items = FakeItems([item_record(o, v) for o, v in enumerate(items)])
+        worker.consumers.items = FakeItems([item_record(o, v) for o, v in enumerate(items)])
         before = worker.totals.consumed
         worker.turn()
         worker.turn()
         skip_checkpoint_files(worker)
-        worker._dirty_since_checkpoint = True
+        worker.checkpointer.mark_dirty()
         assert worker.checkpoint()  # publishes and delivers everything first
 
     t = worker.totals

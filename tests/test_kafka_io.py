@@ -5,9 +5,9 @@ from kafka import OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaConnectionError, KafkaTimeoutError
 from kafka.future import Future
 
-from learners.errors import BrokerError
 from learners.records import BadRecord
-from stream.kafka_io import DeadLetterSink, KafkaSource, SourceRecord, VectorSink
+from stream.kafka.clients import DeadLetterSink, KafkaSource, SourceRecord, VectorSink
+from stream.kafka.errors import BrokerError
 from fake_kafka import FakeConsumer
 
 

@@ -4,7 +4,7 @@ import uuid
 import numpy as np
 import pytest
 
-from stream.messages import decode_vector, encode_vector, encode_vectors, entity_uuid
+from stream.kafka.messages import decode_vector, encode_vector, encode_vectors, entity_uuid
 
 
 def test_entity_uuid_is_uuid5_of_type_and_id():

@@ -55,7 +55,7 @@ def test_a_recreated_topic_on_the_demo_broker_is_one_info_line(tmp_path, caplog)
     try:
         with caplog.at_level(logging.INFO, logger="stream.worker"):
             for partition_offset in (5, 9):  # the same note twice (as for a second partition)
-                worker._offsets[("events", 0)] = partition_offset
+                worker.ingest.apply_offset(("events", 0), partition_offset)
                 consumer.highwaters[TP0] = 2
                 worker.turn()
     finally:
@@ -63,13 +63,13 @@ def test_a_recreated_topic_on_the_demo_broker_is_one_info_line(tmp_path, caplog)
     notes = [r for r in caplog.records if "embedded broker started empty" in r.getMessage()]
     assert [r.levelname for r in notes] == ["INFO"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert [e.event_id for e in worker.learner._pending][:2] == ["e100", "e101"]  # read as new, as before
+    assert [e.event_id for e in worker.learner.observed][:2] == ["e100", "e101"]  # read as new, as before
 
 
 def test_without_the_demo_a_recreated_topic_stays_an_error(tmp_path, caplog):
     recreated = {TP0: [consumer_record(o, event_bytes(100 + o)) for o in range(0, 2)]}
     worker, consumer, _ = make_worker(tmp_path, [recreated])
-    worker._offsets[("events", 0)] = 5
+    worker.ingest.apply_offset(("events", 0), 5)
     consumer.highwaters[TP0] = 2
     with caplog.at_level(logging.INFO, logger="stream.worker"):
         worker.turn()

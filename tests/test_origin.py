@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stream.config import Settings
-from stream.origin import ForeignCheckpointError, StreamOrigin, check_checkpoint_origin
+from stream.kafka.origin import ForeignCheckpointError, StreamOrigin, check_checkpoint_origin
 
 HERE = StreamOrigin("cluster-a", "recstream", "events", "items")
 

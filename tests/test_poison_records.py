@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import numpy as np
 
-from stream.recovery import dead_letter_source
+from stream.kafka.recovery import dead_letter_source
 from worker_fakes import (TP0, FakeItems, FakeLearner, consumer_record, event_bytes, item_record, make_worker,
                           skip_checkpoint_files)
 
@@ -30,7 +30,7 @@ def published_users(producer) -> list[str]:
 def run_and_checkpoint(worker) -> None:
     worker.turn()
     skip_checkpoint_files(worker)
-    worker._dirty_since_checkpoint = True
+    worker.checkpointer.mark_dirty()
     assert worker.checkpoint()
 
 
@@ -72,11 +72,10 @@ def boom_event(i: int) -> bytes:
 def test_an_event_the_learner_fails_on_is_dead_lettered_alone(tmp_path):
     records = [consumer_record(0, event_bytes(0)), consumer_record(1, boom_event(1)),
                consumer_record(2, event_bytes(2))]
-    worker, consumer, producer = make_worker(tmp_path, [{TP0: records}])
-    worker.learner = _FailingLearner()
+    worker, consumer, producer = make_worker(tmp_path, [{TP0: records}], learner=_FailingLearner())
     run_and_checkpoint(worker)
     assert dead_letters(producer) == {"apply_failed": [("events", 0, 1)]}
-    assert [e.event_id for e in worker.learner._pending] == ["e0", "e2"]  # each applied once
+    assert [e.event_id for e in worker.learner.observed] == ["e0", "e2"]  # each applied once
     assert worker.totals.valid == 2 and worker.totals.dead_lettered == 1
     assert worker.metrics.registry.get_sample_value("recstream_record_failures_total", {"stage": "events"}) == 1
     assert consumer.commits[-1][TP0].offset == 3
@@ -85,8 +84,7 @@ def test_an_event_the_learner_fails_on_is_dead_lettered_alone(tmp_path):
 
 def test_a_user_vector_that_cannot_be_encoded_is_set_aside_and_the_others_go_out(tmp_path):
     records = [consumer_record(i, event_bytes(i)) for i in range(5)]  # users u0..u4
-    worker, consumer, producer = make_worker(tmp_path, [{TP0: records}])
-    worker.learner = _FailingLearner()
+    worker, consumer, producer = make_worker(tmp_path, [{TP0: records}], learner=_FailingLearner())
     run_and_checkpoint(worker)
     assert published_users(producer) == ["user:u0", "user:u1", "user:u2", "user:u4"]
     assert dead_letters(producer) == {"publish_failed": [("events", 0, 3)]}  # the event behind the vector
@@ -112,9 +110,9 @@ def test_an_item_text_the_encoder_fails_on_is_dead_lettered_and_the_rest_are_add
         return []
 
     worker.learner.add_items = add_items
-    worker.items = FakeItems([item(0, "a", "Heat"), item(1, "b", "boom"), item(2, "c", "Ran"),
+    worker.consumers.items = FakeItems([item(0, "a", "Heat"), item(1, "b", "boom"), item(2, "c", "Ran"),
                               item(3, "d", "\ud800 bad text")])
-    worker._ingest_items()
+    worker.ingest.read_items()
     assert [item.item_id for item in added] == ["a", "c"]
     assert dead_letters(producer) == {"bad_text_chars": [("items", 0, 3)], "item_failed": [("items", 0, 1)]}
     assert worker.totals.items == 2
@@ -141,13 +139,12 @@ class _TextLearner(FakeLearner):
 
 
 def test_one_item_and_version_name_one_vector_when_texts_move_published_vectors(tmp_path):
-    worker, _, producer = make_worker(tmp_path)
-    worker.learner = _TextLearner()
-    worker.items = FakeItems([item(0, "a", "Heat"), item(1, "b", "Ran")])
-    worker._ingest_items()
-    worker.items = FakeItems([item(2, "a", "Heat (1995) | Crime"), item(3, "c", "Alien")])  # a's text changes
-    worker._ingest_items()
-    worker._deliver()
+    worker, _, producer = make_worker(tmp_path, learner=_TextLearner())
+    worker.consumers.items = FakeItems([item(0, "a", "Heat"), item(1, "b", "Ran")])
+    worker.ingest.read_items()
+    worker.consumers.items = FakeItems([item(2, "a", "Heat (1995) | Crime"), item(3, "c", "Alien")])  # a's text changes
+    worker.ingest.read_items()
+    worker.publisher.deliver()
     seen: dict = {}
     for _, key, value, _ in producer.sent:
         record = json.loads(value)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from learners.synthetic import SyntheticWorld
-from stream.broker import EmbeddedBroker
+from stream.kafka.broker import EmbeddedBroker
 from promql import alert_expressions, dashboard_panel_expressions
 from worker_harness import WorkerProcess, free_port, make_topics, produce, produce_events, produce_items
 

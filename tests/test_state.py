@@ -7,7 +7,7 @@ import pytest
 
 from learners.catalogue import Catalogue
 from learners.users import UserHistories
-from stream.dedup import EventLedger
+from stream.worker.dedup import EventLedger
 
 
 def test_histories_weight_newer_events_more_and_sum_to_one():

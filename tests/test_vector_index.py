@@ -184,7 +184,7 @@ def test_catch_up_reads_every_partition_to_its_end():
 def test_follows_a_real_topic_from_the_beginning(broker, unique_topic):
     from kafka import KafkaProducer
 
-    from stream.broker import ensure_topics
+    from stream.kafka.broker import ensure_topics
     from stream.vector_index import open_consumer
 
     topic = unique_topic("vectors")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from learners.synthetic import SyntheticWorld
-from stream.broker import log_end_offsets, read_topic
+from stream.kafka.broker import log_end_offsets, read_topic
 from worker_harness import WorkerProcess, make_topics, produce, produce_events, produce_items
 
 pytestmark = pytest.mark.integration

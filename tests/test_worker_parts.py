@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from kafka.partitioner.default import DefaultPartitioner
 
-from stream.checkpoint_writer import CheckpointWriter, LearnerSnapshot
-from stream.dedup import EventLedger, hash_ids
-from stream.kafka_io import KeyCachingPartitioner
+from stream.kafka.clients import KeyCachingPartitioner
+from learners.stream_state import StreamState
+from stream.worker.checkpoint_writer import CheckpointWriter, LearnerSnapshot
+from stream.worker.dedup import EventLedger, hash_ids
 
 
 class _ReferenceLedger:
@@ -132,12 +133,14 @@ class _Catalogue:
 class _Learner:
     def __init__(self):
         self.users, self.catalogue = _Users(), _Catalogue()
-        self._pending = [(0, 0, 0)]
-        self._published = np.zeros((1, 2), np.float32)
-        self.model_version, self._seq, self._refresh_cursor, self.samples_shed = 3, 1, 0, 0
+        self.pending_samples = [(0, 0, 0)]
+        self.model_version = 3
         self.lock = threading.RLock()
         self.training_in_flight = False
         self.model = "the live model"
+
+    def snapshot(self):
+        return StreamState(self.model_version, 1, list(self.pending_samples), np.zeros((1, 2), np.float32), 0, 0)
 
 
 def test_learner_snapshot_holds_the_moment_it_was_taken():
@@ -146,11 +149,11 @@ def test_learner_snapshot_holds_the_moment_it_was_taken():
     learner.users.rows[0, 0] = 7
     learner.users.ids.append("u1")
     learner.catalogue.ids.append("i1")
-    learner._pending.append((1, 1, 1))
+    learner.pending_samples.append((1, 1, 1))
     learner.model_version = 4
     assert snapshot.users.state()["rows"][0, 0] == 0 and snapshot.users.state()["user_ids"] == ["u0"]
     assert snapshot.catalogue.state()["ids"] == ["i0"]
-    assert snapshot._pending == [(0, 0, 0)] and snapshot.model_version == 3
+    assert snapshot.snapshot().pending == [(0, 0, 0)] and snapshot.model_version == 3
     assert snapshot.model == "the live model"  # what only training changes is read live
 
 
@@ -218,7 +221,7 @@ def test_frozen_startup_objects_are_left_alone_by_the_collector_until_thawed():
     import gc
     import weakref
 
-    from stream import heap
+    from stream.worker import heap
 
     class Node:
         pass

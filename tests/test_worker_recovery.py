@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from learners.errors import BrokerError
 from learners.records import BadRecord
-from stream.kafka_io import DeadLetterSink, SourceRecord, VectorSink
-from stream.recovery import PublishedVersionMark, dead_letter_source
-from stream import worker_output
+from stream.kafka.clients import DeadLetterSink, SourceRecord, VectorSink
+from stream.kafka.errors import BrokerError
+from stream.kafka.recovery import PublishedVersionMark, dead_letter_source
+from stream.worker import publisher
 from worker_fakes import TP0, FakeProducer, consumer_record, event_bytes, gauge, make_worker, skip_checkpoint_files
 
 
@@ -49,16 +49,16 @@ def test_dead_letters_already_sent_before_a_restart_are_not_sent_again(tmp_path)
     batch = {TP0: [consumer_record(5, b"not json"), consumer_record(6, b"also not json"),
                    consumer_record(7, event_bytes(7))]}
     worker, _, producer = make_worker(tmp_path, [batch])
-    worker._dlq_done = {("events", 0, 5)}  # found in the dead-letter topic at start-up
+    worker.dead_letter_book.remember([("events", 0, 5)])  # found in the dead-letter topic at start-up
     worker.turn()
-    worker._deliver()  # output is handed to the producer in the turn, delivered by a checkpoint at the latest
+    worker.publisher.deliver()  # output is handed to the producer in the turn, delivered by a checkpoint at the latest
     assert [dead_letter_source(headers) for _, _, _, headers in producer.sent if headers] == [("events", 0, 6)]
     assert worker.totals.dead_lettered == 2 and worker.totals.valid == 1 and worker.totals.consumed == 3
     # Once a checkpoint covers their offsets they need not be remembered any longer.
-    worker._dirty_since_checkpoint = True
+    worker.checkpointer.mark_dirty()
     skip_checkpoint_files(worker)
     assert worker.checkpoint()
-    assert worker._dlq_done == set()
+    assert worker.dead_letter_book.sent == set()
 
 
 def test_output_the_broker_refused_is_sent_again_until_delivered(tmp_path):
@@ -121,7 +121,7 @@ def test_published_version_mark_is_durable_and_only_goes_up(tmp_path):
 
 
 def test_touched_users_are_published_once_per_window_and_before_every_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(worker_output, "USER_PUBLISH_WINDOW_S", 3600.0)  # a slow machine stays inside it
+    monkeypatch.setattr(publisher, "USER_PUBLISH_WINDOW_S", 3600.0)  # a slow machine stays inside it
     # event_bytes(i) belongs to user u{i % 7}: three events of u0, one of u1, over two polls.
     first = {TP0: [consumer_record(0, event_bytes(0)), consumer_record(1, event_bytes(7))]}
     second = {TP0: [consumer_record(2, event_bytes(14)), consumer_record(3, event_bytes(1))]}
@@ -140,8 +140,8 @@ def test_user_vectors_never_go_out_before_their_version_is_marked(tmp_path):
     worker, _, producer = make_worker(tmp_path, [batch])
     worker.learner.model_version = 12
     worker.turn()
-    worker._publish_queued_users(force=True)  # the publish window is 50 ms
-    worker._deliver()
+    worker.publisher.publish_queued_users(force=True)  # the publish window is 50 ms
+    worker.publisher.deliver()
     assert json.loads(producer.sent[0][2])["payload"]["model_version"] == 12
     assert PublishedVersionMark(tmp_path / "state").value == 12
 
@@ -152,15 +152,15 @@ def test_records_already_applied_are_skipped_and_a_recreated_topic_is_read_as_ne
     # Then the topic is deleted and created again: its log ends at 2, below the 7 applied.
     recreated = {TP0: [consumer_record(o, event_bytes(100 + o)) for o in range(0, 2)]}
     worker, consumer, _ = make_worker(tmp_path, [again, recreated])
-    worker._offsets[("events", 0)] = 5
+    worker.ingest.apply_offset(("events", 0), 5)
     consumer.highwaters[TP0] = 7
     worker.turn()
-    assert [e.event_id for e in worker.learner._pending] == ["e5", "e6"]  # e3 and e4 were applied before
-    assert worker._offsets[("events", 0)] == 7 and worker.totals.consumed == 2
+    assert [e.event_id for e in worker.learner.observed] == ["e5", "e6"]  # e3 and e4 were applied before
+    assert worker.ingest.applied[("events", 0)] == 7 and worker.totals.consumed == 2
     consumer.highwaters[TP0] = 2
     worker.turn()
-    assert [e.event_id for e in worker.learner._pending][2:] == ["e100", "e101"]  # not skipped as applied
-    assert worker._offsets[("events", 0)] == 2
+    assert [e.event_id for e in worker.learner.observed][2:] == ["e100", "e101"]  # not skipped as applied
+    assert worker.ingest.applied[("events", 0)] == 2
 
 
 def test_a_restarted_worker_checkpoints_soon_after_its_first_records_then_at_the_interval(tmp_path):
@@ -170,11 +170,11 @@ def test_a_restarted_worker_checkpoints_soon_after_its_first_records_then_at_the
     more = {TP0: [consumer_record(i, event_bytes(i)) for i in range(10, 20)]}
     worker, consumer, _ = make_worker(tmp_path, [batch, more], first_checkpoint_s=0.05)
     skip_checkpoint_files(worker)
-    assert not worker._checkpoint_due()  # nothing applied yet: no hurry
+    assert not worker.checkpointer.due()  # nothing applied yet: no hurry
     worker.turn()
     time.sleep(0.1)
     worker.turn()  # due: written off the loop
-    worker._collect_checkpoint(wait=True)
+    worker.checkpointer.collect(wait=True)
     assert consumer.commits and consumer.commits[-1][TP0].offset >= 10
     time.sleep(0.1)
-    assert not worker._checkpoint_due()  # from now on every checkpoint_interval_s (1000 s here)
+    assert not worker.checkpointer.due()  # from now on every checkpoint_interval_s (1000 s here)

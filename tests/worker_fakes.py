@@ -12,8 +12,9 @@ from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 
 from learners.learner import LearnReport
+from learners.stream_state import StreamState
 from stream.config import Settings
-from stream.kafka_io import DeadLetterSink, KafkaSource, VectorSink
+from stream.kafka.clients import KafkaSource
 from stream.metrics import WorkerMetrics
 from stream.worker import Worker
 from fake_kafka import FakeConsumer
@@ -96,24 +97,25 @@ class FakeLearner:
 
     def __init__(self):
         self.model_version = 0
-        self._pending = []
+        self.observed = []  # events observed and not trained on yet, in order
         self.lock = threading.RLock()
         self.users, self.catalogue = _StateDict(), _StateDict()
         self.allow_training = False
-        # What a checkpoint snapshot reads (stream/checkpoint_writer.py).
-        self.training_in_flight = False
-        self._published = np.zeros((0, 4), np.float32)
-        self._seq = self._refresh_cursor = self.samples_shed = 0
+        self.training_in_flight = False  # set by a checkpoint snapshot (stream/worker/checkpoint_writer.py)
+
+    def snapshot(self):
+        """No samples to save: checkpoints of a fake keep the worker's bookkeeping only."""
+        return StreamState(self.model_version, 0, [], np.zeros((0, 4), np.float32), 0, 0)
 
     def item_vectors(self, item_ids=None):
         return np.zeros((0, 4), np.float32)
 
     @property
     def pending(self):
-        return len(self._pending)
+        return len(self.observed)
 
     def observe(self, event):
-        self._pending.append(event)
+        self.observed.append(event)
         self.users[event.user_id] = True
 
     def observe_many(self, events):
@@ -130,9 +132,9 @@ class FakeLearner:
         return 0
 
     def learn(self, max_samples=None):
-        if not self.allow_training or not self._pending:
+        if not self.allow_training or not self.observed:
             return None
-        taken, self._pending = self._pending[:max_samples], self._pending[max_samples:]
+        taken, self.observed = self.observed[:max_samples], self.observed[max_samples:]
         self.model_version += 1
         return LearnReport(self.model_version, len(taken), 0.01, 1.0, 0.0, 0, 1, 0)
 
@@ -142,8 +144,8 @@ class FakeLearner:
 
 def skip_checkpoint_files(worker: Worker) -> None:
     """The worker's fake learner has nothing to save: checkpoints keep their bookkeeping only."""
-    worker.store.prepare = lambda learner, extra: None
-    worker.store.write = lambda prepared: None
+    worker.checkpointer.store.prepare = lambda learner, extra: None
+    worker.checkpointer.store.write = lambda prepared: None
 
 
 def make_worker(tmp_path, polls=(), learner=None, **settings) -> tuple[Worker, FakeConsumer, FakeProducer]:
@@ -153,13 +155,9 @@ def make_worker(tmp_path, polls=(), learner=None, **settings) -> tuple[Worker, F
                       progress_interval_s=1000, **settings)
     worker = Worker(config, learner=learner or FakeLearner(), metrics=WorkerMetrics())
     consumer, producer = FakeConsumer(polls, assigned={TP0}), FakeProducer()
-    worker.events = KafkaSource(consumer, sleep=lambda s: None)
-    worker.items = FakeItems()
-    worker.producer = producer
-    worker.vectors = VectorSink(producer, "vectors")
-    worker.dead_letters = DeadLetterSink(producer, "events.dlq")
-    worker._sleep = lambda seconds: None  # no real waits between delivery attempts
-    worker._connected = True
+    worker.attach(KafkaSource(consumer, sleep=lambda s: None), FakeItems(), producer)
+    worker.lifecycle.sleep = lambda seconds: None  # no real waits between delivery attempts
+    worker.connected = True
     return worker, consumer, producer
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from kafka import KafkaProducer
 
 from learners.records import Event, Item, event_to_json, item_to_json
-from stream.broker import ensure_topics
+from stream.kafka.broker import ensure_topics
 
 
 def free_port() -> int:

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from learners.adapters import FROZEN_SHARD, export_model
 from learners.checkpoint.atomic import fsync_path
 from learners.checkpoint.manifest import FORMAT, hash_file
+from learners.export import FROZEN_SHARD, export_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from learners.learner import ContinualRecommender
@@ -99,8 +99,9 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
         "pooled": features.pooled[:n_rows], "has_text": features.has_text[:n_rows]})
     out["catalogue.json"] = compact_json(learner.catalogue.state())
 
-    pending = np.array(learner._pending, dtype=np.int64).reshape(-1, 3)
-    state_tensors = {"pending": pending, "published": np.asarray(learner._published, np.float32),
+    stream = learner.snapshot()
+    pending = np.array(stream.pending, dtype=np.int64).reshape(-1, 3)
+    state_tensors = {"pending": pending, "published": np.asarray(stream.published, np.float32),
                      "rng_cpu": torch.get_rng_state()}
     if learner.device.type == "cuda":
         state_tensors["rng_cuda"] = torch.cuda.get_rng_state(learner.device)
@@ -108,10 +109,10 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
     stats = parts.stats
     out["state.json"] = compact_json({
         "format": FORMAT,
-        "model_version": int(learner.model_version),
-        "event_seq": int(learner._seq),
-        "refresh_cursor": int(learner._refresh_cursor),
-        "samples_shed": int(getattr(learner, "samples_shed", 0)),
+        "model_version": stream.model_version,
+        "event_seq": stream.event_seq,
+        "refresh_cursor": stream.refresh_cursor,
+        "samples_shed": stream.samples_shed,
         "n_items": int(model.n_items),
         "features": {"rows": n_rows, "kind": kind},
         "optimizer": {"groups": groups, "scalars": opt_scalars},
@@ -127,7 +128,7 @@ def export_hf_model(learner: "ContinualRecommender", folder: Path,
                     frozen: Optional[tuple[Path, dict]] = None) -> dict[str, Optional[dict]]:
     """The encoder with the learner's trained layers merged in, as a Hugging Face folder.
 
-    ``learners.adapters.export_model(merged=True, split=True)``: the base model's
+    ``learners.export.export_model(merged=True, split=True)``: the base model's
     weights in a frozen and a trained shard, the tokenizer, ``recstream.json``
     and the base folder's sentence-transformers files. ``frozen``, the path and
     manifest entry of a frozen shard this learner's encoder wrote before, is

@@ -14,6 +14,7 @@ from learners.catalogue import Catalogue
 from learners.checkpoint.manifest import FORMAT, TornCheckpoint
 from learners.errors import CheckpointError
 from learners.optim import grown_rows
+from learners.stream_state import StreamState
 
 if TYPE_CHECKING:  # pragma: no cover
     from learners.learner import ContinualRecommender
@@ -95,16 +96,13 @@ def apply(data: dict, learner: "ContinualRecommender") -> None:
     learner.users.load_state({**user_meta, **{k: v.numpy() for k, v in users.items()}})
 
     tables = data["state.safetensors"]
-    learner.model_version = int(state["model_version"])
-    learner._seq = int(state["event_seq"])
-    learner._refresh_cursor = int(state["refresh_cursor"])
-    learner.samples_shed = int(state.get("samples_shed", 0))
-    learner._pending = [tuple(int(v) for v in row) for row in tables["pending"].tolist()]
-    learner._published = tables["published"].numpy().copy()
+    learner.restore(StreamState(
+        model_version=int(state["model_version"]), event_seq=int(state["event_seq"]),
+        pending=tables["pending"].tolist(), published=tables["published"].numpy(),
+        refresh_cursor=int(state["refresh_cursor"]), samples_shed=int(state.get("samples_shed", 0))))
     stats = parts.stats
     for key, value in state.get("stats", {}).items():
         setattr(stats, key, value)
-    learner._tables_stale = True
 
     torch.set_rng_state(tables["rng_cpu"])
     if "rng_cuda" in tables and device.type == "cuda":

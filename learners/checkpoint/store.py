@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from learners.adapters import FROZEN_SHARD
 from learners.checkpoint.atomic import commit_folder, write_or_link
 from learners.checkpoint.collect import collect, compact_json, export_hf_model, model_file_entries
 from learners.checkpoint.compatibility import check_config
@@ -21,6 +20,7 @@ from learners.checkpoint.manifest import (FORMAT, MANIFEST, MODEL_DIR, TornCheck
                                           read_manifest, verify)
 from learners.checkpoint.restore import apply, parse
 from learners.errors import CheckpointError
+from learners.export import FROZEN_SHARD
 
 if TYPE_CHECKING:  # pragma: no cover
     from learners.learner import ContinualRecommender

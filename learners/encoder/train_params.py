@@ -15,6 +15,7 @@ from typing import Sequence
 
 from torch import nn
 
+from learners.adapters import add_lora
 from learners.encoder.layers import decoder_parts, encoder_layers
 from learners.encoder.top_layers import TopLayers
 from learners.errors import ConfigError
@@ -51,8 +52,6 @@ def build_top(model: nn.Module, *, family: str, pooling: str, train_layers: int,
     if family == "decoder":
         norm, rotary = decoder_parts(model)
     if train_params == "lora":
-        from learners.adapters import add_lora
-
         # A copy sharing the frozen weights: the base model itself stays as shipped.
         memo = {id(p): p for p in model.parameters()}
         memo.update({id(b): b for b in model.buffers()})

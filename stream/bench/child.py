@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     app.learner.parts.strategy.plugins.append(clock)
     # [wall-clock start, seconds the learner was held, seconds of the write] of every checkpoint
     checkpoints: list[list[float]] = []
-    write = app.store.write
+    write = app.checkpointer.store.write
 
     def timed_write(prepared):
         t0 = time.time()
@@ -89,13 +89,13 @@ def main(argv: list[str]) -> int:
         finally:
             checkpoints.append([t0 - prepared.prepare_s, prepared.prepare_s, time.time() - t0])
 
-    app.store.write = timed_write
+    app.checkpointer.store.write = timed_write
     app.connect()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: app.stop())
 
     def announce_ready() -> None:
-        while not app._stop:  # noqa: SLF001 - read only
+        while not app.lifecycle.stopping:
             if app.metrics.ready and len(app.learner.catalogue) >= config["expect_items"]:
                 with open(config["ready_path"] + ".tmp", "w") as fh:
                     json.dump({"pid": os.getpid(), "time": time.time()}, fh)
@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
         "model_version": int(app.learner.model_version),
         "users": len(app.learner.users), "catalogue": len(app.learner.catalogue),
         # The bounded structures that grow until full: where RSS growth goes.
-        "sizes": {"dedup_ledger_ids": len(app.ledger), "dedup_window": settings.dedup_window,
+        "sizes": {"dedup_ledger_ids": app.ingest.ledger_size, "dedup_window": settings.dedup_window,
                   "replay_samples": _replay_len(app.learner), "replay_size": settings.replay_size,
                   "pending": app.learner.pending, "max_users": settings.max_users},
         "metrics": {

@@ -94,7 +94,7 @@ class Cluster:
             self.bootstrap = bootstrap_servers
             self.embedded = False
         else:
-            from stream.broker import EmbeddedBroker
+            from stream.kafka.broker import EmbeddedBroker
 
             self._broker = EmbeddedBroker().start()
             self.bootstrap = self._broker.bootstrap
@@ -108,7 +108,7 @@ class Cluster:
 
     def topics(self, phase: str, partitions: int = 3) -> Settings:
         """Fresh events/items/vectors/dlq topics and a fresh group for one phase."""
-        from stream.broker import ensure_topics
+        from stream.kafka.broker import ensure_topics
 
         stem = f"recstream-bench-{self.run_id}-{phase}"
         names = {"events_topic": f"{stem}-events", "items_topic": f"{stem}-items",
@@ -177,7 +177,7 @@ class LearnerFactory:
     def config(self, **overrides):
         import dataclasses
 
-        from stream.worker import learner_config
+        from stream.learner_setup import learner_config
 
         return dataclasses.replace(learner_config(self.settings), **overrides) if overrides else \
             learner_config(self.settings)

@@ -310,7 +310,7 @@ def _memory(samples: list[tuple[float, int]], warmup_s: float, every_s: float) -
     first window after ``warmup_s`` (a window: a minute, or three samples in short runs).
 
     RSS moves by a few hundred MiB within every experience and checkpoint write (transient
-    buffers, handed back to the OS by ``stream.heap.trim``), so two single samples measure
+    buffers, handed back to the OS by ``stream.worker.heap.trim``), so two single samples measure
     where each fell in that cycle as much as the level; ``growth_last_sample`` is that
     older figure, kept next to it.
     """

@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 
-from stream import heap
+from stream.worker import heap
 from stream.bench.common import BenchWorld, Cluster, LearnerFactory, Progress, event_records, item_records, \
     median, produce, ratio, temp_state_dir
 
@@ -77,8 +77,8 @@ def worker_consume(settings, learner, n: int, publish: bool, timeout_s: float) -
     worker = Worker(settings, learner=learner, metrics=WorkerMetrics())
     if not publish:
         # The bench's only patch of the worker: user vectors are computed and sent by
-        # this one method; replacing it isolates the consume/validate/apply work.
-        worker._publish_users = lambda user_ids: None  # noqa: SLF001
+        # this one method of its publisher; replacing it isolates the consume/validate/apply work.
+        worker.publisher.publish_users = lambda user_ids: None
     worker.connect()
     try:
         first, started = 0, None

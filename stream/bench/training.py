@@ -27,8 +27,8 @@ import time
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from stream import heap
 from stream.bench.common import BenchWorld, LearnerFactory, Progress, median, ratio, temp_state_dir
+from stream.worker import heap
 
 log = logging.getLogger(__name__)
 

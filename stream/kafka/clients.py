@@ -18,8 +18,8 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Offse
 from kafka.errors import FencedInstanceIdError, KafkaError
 from kafka.partitioner.default import DefaultPartitioner, murmur2
 
-from learners.errors import BrokerError
 from learners.records import BadRecord
+from stream.kafka.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,7 @@ class _Listener(ConsumerRebalanceListener):
             self._on_revoked(_pairs(lost))
 
     def on_partitions_assigned(self, assigned):
-        # Newly assigned partitions start unpaused; keep backpressure in force.
-        if self._source.paused and assigned:
-            self._source._consumer.pause(*assigned)
+        self._source.keep_paused(assigned)
         if self._on_assigned is not None:
             self._on_assigned(_pairs(assigned))
 
@@ -177,6 +175,11 @@ class KafkaSource:
         self._paused = True
         assigned = self._consumer.assignment()
         if assigned:
+            self._consumer.pause(*assigned)
+
+    def keep_paused(self, assigned: list[TopicPartition]) -> None:
+        """Newly assigned partitions start unpaused: while fetching is paused, pause them too."""
+        if self._paused and assigned:
             self._consumer.pause(*assigned)
 
     def resume_all(self) -> None:

@@ -14,7 +14,7 @@ from typing import Optional
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from stream.kafka_io import SourceRecord
+from stream.kafka.clients import SourceRecord
 
 log = logging.getLogger(__name__)
 

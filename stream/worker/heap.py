@@ -1,15 +1,15 @@
 """The process heap of a long-running worker: freed memory back to the OS, startup objects out of the GC's way.
 
-``trim()``: a checkpoint serialises ~200 MB and an experience allocates its
+``trim()``: a checkpoint serialises the whole learner and an experience allocates its
 minibatches on a background thread, whose glibc arena keeps the freed pages:
 resident memory then creeps up although nothing live grows. glibc's
 ``malloc_trim`` hands them back; it runs on the background threads after
 each write and each experience. A no-op off glibc.
 
-``freeze_startup_objects()``: the model, tokenizer and libraries leave ~580,000
-objects the cyclic garbage collector tracks, and each full collection walks all
-of them: 0.35 s with the GIL held, on this 2-core machine, whenever enough new
-objects have survived (events in flight do). ``gc.freeze()`` moves what exists
+``freeze_startup_objects()``: the model, tokenizer and libraries leave hundreds
+of thousands of objects the cyclic garbage collector tracks, and each full
+collection walks all of them with the GIL held, whenever enough new objects
+have survived (events in flight do; the measured cost: docs/results-history.md). ``gc.freeze()`` moves what exists
 at startup -- alive for the whole run -- out of its reach; reference counting
 still frees them. ``Worker.connect()`` freezes, ``Worker.close()`` thaws (a
 process that goes on, such as a test run, can then collect what it dropped).

@@ -212,7 +212,8 @@ class EventLedger:
         array = np.asarray(hashes, dtype=np.int64)
         seqs = np.arange(len(array), dtype=np.int64)
         order = np.argsort(array, kind="stable")
-        ledger._hashes, ledger._seqs, ledger._count = array[order], seqs[order], len(array)
+        # noqa: SLF001 below: fields of its own class, set once on the instance it builds.
+        ledger._hashes, ledger._seqs, ledger._count = array[order], seqs[order], len(array)  # noqa: SLF001
         return ledger
 
 

@@ -20,8 +20,8 @@ from typing import Callable, Iterable, Optional
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka import errors as Errors
 
-from learners.errors import BrokerError
-from stream.kafka_io import SourceRecord
+from stream.kafka.clients import SourceRecord
+from stream.kafka.errors import BrokerError
 
 log = logging.getLogger(__name__)
 

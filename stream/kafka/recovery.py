@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 
 from kafka import KafkaConsumer, TopicPartition
 
-from stream.broker import caught_up, poll_to_end
+from stream.kafka.broker import caught_up, poll_to_end
 
 log = logging.getLogger(__name__)
 

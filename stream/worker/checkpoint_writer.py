@@ -10,8 +10,8 @@ A checkpoint comes in three steps:
 2. The *prepare* (``CheckpointStore.prepare``: the learner's state to bytes in
    memory, the encoder exported to a temporary folder), on the thread that
    trains, so the model, the optimizer, EWC and the replay buffer -- which only
-   training changes -- stand still meanwhile: 0.1-0.25 s in ``recstream
-   bench``'s worker, whose writes then took 0.2-0.45 s. Until it
+   training changes -- stand still meanwhile (its cost and the write's:
+   docs/performance.md). Until it
    ends the learner is marked ``training_in_flight``, as during an experience:
    the loop keeps publishing user vectors from the last vector tables and does
    not grow the model or encode new item texts.
@@ -20,7 +20,7 @@ A checkpoint comes in three steps:
    experiences train meanwhile. Writes run one at a time, in order.
 
 The worker commits a checkpoint's offsets only after ``CheckpointJob.result()``
-reports it durable (stream/worker_checkpoints.py), so the exactly-once
+reports it durable (stream/worker/checkpointer.py), so the exactly-once
 guarantees are those of a checkpoint written on the loop.
 """
 
@@ -35,8 +35,9 @@ from typing import Any, Optional
 import numpy as np
 
 from learners.checkpoint import CheckpointStore, PreparedCheckpoint
-from stream import heap
-from stream.dedup import LedgerSnapshot
+from learners.stream_state import StreamState
+from stream.worker import heap
+from stream.worker.dedup import LedgerSnapshot
 
 
 class _Frozen:
@@ -77,12 +78,12 @@ class LearnerSnapshot:
         self._live = learner
         self.users = _Frozen(_copy_state(learner.users.state()), len(learner.users))
         self.catalogue = _Frozen(_copy_state(learner.catalogue.state()), len(learner.catalogue))
-        self._pending = list(learner._pending)  # noqa: SLF001 - the fields a checkpoint holds
-        self._published = np.array(learner._published, copy=True)  # noqa: SLF001
-        self.model_version = int(learner.model_version)
-        self._seq = int(learner._seq)  # noqa: SLF001
-        self._refresh_cursor = int(learner._refresh_cursor)  # noqa: SLF001
-        self.samples_shed = int(getattr(learner, "samples_shed", 0))
+        self._stream = learner.snapshot()
+        self.model_version = self._stream.model_version
+
+    def snapshot(self) -> StreamState:
+        """The learner's stream state as of this snapshot (no copy: it is a copy already)."""
+        return self._stream
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._live, name)
