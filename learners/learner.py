@@ -64,6 +64,7 @@ class LearnerConfig:
     user_tower: str = "sum"  # "sum" (weighted sum of the history) or "attention" (causal self-attention)
     attention_heads: int = 2
     in_batch_negatives: bool = True  # besides the uniform ones, log-Q corrected (learners.negatives)
+    full_softmax: bool = False  # every catalogue item is a negative (then negatives/in_batch_negatives are unused)
     serving_average: float = 0.993  # >0: item vectors from a running average of the item side, this decay per step
     # What of the encoder trains: "top" (top train_layers layers), "lora" (LoRA adapters on
     # them), "full" (every layer; embeddings frozen). See learners/encoder.py.
@@ -104,7 +105,8 @@ class ContinualRecommender:
                               text_batch=config.text_batch, popularity_weight=config.popularity_weight,
                               popularity_half_lives=config.popularity_half_lives, user_tower=config.user_tower,
                               history_length=config.history_length, heads=config.attention_heads,
-                              in_batch_negatives=config.in_batch_negatives).to(self.device)
+                              in_batch_negatives=config.in_batch_negatives,
+                              full_softmax=config.full_softmax).to(self.device)
         self._step_hook = StepCallbackPlugin()
         self.average = ServingAverage(self.model, config.serving_average, names=TwoTower.item_side_params) \
             if config.serving_average > 0 else None
