@@ -65,7 +65,7 @@ class LearnerConfig:
     attention_heads: int = 2
     in_batch_negatives: bool = True  # besides the uniform ones, log-Q corrected (learners.negatives)
     full_softmax: bool = False  # every catalogue item is a negative (then negatives/in_batch_negatives are unused)
-    serving_average: float = 0.993  # >0: item vectors from a running average of the item side, this decay per step
+    serving_average: float = 0.97  # >0: item vectors from a running average of the item side, this decay per step
     # What of the encoder trains: "top" (top train_layers layers), "lora" (LoRA adapters on
     # them), "full" (every layer; embeddings frozen). See learners/encoder.py.
     train_params: str = "top"

@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     text_batch: int = Field(32, ge=0, description="distinct items per minibatch whose text runs through the trainable "
                                                   "layers (the rest use cached outputs); 0 = all")
     serving_average: float = Field(
-        0.993, ge=0, lt=1, description="publish item vectors from a running average of the item side's weights (id "
+        0.97, ge=0, lt=1, description="publish item vectors from a running average of the item side's weights (id "
                                        "table, text projection): the decay per optimizer step, about 1/(1-decay) "
                                        "steps of lag; it holds forgetting down (README Evaluation); user vectors "
                                        "follow the live weights; 0 = items from the live weights too")
