@@ -1,5 +1,5 @@
 """The model's ranking parts on their own: the causal user tower, the log-Q correction, the
-popularity ladder's time scales. No model folder needed."""
+popularity ladder's time scales, the full softmax. No model folder needed."""
 
 from __future__ import annotations
 
