@@ -68,14 +68,17 @@ class LearnerConfig:
     attention_heads: int = setting(2, "attention heads of the user tower", ge=1)
     in_batch_negatives: bool = setting(
         True, "also score each event against the minibatch's other items (log-Q corrected)")
+    full_softmax: bool = setting(
+        False, "score each event against every item of the catalogue instead of sampled negatives (then "
+               "--negatives and --in-batch-negatives are unused); costs a pass over the catalogue per step")
     text_batch: int = setting(
         32, "distinct items per minibatch whose text runs through the trainable layers (the rest use cached "
             "outputs): bounds a step's cost when layers train; 0 = all", ge=0)
     serving_average: float = setting(
-        0.993, "publish item vectors from a running average of the item side's weights (id table, text "
-               "projection): the decay per optimizer step, about 1/(1-decay) steps of lag. Every user is ranked "
-               "against the items, so their stability is what holds forgetting down; user vectors follow the "
-               "live weights; 0 = items from the live weights too", ge=0, lt=1)
+        0.97, "publish item vectors from a running average of the item side's weights (id table, text "
+              "projection): the decay per optimizer step, about 1/(1-decay) steps of lag; it smooths the noise "
+              "of single steps out of what rankers see; user vectors follow the live weights; 0 = items from "
+              "the live weights too", ge=0, lt=1)
     ewc_lambda: float = setting(50.0, "EWC penalty strength", ge=0)
     ewc_decay: float = setting(0.9, "online EWC importance decay per experience", gt=0, le=1)
     replay_size: int = setting(100_000, "replay reservoir capacity (samples)", ge=0)

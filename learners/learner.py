@@ -65,7 +65,8 @@ class ContinualRecommender:
                               text_batch=config.text_batch, popularity_weight=config.popularity_weight,
                               popularity_half_lives=config.popularity_half_lives, user_tower=config.user_tower,
                               history_length=config.history_length, heads=config.attention_heads,
-                              in_batch_negatives=config.in_batch_negatives).to(self.device)
+                              in_batch_negatives=config.in_batch_negatives,
+                              full_softmax=config.full_softmax).to(self.device)
         self._step_hook = StepCallbackPlugin()
         self.average = ServingAverage(self.model, config.serving_average, names=TwoTower.item_side_params) \
             if config.serving_average > 0 else None

@@ -19,8 +19,13 @@ user tower: how much recency of popularity matters, and at which time scale,
 is learned per user instead of fixed. Both vectors stay unit length. Counts
 are statistics, not parameters: they move with the stream, not with gradients.
 
-Training is a sampled softmax of each event's item against uniform and
-in-batch negatives with the log-Q correction (``learners.negatives``).
+Training is a softmax of each event's item against either the whole
+catalogue (``full_softmax``: every item is a negative, so no sampling bias
+to correct) or a sample of it, uniform and in-batch negatives with the log-Q
+correction (``learners.negatives``). The full softmax is affordable because
+with a frozen encoder an item's vector is a projection of cached features
+plus its id row: scoring a minibatch against every item is one matrix
+product the size of the catalogue.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ class TwoTower(nn.Module):
                  negatives: int, temperature: float, device: torch.device, text_batch: int = 0,
                  popularity_weight: float = 0.0, popularity_half_lives: str = "0.25,1,4,16",
                  user_tower: str = "attention", history_length: int = 64, heads: int = 2,
-                 in_batch_negatives: bool = True) -> None:
+                 in_batch_negatives: bool = True, full_softmax: bool = False) -> None:
         super().__init__()
         if not 0.0 <= popularity_weight < 1.0:
             raise ValueError("popularity_weight must lie in [0, 1)")
@@ -74,6 +79,7 @@ class TwoTower(nn.Module):
         self.negatives = negatives
         self.temperature = temperature
         self.in_batch_negatives = in_batch_negatives
+        self.full_softmax = full_softmax
         self.tower = build_tower(user_tower, dim, self.pop_dims, _START_USER_POPULARITY, history_length, heads)
         self.ctx_dim = self.tower.ctx_dim
         self.text_proj = nn.Linear(hidden_size, dim)
@@ -170,23 +176,33 @@ class TwoTower(nn.Module):
 
     # -- training -------------------------------------------------------------
     def forward(self, mbatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of each event's item (column 0) against uniform and in-batch negatives."""
+        """(logits, target column): each event's item scored against its negatives."""
         hist_rows, hist_weights, pos = mbatch[0], mbatch[1], mbatch[2]
         users = self.user_vectors(hist_rows, hist_weights)
         unique_pos, inverse = torch.unique(pos, return_inverse=True)
-        pos_vecs = self.item_vectors(unique_pos, train_top=True)[inverse]
+        pos_vecs = self.item_vectors(unique_pos, train_top=True)
+        if self.full_softmax:
+            return self._full_logits(users, unique_pos, pos_vecs), pos
+        pos_vecs = pos_vecs[inverse]
         neg = torch.randint(0, self.n_items, (self.negatives,), device=pos.device)
         neg_vecs = self.item_vectors(neg)
         counts = self.popularity.data
         logits = corrected_logits(users, pos, pos_vecs, neg, neg_vecs, self.ladder.frequency(counts, pos),
                                   self.ladder.frequency(counts, neg), self.n_items, self.in_batch_negatives,
                                   self.temperature)
-        return logits, pos
+        return logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+
+    def _full_logits(self, users: torch.Tensor, unique_pos: torch.Tensor, pos_vecs: torch.Tensor) -> torch.Tensor:
+        """[batch, n_items] logits over the whole catalogue. The positives' rows are the vectors
+        computed through the trainable top (when there is one), so its gradient still flows."""
+        rows = torch.arange(self.n_items, device=users.device)
+        items = self.item_vectors(rows).index_put((unique_pos,), pos_vecs)
+        return users @ items.T / self.temperature
 
     @staticmethod
     def loss(output: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        logits, _ = output
-        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        logits, target = output
+        return F.cross_entropy(logits, target)
 
     # -- tables for publishing -----------------------------------------------------
     @torch.no_grad()

@@ -1,5 +1,5 @@
 """The model's ranking parts on their own: the causal user tower, the log-Q correction, the
-popularity ladder's time scales. No model folder needed."""
+popularity ladder's time scales, the full softmax. No model folder needed."""
 
 from __future__ import annotations
 
@@ -128,3 +128,43 @@ def test_sum_tower_is_the_weighted_sum():
     out = tower.read(tower.tables(ctx), rows, weights)
     torch.testing.assert_close(out[0, :4], tower.global_ctx + 0.7 * ctx[1] + 0.3 * ctx[2])
     assert out.shape == (1, 4 + 3)
+
+
+def _two_tower(n_items: int, **kwargs):
+    from learners.encoder.top_layers import TopLayers
+    from learners.features import ItemFeatures
+    from learners.model import TwoTower
+
+    torch.manual_seed(0)
+    features = ItemFeatures(6)
+    features.ensure_rows(n_items)
+    for row in range(n_items - 1):  # the last row has no text: id part only
+        features.set_frozen(row, torch.randn(6))
+        features.pooled[row] = features.frozen[row]
+    model = TwoTower(TopLayers(), features, hidden_size=6, dim=12, negatives=4, temperature=0.1,
+                     device=torch.device("cpu"), user_tower="sum", **kwargs)
+    model.grow(n_items)
+    model.observe_popularity(torch.tensor([0, 0, 1, 2]))
+    return model
+
+
+def test_full_softmax_scores_every_item_and_trains_every_id_row():
+    model = _two_tower(9, full_softmax=True)
+    hist = torch.tensor([[1, 2], [3, 0]])
+    weights = torch.tensor([[0.6, 0.4], [1.0, 0.0]])
+    pos = torch.tensor([4, 4])
+    logits, target = model((hist, weights, pos))
+    assert logits.shape == (2, 9) and target.tolist() == [4, 4]
+    # The softmax is over the published space itself: user . item / temperature, every item.
+    expected = model.user_vectors(hist, weights) @ model.item_table().T / model.temperature
+    torch.testing.assert_close(logits, expected)
+    model.loss((logits, target)).backward()
+    touched = model.item_emb.grad.coalesce().indices()[0].unique()
+    assert set(range(9)) <= set(touched.tolist())  # negatives too, not only the positives
+
+
+def test_sampled_softmax_targets_column_zero():
+    model = _two_tower(9, full_softmax=False, in_batch_negatives=False)
+    hist = torch.tensor([[1, 2]])
+    logits, target = model((hist, torch.tensor([[0.5, 0.5]]), torch.tensor([4])))
+    assert logits.shape == (1, 1 + 4) and target.tolist() == [0]
