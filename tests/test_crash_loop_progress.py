@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 
+import numpy as np
 import pytest
 from kafka.errors import FencedInstanceIdError
 
@@ -122,3 +124,37 @@ def test_a_fenced_worker_stops_with_what_to_do():
     consumer = FakeConsumer([FencedInstanceIdError(("recstream", "host-1234"))])
     with pytest.raises(BrokerError, match="--state-dir"):
         KafkaSource(consumer, sleep=lambda s: None).next_batch()
+
+
+class _DepthLock:
+    """A reentrant lock that says whether it is held (the learner's lock, observed)."""
+
+    def __init__(self):
+        self._lock, self.depth = threading.RLock(), 0
+
+    def __enter__(self):
+        self._lock.acquire()
+        self.depth += 1
+
+    def __exit__(self, *exc_info):
+        self.depth -= 1
+        self._lock.release()
+
+
+def test_vectors_are_handed_to_the_producer_under_the_learners_lock(tmp_path):
+    """Read a version, let go of the lock, send later: the trainer's newer vectors could go out
+    first and model_version would step back in the vectors topic. Sends happen under the lock."""
+    learner = FakeLearner()
+    learner.lock = _DepthLock()
+    learner.allow_training = True
+    learner.items_to_publish = lambda min_change=0.0: (["i1"], np.ones((1, 4), np.float32) / 2)
+    worker, _, producer = make_worker(tmp_path, _batches(1), learner=learner, experience_size=5)
+    held: list[tuple[bytes, int]] = []
+    send = producer.send
+    producer.send = lambda topic, key=None, value=None, headers=None: (
+        held.append((key, learner.lock.depth)), send(topic, key, value, headers))[1]
+    worker.turn()  # applies the events and trains (inline), which publishes i1
+    time.sleep(0.06)
+    worker.turn()  # the user publish window is over
+    assert {key for key, _ in held} >= {b"user:u0", b"item:i1"}
+    assert all(depth >= 1 for key, depth in held if key.startswith((b"user:", b"item:"))), held

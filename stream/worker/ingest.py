@@ -141,7 +141,7 @@ class Ingest:
                     # must name one vector, so this catalogue update is a model update of its own.
                     version = self.learner.model_version = version + 1
                     self.metrics.model_version.set(version)
-            self.publisher.publish_items(moved, version)
+                self.publisher.publish_items(moved, version)  # sent under the lock: versions in order
         self.publisher.deliver()
         return len(records)
 

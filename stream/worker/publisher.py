@@ -220,12 +220,14 @@ class Publisher:
         """Compute and send these users' vectors; raises, sending nothing, if any of them fails."""
         if not user_ids:
             return
-        with self.learner.lock:  # vectors and their version from the same model
+        # Vectors and their version from the same model, handed to the producer before the lock is
+        # let go: vectors of a newer version (the trainer's items) can never go out ahead of them.
+        with self.learner.lock:
             vectors = self.learner.user_vectors(user_ids)
             version = self.learner.model_version
-        records = encode_vectors("user", user_ids, vectors, version, time.time())
-        self.version_mark.advance(version)  # durable before any vector of it goes out
-        self.vectors.write_batch(records)
+            records = encode_vectors("user", user_ids, vectors, version, time.time())
+            self.version_mark.advance(version)  # durable before any vector of it goes out
+            self.vectors.write_batch(records)
         self.metrics.vectors_published.labels(kind="user").inc(len(user_ids))
 
     def publish_items(self, ids_and_vectors, version: int) -> None:

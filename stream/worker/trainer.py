@@ -117,9 +117,9 @@ class Trainer:
         if report is None:
             return
         updated_at = time.monotonic()
-        with self.learner.lock:
+        with self.learner.lock:  # sent under the lock: no older version's vectors can follow them
             moved = self.learner.items_to_publish(self.settings.item_publish_min_change)
-        self.publisher.publish_items(moved, report.model_version)
+            self.publisher.publish_items(moved, report.model_version)
         self.publisher.deliver_vectors()  # the loop thread alone delivers (and re-sends) dead letters
         m = self.metrics
         m.item_refresh.observe(time.monotonic() - updated_at)
