@@ -158,3 +158,19 @@ def test_vectors_are_handed_to_the_producer_under_the_learners_lock(tmp_path):
     worker.turn()  # the user publish window is over
     assert {key for key, _ in held} >= {b"user:u0", b"item:i1"}
     assert all(depth >= 1 for key, depth in held if key.startswith((b"user:", b"item:"))), held
+
+
+def test_the_first_events_of_an_assignment_are_checkpointed_before_training_goes_on(tmp_path):
+    learner = FakeLearner()
+    learner.allow_training = True
+    worker, consumer, _ = make_worker(tmp_path, _batches(2), learner=learner, experience_size=5,
+                                      first_checkpoint_s=1000)
+    skip_checkpoint_files(worker)
+    consumer.highwaters[TP0], consumer.positions[TP0] = 20, 20  # not behind: no catch-up cadence
+    worker.membership.on_assigned([("events", 0)])
+    worker.turn()  # the assignment's first events: a checkpoint now, no experience before it
+    assert learner.model_version == 0
+    worker.checkpointer.collect(wait=True)
+    assert consumer.commits[-1][TP0].offset == 10
+    worker.turn()  # from here training goes on, checkpoints at the interval
+    assert learner.model_version >= 1

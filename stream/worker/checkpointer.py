@@ -11,9 +11,10 @@ turn commits it (``collect``). Checkpoints at shutdown, before a rebalance and
 on revocation are waited for.
 
 When one is due (``due``): every ``checkpoint_interval_s``; every
-``catch_up_checkpoint_s`` while behind; and the first one
-``first_checkpoint_s`` after this process first applied a record, so a worker
-killed sooner than the interval, over and over, still commits what it did.
+``catch_up_checkpoint_s`` while behind; the first one ``first_checkpoint_s``
+after this process first applied a record; and one as soon as the first events
+of newly assigned partitions are applied (before another experience starts). A
+worker killed sooner than the interval, over and over, still commits what it did.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ class Checkpointer:
         self._events_lag = 0  # records behind the log ends, as of the last lag update
         self._last_poll_full = False  # the last poll returned all it may: more wait (known before the lag)
         self._last_items_at = float("-inf")  # when item texts last arrived
+        # Partitions were assigned and no checkpoint holds their events yet: the first events read
+        # from them are checkpointed at once (before another experience starts), so a worker
+        # restarted again and again commits what it read as soon as the group lets it read.
+        self._assigned_unsaved = False
+        self._assigned_events = False
 
     # -- what the loop tells it --
 
@@ -89,6 +95,11 @@ class Checkpointer:
         self._dirty = True
         if self._first_applied_at is None and consumed:
             self._first_applied_at = time.monotonic()
+        if consumed and self._assigned_unsaved:
+            self._assigned_events = True
+
+    def note_assigned(self) -> None:
+        self._assigned_unsaved = True
 
     def note_items(self) -> None:
         now = time.monotonic()
@@ -134,6 +145,8 @@ class Checkpointer:
         if since >= self.settings.checkpoint_interval_s:
             return True
         if self._dirty and since >= self.settings.catch_up_checkpoint_s and self._behind(now):
+            return True
+        if self._assigned_events:
             return True
         first = self._first_applied_at
         return first is not None and not self._checkpointed_since_start \
@@ -263,6 +276,8 @@ class Checkpointer:
         }  # + "ledger", encoded on the writer thread from this snapshot of it
         self._job = self.writer().start(applied, extra, self.ingest.ledger_snapshot())
         self._dirty = False
+        if self._assigned_events:  # this one holds the assignment's first events
+            self._assigned_unsaved = self._assigned_events = False
         if not wait:
             return True
         return bool(self.collect(wait=True, in_rebalance=in_rebalance))

@@ -47,6 +47,8 @@ class Membership:
         # checkpoint unless another member moved it on (then it is right to start there);
         # records below what we already applied are skipped by Ingest.apply_events.
         self.metrics.ready = True
+        if partitions:
+            self.checkpointer.note_assigned()
         log.info("assigned %s", partitions)
 
     def on_revoked(self, partitions: list[tuple[str, int]]) -> None:
