@@ -128,18 +128,12 @@ def _run_worker(settings: Settings) -> int:
             settings = settings.model_copy(update=update)
             world = SyntheticWorld(n_items=settings.demo_items, n_users=settings.demo_users, seed=settings.seed)
             feeder = DemoFeeder(bootstrap, settings, world, rate_per_s=settings.demo_rate)
-        app = Worker(settings)
+        app = Worker(settings, fresh_broker=feeder is not None)
     except _StoppedDuringStartup:
         logging.getLogger("recstream").info("stopped during start-up, before reading anything")
         if broker is not None:
             broker.stop()
         return 0
-    worker_log, notice = logging.getLogger("stream.worker"), None
-    if feeder is not None:
-        from stream.demo import EmptyBrokerNotice
-
-        notice = EmptyBrokerNotice()
-        worker_log.addFilter(notice)
     app.connect()  # returns early on stop(), and run() then closes
     if feeder is not None:
         from stream.demo import banner
@@ -153,8 +147,6 @@ def _run_worker(settings: Settings) -> int:
             feeder.stop()
         if broker is not None:
             broker.stop()
-        if notice is not None:
-            worker_log.removeFilter(notice)
 
 
 @main.command()

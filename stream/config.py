@@ -133,13 +133,9 @@ class KafkaSettings(BaseSettings):
         return kwargs
 
     def instance_id(self) -> Optional[str]:
-        """The group instance id this worker joins with (None: dynamic membership)."""
-        value = (self.group_instance_id or "").strip()
-        if value != "auto":
-            return value or None
-        digest = hashlib.sha1(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
-        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:200] or "host"
-        return f"{host}-{digest}"
+        """The group instance id this worker joins with (None: dynamic membership); ``auto`` is
+        resolved by ``Settings``, which knows the state dir."""
+        return (self.group_instance_id or "").strip() or None
 
     def reader_kwargs(self, role: str) -> dict:
         """Arguments for a ``kafka.KafkaConsumer`` outside the group (manual assignment, no commits);
@@ -223,3 +219,13 @@ class Settings(_LearnerSettings):
 
     def model_path(self) -> str:
         return self.model or default_model_path()
+
+    def instance_id(self) -> Optional[str]:
+        """``auto``: the host name and a digest of the state dir, the same across this worker's
+        restarts and different for every other worker (each has a state dir of its own)."""
+        value = super().instance_id()
+        if value != "auto":
+            return value
+        digest = hashlib.sha1(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:200] or "host"
+        return f"{host}-{digest}"

@@ -76,29 +76,6 @@ def banner(settings) -> str:
     ))
 
 
-class EmptyBrokerNotice(logging.Filter):
-    """The demo's broker starts empty on every run, so a restored checkpoint's offsets always lie
-    above its new logs, and the worker says at ERROR, once per partition, that the topic "was
-    deleted and created again". Expected here: the first becomes one INFO line, the rest go."""
-
-    MARK = "deleted and created again"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._told = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or self.MARK not in record.getMessage():
-            return True
-        if self._told:
-            return False
-        self._told = True
-        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
-        record.msg, record.args = ("demo: the embedded broker started empty, so the checkpoint's offsets lie above "
-                                   "its new topics; reading them from the start"), ()
-        return True
-
-
 def start_embedded(settings) -> tuple[EmbeddedBroker, str]:
     broker = EmbeddedBroker()
     broker.start()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from stream.config import Settings
-from stream.demo import EmptyBrokerNotice, banner
+from stream.demo import banner
 from worker_fakes import TP0, consumer_record, event_bytes, make_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,19 +47,14 @@ def test_the_demo_banner_names_the_broker_topics_ids_and_a_ready_topk_command():
 
 
 def test_a_recreated_topic_on_the_demo_broker_is_one_info_line(tmp_path, caplog):
-    """The worker's own path for a log that ends below the applied offsets, with the demo's filter."""
+    """The worker's own path for a log that ends below the applied offsets, on the demo's broker."""
     recreated = {TP0: [consumer_record(o, event_bytes(100 + o)) for o in range(0, 2)]}
-    worker, consumer, _ = make_worker(tmp_path, [recreated, recreated])
-    notice = EmptyBrokerNotice()
-    logging.getLogger("stream.worker").addFilter(notice)
-    try:
-        with caplog.at_level(logging.INFO, logger="stream.worker"):
-            for partition_offset in (5, 9):  # the same note twice (as for a second partition)
-                worker.ingest.apply_offset(("events", 0), partition_offset)
-                consumer.highwaters[TP0] = 2
-                worker.turn()
-    finally:
-        logging.getLogger("stream.worker").removeFilter(notice)
+    worker, consumer, _ = make_worker(tmp_path, [recreated, recreated], fresh_broker=True)
+    with caplog.at_level(logging.INFO, logger="stream.worker"):
+        for partition_offset in (5, 9):  # the same note twice (as for a second partition)
+            worker.ingest.apply_offset(("events", 0), partition_offset)
+            consumer.highwaters[TP0] = 2
+            worker.turn()
     notes = [r for r in caplog.records if "embedded broker started empty" in r.getMessage()]
     assert [r.levelname for r in notes] == ["INFO"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -148,12 +148,13 @@ def skip_checkpoint_files(worker: Worker) -> None:
     worker.checkpointer.store.write = lambda prepared: None
 
 
-def make_worker(tmp_path, polls=(), learner=None, **settings) -> tuple[Worker, FakeConsumer, FakeProducer]:
+def make_worker(tmp_path, polls=(), learner=None, fresh_broker=False,
+                **settings) -> tuple[Worker, FakeConsumer, FakeProducer]:
     """A worker on fakes (default: ``FakeLearner``), its scripted consumer and its producer."""
     config = Settings(bootstrap_servers="127.0.0.1:1", state_dir=tmp_path / "state", metrics_port=0,
                       background_training=False, checkpoint_interval_s=1000, max_experience_wait_s=1000,
                       progress_interval_s=1000, **settings)
-    worker = Worker(config, learner=learner or FakeLearner(), metrics=WorkerMetrics())
+    worker = Worker(config, learner=learner or FakeLearner(), metrics=WorkerMetrics(), fresh_broker=fresh_broker)
     consumer, producer = FakeConsumer(polls, assigned={TP0}), FakeProducer()
     worker.attach(KafkaSource(consumer, sleep=lambda s: None), FakeItems(), producer)
     worker.lifecycle.sleep = lambda seconds: None  # no real waits between delivery attempts

@@ -58,7 +58,8 @@ _WATCH_IDLE_S = 15.0
 
 class Worker:
     def __init__(self, settings: Settings, *, learner: Optional[ContinualRecommender] = None,
-                 metrics: Optional[WorkerMetrics] = None) -> None:
+                 metrics: Optional[WorkerMetrics] = None, fresh_broker: bool = False) -> None:
+        """``fresh_broker``: the cluster is the demo's embedded broker, empty on every start."""
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
         self.learner = learner or ContinualRecommender(learner_config(settings))
@@ -69,7 +70,8 @@ class Worker:
         self.dead_letter_book = DeadLetterBook()
         parts = (settings, self.learner, self.metrics)
         self.publisher = Publisher(*parts, self.totals, self.dead_letter_book, self.lifecycle)
-        self.ingest = Ingest(*parts, self.totals, self.consumers, self.publisher, self.dead_letter_book)
+        self.ingest = Ingest(*parts, self.totals, self.consumers, self.publisher, self.dead_letter_book,
+                             fresh_broker=fresh_broker)
         self.trainer = Trainer(*parts, self.consumers, self.ingest, self.publisher,
                                on_trained=self._on_trained)
         self.checkpointer = Checkpointer(*parts, self.totals, self.consumers, self.ingest, self.publisher,
