@@ -42,10 +42,11 @@ import numpy as np  # noqa: E402
 
 from learners.evaluation.files import read_events, read_items  # noqa: E402
 from learners.evaluation.protocol import prepare_p1, run_prepared  # noqa: E402
+from learners.evaluation.peers import PEERS as PEER_RECOMMENDERS  # noqa: E402
 from learners.records import Event, Item  # noqa: E402
 
 SLICES = ("full", "top1700", "users0", "users1")
-PEERS = ("decayed_pop", "ease_rw")
+PEERS = ("decayed_pop", "ease_rw")  # shown by default; "ease" too on request
 
 
 # -- slices ---------------------------------------------------------------------------------------
@@ -69,86 +70,7 @@ def build_slice(name: str, events: list[Event], items: list[Item]) -> tuple[list
 
 # -- peers ----------------------------------------------------------------------------------------
 
-class DecayedPopularity:
-    """Items ranked by event counts that halve every ``half_life`` events (the same list for all)."""
-
-    name = "decayed_pop"
-
-    def __init__(self, half_life: float = 5000.0) -> None:
-        self.decay = 0.5 ** (1.0 / half_life)
-        self.counts: dict[str, float] = {}
-        self.samples_trained, self.train_seconds = 0, 0.0
-
-    def add_items(self, items):
-        pass
-
-    def learn(self, events):
-        n = len(events)
-        scale = self.decay ** n
-        for key in self.counts:
-            self.counts[key] *= scale
-        for age, event in zip(range(n - 1, -1, -1), events):
-            self.counts[event.item_id] = self.counts.get(event.item_id, 0.0) + self.decay ** age
-        self.samples_trained += n
-
-    def freeze_users(self, user_ids):
-        return list(user_ids)
-
-    def scores(self, users, item_ids):
-        row = np.array([self.counts.get(i, 0.0) for i in item_ids])
-        return np.broadcast_to(row, (len(users), len(item_ids)))
-
-
-class RecencyEASE:
-    """EASE (Steck 2019) refit before every block on recency-weighted user-item entries."""
-
-    name = "ease_rw"
-
-    def __init__(self, half_life: float = 20_000.0, l2: float = 200.0) -> None:
-        self.half_life, self.l2 = half_life, l2
-        self.last: dict[str, dict[str, int]] = {}  # user -> item -> sequence number of the last event
-        self.seq = 0
-        self.columns: dict[str, int] = {}
-        self.weights = np.zeros((0, 0), np.float32)
-        self.samples_trained, self.train_seconds = 0, 0.0
-
-    def add_items(self, items):
-        pass
-
-    def learn(self, events):
-        started = time.perf_counter()
-        for event in events:
-            self.last.setdefault(event.user_id, {})[event.item_id] = self.seq
-            self.seq += 1
-        self.samples_trained += len(events)
-        self.columns = {i: c for c, i in enumerate(sorted({i for h in self.last.values() for i in h}))}
-        x = np.zeros((len(self.last), len(self.columns)), np.float64)
-        for r, history in enumerate(self.last.values()):
-            cols = [self.columns[i] for i in history]
-            x[r, cols] = 0.5 ** ((self.seq - np.fromiter(history.values(), np.float64)) / self.half_life)
-        gram = x.T @ x
-        gram[np.diag_indices_from(gram)] += self.l2
-        inverse = np.linalg.inv(gram)
-        weights = -inverse / np.diag(inverse)
-        weights[np.diag_indices_from(weights)] = 0.0
-        self.weights = weights.astype(np.float32)
-        self.train_seconds += time.perf_counter() - started
-
-    def freeze_users(self, user_ids):
-        return [dict(self.last.get(u, {})) for u in user_ids]
-
-    def scores(self, users, item_ids):
-        x = np.zeros((len(users), len(self.columns)), np.float32)
-        for r, history in enumerate(users):
-            for item, seq in history.items():
-                x[r, self.columns[item]] = 0.5 ** ((self.seq - seq) / self.half_life)
-        known = x @ self.weights
-        out = np.full((len(users), len(item_ids)), -1e9, np.float32)  # never-seen items rank last
-        at = [(j, self.columns[i]) for j, i in enumerate(item_ids) if i in self.columns]
-        if at:
-            dst, src = map(list, zip(*at))
-            out[:, dst] = known[:, src]
-        return out
+# The peers are recstream evaluate's own: learners.evaluation.peers.
 
 
 # -- learner strategies ---------------------------------------------------------------------------
@@ -252,7 +174,7 @@ def main() -> None:
         store = saved.setdefault(key, {})
         for peer in [p for p in args.peers.split(",") if p]:
             if peer not in store.get("peers", {}):
-                recommender = DecayedPopularity() if peer == "decayed_pop" else RecencyEASE()
+                recommender = PEER_RECOMMENDERS[peer]()
                 store.setdefault("peers", {})[peer] = [_summary(run_prepared(recommender, prepared))]
             lines.append(_line(slice_name, peer, store["peers"][peer]))
         for name in [s for s in args.strategies.split(",") if s]:

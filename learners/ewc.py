@@ -21,14 +21,20 @@ proportion to the batch, not to the catalogue.
 from __future__ import annotations
 
 import torch
-from avalanche.training.plugins import EWCPlugin
+from avalanche.training.plugins import SupervisedPlugin
 
 from learners.optim import gradient_rows
 
 
-class OnlineFisherEWC(EWCPlugin):
+class OnlineFisherEWC(SupervisedPlugin):
+    """Online EWC (penalty ``ewc_lambda * sum(importance * (w - anchor)^2)``, importances decayed
+    by ``decay_factor`` per experience) on the training gradients; Avalanche's own ``EWCPlugin``
+    is the strategy ``avalanche_ewc_replay``."""
+
     def __init__(self, ewc_lambda: float, decay_factor: float) -> None:
-        super().__init__(ewc_lambda, mode="online", decay_factor=decay_factor)
+        super().__init__()
+        self.ewc_lambda = ewc_lambda
+        self.decay_factor = decay_factor
         self._grad_sq: dict[str, torch.Tensor] = {}
         self._steps = 0
         self.anchor: dict[str, torch.Tensor] = {}

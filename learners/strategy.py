@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from avalanche.training.plugins import ReplayPlugin as AvalancheReplayPlugin
 from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.supervised import Naive
 
@@ -31,7 +30,7 @@ from learners.experience import dataset_tensors
 from learners.optim import RowSparseAdam
 from learners.replay_buffer import TensorReservoir
 
-STRATEGIES = ("naive", "ewc", "replay", "ewc_replay", "joint")
+STRATEGIES = ("naive", "ewc", "replay", "ewc_replay", "avalanche_ewc_replay", "joint")
 
 
 class TensorBatches:
@@ -97,18 +96,18 @@ class RecommenderTemplate(Naive):
         return self.model.loss(self.mb_output)
 
 
-class ReplayPlugin(AvalancheReplayPlugin):
+class ReservoirReplay(SupervisedPlugin):
     """Experience replay: ``batch_size_mem`` samples drawn uniformly from the reservoir join
     every minibatch (after the first experience); the experience's samples then enter the
-    reservoir (Avalanche's ``after_training_exp``). Avalanche's plugin, minus its per-sample loader."""
+    reservoir after it. Unlike Avalanche's ``ReplayPlugin`` (offered as the strategy
+    ``avalanche_ewc_replay``) there is no replay data loader with a per-sample collate: the
+    samples are indexed straight out of the reservoir's tensors."""
 
     def __init__(self, mem_size: int, batch_size_mem: int, storage_policy: Optional[TensorReservoir] = None) -> None:
-        super().__init__(mem_size=mem_size, batch_size_mem=batch_size_mem,
-                         storage_policy=storage_policy if storage_policy is not None
-                         else TensorReservoir(max_size=mem_size))
-
-    def before_training_exp(self, strategy, **kwargs):
-        pass  # no replay data loader: see before_training_iteration
+        super().__init__()
+        self.mem_size = mem_size
+        self.batch_size_mem = batch_size_mem
+        self.storage_policy = storage_policy if storage_policy is not None else TensorReservoir(max_size=mem_size)
 
     def before_training_iteration(self, strategy, **kwargs):
         if not self.storage_policy.filled or not self.batch_size_mem:
@@ -121,7 +120,6 @@ class ReplayPlugin(AvalancheReplayPlugin):
         strategy.mbatch = [torch.cat([a, b]) for a, b in zip(strategy.mbatch, extra)]
 
     def after_training_exp(self, strategy, **kwargs):
-        # Avalanche 0.6's plugin calls the deprecated ``update``, which warns on every experience.
         self.storage_policy.post_adapt(strategy, strategy.experience)
 
 
@@ -168,7 +166,7 @@ class StrategyParts:
     strategy: RecommenderTemplate
     stats: TrainingStats
     ewc: OnlineFisherEWC | None
-    replay: ReplayPlugin | None
+    replay: ReservoirReplay | None
 
 
 def param_groups(model: torch.nn.Module, lr: float, id_lr_scale: float = 1.0,
@@ -201,8 +199,12 @@ def build_strategy(kind: str, model: torch.nn.Module, *, lr: float, batch_size: 
         ewc = OnlineFisherEWC(ewc_lambda, ewc_decay)
         plugins.append(ewc)
     if kind in ("replay", "ewc_replay") and replay_size > 0 and replay_batch > 0:
-        replay = ReplayPlugin(mem_size=replay_size, batch_size_mem=replay_batch)
+        replay = ReservoirReplay(mem_size=replay_size, batch_size_mem=replay_batch)
         plugins.append(replay)
+    if kind == "avalanche_ewc_replay":
+        from learners.avalanche_plugins import avalanche_ewc_replay  # a reference, not the product path
+
+        plugins.extend(avalanche_ewc_replay(ewc_lambda, ewc_decay, replay_size, replay_batch))
     optimizer = RowSparseAdam(param_groups(model, lr, id_lr_scale, text_lr_scale), lr=lr)
     strategy = RecommenderTemplate(model=model, optimizer=optimizer, train_mb_size=batch_size,
                                    train_epochs=epochs, eval_mb_size=batch_size, device=device,

@@ -155,7 +155,7 @@ def _run_worker(settings: Settings) -> int:
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--blocks", default=10, show_default=True, type=int)
 @click.option("--k", default=10, show_default=True, type=int)
-@click.option("--strategies", default="popularity,frozen,naive,ewc,replay,ewc_replay,joint", show_default=True,
+@click.option("--strategies", default="popularity,decayed_pop,ease,ease_rw,frozen,naive,ewc,replay,ewc_replay,joint", show_default=True,
               help="comma-separated strategy names")
 @click.option("--scenario", default="time", show_default=True, type=click.Choice(["time", "genre-epochs"]),
               help="event order: time = the stream as it happened; genre-epochs = one genre group after "

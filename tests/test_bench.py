@@ -40,7 +40,7 @@ def test_bench_command_writes_every_section(tmp_path):
 
     train = data["training"]
     assert _numbers(train["avalanche_samples_per_s"], train["bare_samples_per_s"], train["ratio"])
-    assert {"OnlineFisherEWC", "ReplayPlugin", "StatsPlugin", "CheckpointPlugin"} <= set(train["plugins"])
+    assert {"OnlineFisherEWC", "ReservoirReplay", "StatsPlugin", "CheckpointPlugin"} <= set(train["plugins"])
     assert train["checkpoint_saves"] >= 1
 
     fresh = data["freshness"]

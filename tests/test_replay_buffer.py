@@ -7,7 +7,7 @@ from avalanche.training.storage_policy import ExemplarsBuffer
 
 from learners.experience import make_experience
 from learners.replay_buffer import TensorReservoir
-from learners.strategy import ReplayPlugin
+from learners.strategy import ReservoirReplay
 
 LENGTH = 4
 SIZES = [1, 7, 128, 3, 256, 45, 200, 60, 300]  # 1000 samples in experiences of varied sizes
@@ -138,7 +138,7 @@ def test_buffer_is_an_avalanche_dataset_of_the_kept_samples():
 
 
 def test_plugin_updates_from_the_experience_and_mixes_replayed_samples():
-    plugin = ReplayPlugin(mem_size=32, batch_size_mem=8)
+    plugin = ReservoirReplay(mem_size=32, batch_size_mem=8)
     policy = plugin.storage_policy
     assert isinstance(policy, TensorReservoir) and policy.max_size == 32
 

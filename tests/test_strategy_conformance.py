@@ -1,7 +1,8 @@
 """Every evaluation strategy through one tiny stream, and the online-Fisher EWC plugin on its own.
 
-The conformance test drives all seven strategies (popularity, frozen, naive,
-ewc, replay, ewc_replay, joint) through ``evaluate`` with the real default
+The conformance test drives every strategy (the peers popularity, decayed_pop,
+ease and ease_rw, frozen, naive, ewc, replay, ewc_replay, avalanche_ewc_replay,
+joint) through ``evaluate`` with the real default
 model and a tiny learner configuration, then checks the results file against
 docs/formats.md. The EWC test needs no model folder.
 """
@@ -20,8 +21,9 @@ from torch import nn
 
 from learners.ewc import OnlineFisherEWC
 
-STRATEGY_NAMES = ("popularity", "frozen", "naive", "ewc", "replay", "ewc_replay", "joint")
-TRAINING = ("naive", "ewc", "replay", "ewc_replay", "joint")
+STRATEGY_NAMES = ("popularity", "decayed_pop", "ease", "ease_rw", "frozen", "naive", "ewc", "replay",
+                  "ewc_replay", "avalanche_ewc_replay", "joint")
+TRAINING = ("naive", "ewc", "replay", "ewc_replay", "avalanche_ewc_replay", "joint")
 TEXTS = [
     "Toy Story (1995) | Adventure|Animation|Children|Comedy|Fantasy",
     "Jumanji (1995) | Adventure|Children|Fantasy",
@@ -99,8 +101,10 @@ def test_every_strategy_writes_a_conforming_results_file(tmp_path):
 
     # The serving average is the product's: the single-mechanism strategies publish live weights.
     factory = make_factory(config, experience_size=40)
-    averaged = {name: factory(name).learner.average is not None for name in ("naive", "ewc", "replay", "ewc_replay")}
-    assert averaged == {"naive": False, "ewc": False, "replay": False, "ewc_replay": True}
+    names = ("naive", "ewc", "replay", "ewc_replay", "avalanche_ewc_replay")
+    averaged = {name: factory(name).learner.average is not None for name in names}
+    assert averaged == {"naive": False, "ewc": False, "replay": False, "ewc_replay": True,
+                        "avalanche_ewc_replay": True}
 
 
 # -- OnlineFisherEWC on its own --------------------------------------------------------------------

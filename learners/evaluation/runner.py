@@ -1,7 +1,7 @@
 """``evaluate``: files in, protocol P1 for each strategy, results JSON + PNG + MD out.
 
-The runner builds only ``popularity`` itself; learner strategies come from the
-caller's ``factory`` so this package stays independent of how they are built.
+The runner builds the peers (``popularity``, ``learners.evaluation.peers``) itself;
+learner strategies come from the caller's ``factory`` so this package stays independent of how they are built.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from learners.errors import ConfigError, RecstreamError
 from learners.evaluation.files import read_events, read_items
+from learners.evaluation.peers import PEERS
 from learners.evaluation.popularity import PopularityRecommender
 from learners.evaluation.protocol import Recommender, StrategyResult, prepare_p1, run_prepared
 from learners.evaluation.report import write_markdown, write_plot, write_results
@@ -32,6 +33,8 @@ def _build(name: str, factory: Optional[Factory]) -> Recommender:
     except (KeyError, ValueError) as exc:
         if name == "popularity":
             return PopularityRecommender()
+        if name in PEERS:
+            return PEERS[name]()
         raise ConfigError(f"--strategies: cannot build strategy {name!r}: {exc}") from exc
 
 

@@ -8,8 +8,13 @@ catalogue is encoded once per evaluation, not once per strategy.
 
 Publishing item vectors from averaged weights (``serving_average``) is one of
 the product's protections against forgetting, so only ``ewc_replay`` (the
-product) has it: ``naive``, ``ewc``, ``replay`` and ``joint`` publish from
+product) has it, and ``avalanche_ewc_replay`` (Avalanche's own EWC and replay
+plugins, ``learners.avalanche_plugins``), so that beside the product only the
+plugins differ: ``naive``, ``ewc``, ``replay`` and ``joint`` publish from
 their live weights, and each row isolates its own mechanism.
+
+The peers (``popularity``, ``decayed_pop``, ``ease``, ``ease_rw``:
+``learners.evaluation.peers``) need no encoder.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from learners.encoder import TextEncoder, resolve_device
+from learners.evaluation.peers import PEERS
 from learners.evaluation.popularity import PopularityRecommender
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import EVENT_WEIGHTS, Event, Item
 
-LEARNER_STRATEGIES = ("naive", "ewc", "replay", "ewc_replay")
+LEARNER_STRATEGIES = ("naive", "ewc", "replay", "ewc_replay", "avalanche_ewc_replay")
 PRODUCT = "ewc_replay"
-ALL_STRATEGIES = ("popularity", "frozen", *LEARNER_STRATEGIES, "joint")
+# Publishes from averaged weights as the product does, so beside it only the plugins differ.
+AVERAGED = (PRODUCT, "avalanche_ewc_replay")
+ALL_STRATEGIES = ("popularity", *PEERS, "frozen", *LEARNER_STRATEGIES, "joint")
 
 
 class LearnerRecommender:
@@ -36,7 +44,7 @@ class LearnerRecommender:
     def __init__(self, name: str, config: LearnerConfig, encoder: TextEncoder, frozen_cache: dict,
                  experience_size: int) -> None:
         self.name = name
-        average = config.serving_average if name == PRODUCT else 0.0
+        average = config.serving_average if name in AVERAGED else 0.0
         self.learner = ContinualRecommender(dataclasses.replace(config, strategy=name, serving_average=average),
                                             encoder)
         self._frozen_cache = frozen_cache
@@ -175,6 +183,8 @@ def make_factory(config: LearnerConfig, experience_size: int = 512, joint_epochs
     def factory(name: str):
         if name == "popularity":
             return PopularityRecommender()
+        if name in PEERS:
+            return PEERS[name]()
         if name == "frozen":
             return FrozenTextRecommender(encoder())
         if name in LEARNER_STRATEGIES:
