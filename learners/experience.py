@@ -6,27 +6,42 @@ before it (item rows and weights, fixed length) and the item they went to.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
 from avalanche.benchmarks.utils import DataAttribute, make_avalanche_dataset
 
+OWNERS = "owners"
+
 
 def make_experience(hist_rows: np.ndarray, hist_weights: np.ndarray, item_rows: np.ndarray,
-                    index: int) -> DatasetExperience:
+                    index: int, owners: Optional[np.ndarray] = None) -> DatasetExperience:
+    """``owners``: each sample's ``learners.users.owner_tag`` (kept by the replay reservoir so a
+    user's samples can be erased); not part of a minibatch."""
     rows = torch.from_numpy(np.ascontiguousarray(hist_rows, dtype=np.int64))
     weights = torch.from_numpy(np.ascontiguousarray(hist_weights, dtype=np.float32))
     items = torch.from_numpy(np.ascontiguousarray(item_rows, dtype=np.int64))
     n = len(items)
-    dataset = make_avalanche_dataset(
-        TensorDataset(rows, weights, items),
-        data_attributes=[
-            DataAttribute(items.tolist(), "targets"),
-            DataAttribute([0] * n, "targets_task_labels", use_in_getitem=True),
-        ],
-    )
+    attributes = [
+        DataAttribute(items.tolist(), "targets"),
+        DataAttribute([0] * n, "targets_task_labels", use_in_getitem=True),
+    ]
+    if owners is not None:
+        attributes.append(DataAttribute(np.asarray(owners, np.int64).tolist(), OWNERS))
+    dataset = make_avalanche_dataset(TensorDataset(rows, weights, items), data_attributes=attributes)
     return DatasetExperience(dataset=dataset, current_experience=index)
+
+
+def dataset_owners(dataset) -> Optional[torch.Tensor]:
+    """The owner tags of an experience dataset's samples, in dataset order (None: not tagged)."""
+    try:
+        owners = getattr(dataset, OWNERS)
+    except (AttributeError, KeyError):
+        return None
+    return torch.as_tensor(list(owners), dtype=torch.long)
 
 
 def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

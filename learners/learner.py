@@ -190,7 +190,15 @@ class ContinualRecommender:
             pending, self._pending = self._pending[:limit], self._pending[limit:]
             slots, seqs, items = (np.array(col, dtype=np.int64) for col in zip(*pending))
             hist_rows, hist_weights = self.users.histories(slots, before_seq=seqs)
-        return self._train(hist_rows, hist_weights, items)
+            owners = self.users.owner_tags(slots)
+        return self._train(hist_rows, hist_weights, items, owners)
+
+    def drop_pending(self, slot: int) -> int:
+        """Drop the samples waiting for training of the user in ``slot`` (erasure); returns how many."""
+        kept = [sample for sample in self._pending if sample[0] != slot]
+        dropped = len(self._pending) - len(kept)
+        self._pending = kept
+        return dropped
 
     def shed_pending(self, keep: int) -> int:
         """Keep a uniform sample of ``keep`` pending samples (training overload).
@@ -206,14 +214,15 @@ class ContinualRecommender:
         self.samples_shed += surplus
         return surplus
 
-    def _train(self, hist_rows: np.ndarray, hist_weights: np.ndarray, items: np.ndarray) -> LearnReport:
+    def _train(self, hist_rows: np.ndarray, hist_weights: np.ndarray, items: np.ndarray,
+               owners: Optional[np.ndarray] = None) -> LearnReport:
         with self.lock:
             self.features.ensure_rows(len(self.catalogue))
             self.model.grow(len(self.catalogue))
             self.training_in_flight = True
         updated = False
         try:  # model-side work only from here: no lock, see __init__
-            experience = make_experience(hist_rows, hist_weights, items, self.model_version)
+            experience = make_experience(hist_rows, hist_weights, items, self.model_version, owners)
             stats = self.parts.stats
             samples_before, seconds_before, steps_before = stats.samples, stats.seconds, stats.steps
             self.parts.strategy.train(experience, eval_streams=[])

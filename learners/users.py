@@ -19,8 +19,9 @@ With ``profile_length`` 0 the ring serves both.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -35,6 +36,14 @@ def _draw(slot: int, seen: int) -> int:
     x ^= x >> 15
     x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
     return x ^ (x >> 12)
+
+
+def owner_tag(user_id: str) -> int:
+    """A signed 64-bit tag naming a user's training samples (the replay reservoir keeps it
+    beside each sample, so erasing the user can find them); never 0, which means "unknown"."""
+    tag = int.from_bytes(hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=8,
+                                         person=b"recstream-user").digest(), "little", signed=True)
+    return tag or 1
 
 
 class UserHistories:
@@ -59,6 +68,22 @@ class UserHistories:
 
     def __contains__(self, user_id: str) -> bool:
         return user_id in self._slot_of
+
+    def remove(self, user_id: str) -> Optional[int]:
+        """Erase a user: their ring and profile are cleared and their slot is free again.
+        Returns the slot they had (None: not held). Their next event starts a new history."""
+        slot = self._slot_of.pop(user_id, None)
+        if slot is None:
+            return None
+        self._clear(slot)
+        self._free.append(slot)
+        return slot
+
+    def owner_tags(self, slots: np.ndarray) -> np.ndarray:
+        """``owner_tag`` of the user holding each slot now (0 for a free slot)."""
+        user_of = {slot: user for user, slot in self._slot_of.items()}
+        return np.fromiter((owner_tag(user_of[s]) if s in user_of else 0 for s in np.asarray(slots).tolist()),
+                           np.int64, len(slots))
 
     def user_ids(self) -> list[str]:
         return list(self._slot_of)

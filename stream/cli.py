@@ -11,6 +11,7 @@ import functools
 import logging
 import signal
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -231,15 +232,19 @@ def replay(events_path, items_path, bootstrap_servers, events_topic, items_topic
 @click.option("--bootstrap-servers", envvar="RECSTREAM_BOOTSTRAP_SERVERS", required=True)
 @click.option("--vectors-topic", envvar="RECSTREAM_VECTORS_TOPIC", default=_default("vectors_topic"),
               show_default=True)
-@click.option("--timeout", default=30.0, show_default=True, type=float, help="seconds to read the topic")
+@click.option("--timeout", default=30.0, show_default=True, type=float, help="seconds to connect and read the topic")
 def topk(user_id, k, bootstrap_servers, vectors_topic, timeout) -> None:
     """Top-K items for a user from the published vectors (what a downstream ranker sees)."""
     from stream.vector_index import VectorIndex, open_consumer
 
     index = VectorIndex()
-    consumer = open_consumer(bootstrap_servers, vectors_topic)
+    deadline = time.monotonic() + timeout
     try:
-        index.catch_up(consumer, timeout_s=timeout)
+        consumer = open_consumer(bootstrap_servers, vectors_topic, timeout_s=timeout)
+    except (RecstreamError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        index.catch_up(consumer, timeout_s=max(0.0, deadline - time.monotonic()))
     finally:
         consumer.close()
     if index.user_vector(user_id) is None:

@@ -250,17 +250,27 @@ def open_consumer(bootstrap_servers: Union[str, Sequence[str]], topic: str = "ve
                   timeout_s: float = 30.0, **kafka_kwargs):
     """A group-less ``KafkaConsumer`` assigned to every partition of ``topic``, at the beginning.
 
-    Extra keyword arguments (security settings, client_id, ...) go to
-    ``kafka.KafkaConsumer``.
+    ``timeout_s`` bounds the whole wait, connecting included: an unreachable
+    cluster raises ``BrokerError`` once it runs out. Extra keyword arguments
+    (security settings, client_id, ...) go to ``kafka.KafkaConsumer``.
     """
     from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    from stream.kafka.errors import BrokerError
 
     if isinstance(bootstrap_servers, str):
         bootstrap_servers = bootstrap_servers.split(",")
     kafka_kwargs.setdefault("client_id", "recstream-vector-index")
-    consumer = KafkaConsumer(bootstrap_servers=list(bootstrap_servers), group_id=None,
-                             enable_auto_commit=False, **kafka_kwargs)
+    # kafka-python connects inside the constructor with its own 30 s bootstrap timeout
+    kafka_kwargs.setdefault("bootstrap_timeout_ms", max(1, int(timeout_s * 1000)))
     deadline = time.monotonic() + timeout_s
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=list(bootstrap_servers), group_id=None,
+                                 enable_auto_commit=False, **kafka_kwargs)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot reach Kafka at {','.join(bootstrap_servers)} within {timeout_s:g}s "
+                          f"({type(exc).__name__}); check --bootstrap-servers and that the cluster is up") from None
     partitions = consumer.partitions_for_topic(topic)
     while not partitions:
         if time.monotonic() > deadline:

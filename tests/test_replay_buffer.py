@@ -158,3 +158,37 @@ def test_plugin_updates_from_the_experience_and_mixes_replayed_samples():
     assert [len(t) for t in mixed] == [12] * 4 and mixed[0].dtype == torch.int64
     replayed = mixed[2][4:]
     assert torch.equal(mixed[0][4:], replayed.unsqueeze(1) * LENGTH + torch.arange(LENGTH))
+
+
+def test_remove_owner_takes_out_exactly_that_owners_samples_and_sampling_goes_on():
+    policy = TensorReservoir(max_size=50)
+    start = 0
+    for size in (30, 40, 25):
+        rows, weights, items = _samples(start, size)
+        policy.add(rows, weights, items, owners=items % 3 + 1)  # owner 1, 2 or 3 by sample number
+        start += size
+    before = {int(i): int(o) for i, o in zip(policy.tensors()[2], policy.owners())}
+    assert set(before.values()) == {1, 2, 3}
+    removed = policy.remove_owner(2)
+    assert removed == sum(1 for o in before.values() if o == 2)
+    assert policy.filled == 50 - removed
+    assert 2 not in policy.owners().tolist()
+    assert {int(i): int(o) for i, o in zip(policy.tensors()[2], policy.owners())} == \
+        {i: o for i, o in before.items() if o != 2}
+    _check_whole_samples(policy)
+    assert policy.remove_owner(2) == 0  # erasing again changes nothing
+    rows, weights, items = _samples(start, 10)
+    policy.add(rows, weights, items, owners=torch.full((10,), 4))
+    assert policy.filled == min(50, 50 - removed + 10)
+    _check_whole_samples(policy)
+
+
+def test_owner_tags_come_from_the_experience_and_survive_load():
+    rows, weights, items = _samples(0, 20)
+    experience = make_experience(rows.numpy(), weights.numpy(), items.numpy(), 0, owners=(items % 2 + 7).numpy())
+    policy = TensorReservoir(max_size=30)
+    policy.update_from_dataset(experience.dataset)
+    assert policy.owners().tolist() == (items % 2 + 7).tolist()
+    copy = TensorReservoir(max_size=30)
+    copy.load(*policy.tensors(), policy.seen_samples, owners=policy.owners())
+    assert copy.remove_owner(7) == 10 and set(copy.owners().tolist()) == {8}

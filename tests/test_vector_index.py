@@ -209,3 +209,21 @@ def test_follows_a_real_topic_from_the_beginning(broker, unique_topic):
         assert [i for i, _ in index.topk("u", k=5)] == brute_force(user, items, 5)
     finally:
         consumer.close()
+
+
+def test_topk_on_an_unreachable_broker_says_so_in_one_line():
+    import socket
+
+    from click.testing import CliRunner
+
+    from stream.cli import main
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = CliRunner().invoke(main, ["topk", "--user", "1", "--bootstrap-servers", f"127.0.0.1:{port}",
+                                       "--timeout", "1"])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot reach Kafka" in lines[0], result.output

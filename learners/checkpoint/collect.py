@@ -78,7 +78,8 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
     if parts.replay is not None:
         policy = parts.replay.storage_policy
         rows, weights, items = policy.tensors()
-        out["replay.safetensors"] = _tensors({"hist_rows": rows, "hist_weights": weights, "item_rows": items})
+        out["replay.safetensors"] = _tensors({"hist_rows": rows, "hist_weights": weights, "item_rows": items,
+                                              "owners": policy.owners()})
         replay_meta = {"samples": int(len(items)), "seen_samples": int(policy.seen_samples)}
 
     users = learner.users.state()

@@ -88,7 +88,8 @@ def apply(data: dict, learner: "ContinualRecommender") -> None:
         replay = data.get("replay.safetensors")
         if replay is not None:  # older checkpoints also hold "reservoir_weights": not needed any more
             seen = (state.get("replay") or {}).get("seen_samples")
-            parts.replay.storage_policy.load(replay["hist_rows"], replay["hist_weights"], replay["item_rows"], seen)
+            parts.replay.storage_policy.load(replay["hist_rows"], replay["hist_weights"], replay["item_rows"], seen,
+                                             owners=replay.get("owners"))
         else:
             log.warning("checkpoint has no replay buffer (it was written with another strategy): replay starts empty")
 
