@@ -46,6 +46,8 @@ def dataset_owners(dataset) -> Optional[torch.Tensor]:
 
 def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(history rows, history weights, item rows) of an experience dataset, in dataset order."""
+    if len(dataset) == 0:  # a rank with nothing pending in a collective round
+        return torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     flat = getattr(dataset, "_flat_data", None)
     leaves = getattr(flat, "_datasets", None)
     if leaves and all(isinstance(d, torch.utils.data.TensorDataset) and len(d.tensors) >= 3 for d in leaves):

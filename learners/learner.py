@@ -48,7 +48,8 @@ class LearnReport:
 
 
 class ContinualRecommender:
-    def __init__(self, config: LearnerConfig, encoder: Optional[TextEncoder] = None) -> None:
+    def __init__(self, config: LearnerConfig, encoder: Optional[TextEncoder] = None, collective=None) -> None:
+        """``collective``: a ``learners.distributed.Collective`` to train one model across ranks."""
         torch.manual_seed(config.seed)
         self.config = config
         self.device = resolve_device(config.device)
@@ -74,7 +75,8 @@ class ContinualRecommender:
             config.strategy, self.model, lr=config.learning_rate, batch_size=config.batch_size,
             epochs=config.epochs, ewc_lambda=config.ewc_lambda, ewc_decay=config.ewc_decay,
             replay_size=config.replay_size, replay_batch=config.replay_batch, device=self.device,
-            extra_plugins=(self._step_hook,) + ((self.average,) if self.average else ()), id_lr_scale=config.id_lr_scale,
+            extra_plugins=(self._step_hook,) + self._rounds_plugin(collective)
+            + ((self.average,) if self.average else ()), id_lr_scale=config.id_lr_scale,
             text_lr_scale=config.text_lr_scale)
         self.model_version = 0
         self._seq = 0
@@ -96,6 +98,14 @@ class ContinualRecommender:
         # caller must not ``add_items`` while training is in flight (that runs the model).
         self.lock = threading.RLock()
         self.training_in_flight = False
+
+    def _rounds_plugin(self, collective) -> tuple:
+        # Before the serving average and EWC, so both see the group's reduced gradients.
+        self.collective = collective
+        if collective is None:
+            return ()
+        from learners.distributed import CollectiveRoundsPlugin
+        return (CollectiveRoundsPlugin(collective, self.config.history_length),)
 
     # -- items ----------------------------------------------------------------
     def add_items(self, items: Sequence[Item], frozen_cache: Optional[dict] = None) -> list[str]:
@@ -184,9 +194,15 @@ class ContinualRecommender:
         With ``max_samples``, only the oldest that many; the rest stays pending.
         """
         with self.lock:
+            limit = len(self._pending) if max_samples is None else max_samples
+            if self.collective is not None:  # every rank joins the round if any has samples
+                if self.collective.max_int(min(limit, len(self._pending))) == 0:
+                    return None
+                if not self._pending:
+                    empty = np.zeros((0, self.config.history_length))
+                    return self._train(empty.astype(np.int64), empty.astype(np.float32), np.zeros(0, np.int64))
             if not self._pending:
                 return None
-            limit = len(self._pending) if max_samples is None else max_samples
             pending, self._pending = self._pending[:limit], self._pending[limit:]
             slots, seqs, items = (np.array(col, dtype=np.int64) for col in zip(*pending))
             hist_rows, hist_weights = self.users.histories(slots, before_seq=seqs)
@@ -226,6 +242,10 @@ class ContinualRecommender:
             stats = self.parts.stats
             samples_before, seconds_before, steps_before = stats.samples, stats.seconds, stats.steps
             self.parts.strategy.train(experience, eval_streams=[])
+            if self.collective is not None:  # popularity and re-embedding see the group's items
+                items = self.collective.gather_rows(torch.from_numpy(np.ascontiguousarray(items, np.int64))).numpy()
+                trained = torch.tensor(sorted(self.model.text_trained), dtype=torch.long)
+                self.model.text_trained.update(self.collective.gather_rows(trained).tolist())
             touched = np.unique(items)
             self.model.observe_popularity(torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64)))
             self._refresh_after_update(touched)
