@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 import time
@@ -99,42 +100,38 @@ def worker(**options) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-class _StoppedDuringStartup(BaseException):
-    """SIGTERM/SIGINT before the worker could take it: nothing was read, nothing is lost. A
-    BaseException, as KeyboardInterrupt, so that no library's ``except Exception`` swallows it."""
-
-
 def _run_worker(settings: Settings) -> int:
     app = None
+    broker = feeder = None
 
     def on_signal(*_) -> None:
         if app is None:  # still importing, loading the model or starting the demo
-            raise _StoppedDuringStartup
+            # Nothing was read and nothing written, so nothing is lost. Exit here, not by
+            # raising: an exception raised inside a signal handler can land in a C++
+            # extension mid-import (torch), which then aborts the process.
+            logging.getLogger("recstream").info("stopped during start-up, before reading anything")
+            if broker is not None:
+                broker.stop()
+            logging.shutdown()
+            os._exit(0)
         app.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):  # first: loading the model takes seconds
         signal.signal(sig, on_signal)
-    broker = feeder = None
-    try:
-        from learners.synthetic import SyntheticWorld
-        from stream.worker import Worker
+    from learners.synthetic import SyntheticWorld
+    from stream.worker import Worker
 
-        if settings.bootstrap_servers is None:
-            from stream.demo import DemoFeeder, start_embedded
+    if settings.bootstrap_servers is None:
+        from stream.demo import DemoFeeder, start_embedded
 
-            broker, bootstrap = start_embedded(settings)
-            update = {"bootstrap_servers": bootstrap}
-            if "state_dir" not in settings.model_fields_set:  # the demo's state stays apart from a real stream's
-                update["state_dir"] = DEMO_STATE_DIR
-            settings = settings.model_copy(update=update)
-            world = SyntheticWorld(n_items=settings.demo_items, n_users=settings.demo_users, seed=settings.seed)
-            feeder = DemoFeeder(bootstrap, settings, world, rate_per_s=settings.demo_rate)
-        app = Worker(settings, fresh_broker=feeder is not None)
-    except _StoppedDuringStartup:
-        logging.getLogger("recstream").info("stopped during start-up, before reading anything")
-        if broker is not None:
-            broker.stop()
-        return 0
+        broker, bootstrap = start_embedded(settings)
+        update = {"bootstrap_servers": bootstrap}
+        if "state_dir" not in settings.model_fields_set:  # the demo's state stays apart from a real stream's
+            update["state_dir"] = DEMO_STATE_DIR
+        settings = settings.model_copy(update=update)
+        world = SyntheticWorld(n_items=settings.demo_items, n_users=settings.demo_users, seed=settings.seed)
+        feeder = DemoFeeder(bootstrap, settings, world, rate_per_s=settings.demo_rate)
+    app = Worker(settings, fresh_broker=feeder is not None)
     app.connect()  # returns early on stop(), and run() then closes
     if feeder is not None:
         from stream.demo import banner
