@@ -61,6 +61,9 @@ class UserHistories:
         self._count = np.zeros(capacity, dtype=np.int64)
         self._prows = np.zeros((capacity, profile_length), dtype=np.int32)
         self._pweights = np.zeros((capacity, profile_length), dtype=np.float32)
+        # owner_tag of the user in each slot (0: free), hashed once when the user takes the slot:
+        # every experience reads it for its samples. Derived from the ids, so not checkpointed.
+        self._tags = np.zeros(capacity, dtype=np.int64)
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -81,9 +84,7 @@ class UserHistories:
 
     def owner_tags(self, slots: np.ndarray) -> np.ndarray:
         """``owner_tag`` of the user holding each slot now (0 for a free slot)."""
-        user_of = {slot: user for user, slot in self._slot_of.items()}
-        return np.fromiter((owner_tag(user_of[s]) if s in user_of else 0 for s in np.asarray(slots).tolist()),
-                           np.int64, len(slots))
+        return self._tags[np.asarray(slots, dtype=np.int64)]
 
     def user_ids(self) -> list[str]:
         return list(self._slot_of)
@@ -105,6 +106,7 @@ class UserHistories:
             if slot >= len(self._count):
                 self._grow()
         self._slot_of[user_id] = slot
+        self._tags[slot] = owner_tag(user_id)
         return slot
 
     def _clear(self, slot: int) -> None:
@@ -114,6 +116,7 @@ class UserHistories:
         self._count[slot] = 0
         self._prows[slot] = 0
         self._pweights[slot] = 0.0
+        self._tags[slot] = 0
 
     def _grow(self) -> None:
         new = min(self.max_users, max(1024, 2 * len(self._count)))  # a checkpoint may hold none
@@ -124,6 +127,7 @@ class UserHistories:
         self._count = np.concatenate([self._count, np.zeros(extra, np.int64)])
         self._prows = np.concatenate([self._prows, np.zeros((extra, self.profile_length), np.int32)])
         self._pweights = np.concatenate([self._pweights, np.zeros((extra, self.profile_length), np.float32)])
+        self._tags = np.concatenate([self._tags, np.zeros(extra, np.int64)])
 
     def append(self, user_id: str, item_row: int, weight: float, seq: int) -> int:
         """Record one event; returns the user's slot."""
@@ -253,6 +257,9 @@ class UserHistories:
         self._free = [s for s in range(len(self._count)) if s not in used]
         self.evictions = int(state["evictions"])
         n = len(self._count)
+        self._tags = np.zeros(n, np.int64)
+        for user_id, slot in self._slot_of.items():
+            self._tags[slot] = owner_tag(user_id)
         prows, pweights = state.get("profile_rows"), state.get("profile_weights")
         if prows is not None and pweights is not None and np.shape(prows) == (n, self.profile_length):
             self._prows = np.array(prows, dtype=np.int32)
