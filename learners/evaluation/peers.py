@@ -1,7 +1,7 @@
 """The simple peers a learned ranker has to beat, as ``recstream evaluate`` strategies.
 
 ``decayed_pop``: items ranked by event counts that halve every 5,000 events,
-the same list for every user. ``ease``: EASE (Steck 2019), a closed-form
+the same list for every user (``learners.evaluation.popularity``). ``ease``: EASE (Steck 2019), a closed-form
 item-item model (L2 = 200) refit on the binary user-item matrix before every
 block. ``ease_rw``: the same refit on entries weighted 0.5^(age / 20,000
 events), the age counted from the user's last event with the item. The
@@ -17,42 +17,10 @@ from typing import Optional
 
 import numpy as np
 
+from learners.evaluation.popularity import PopularityRecommender
 from learners.records import Event, Item
 
 _NEVER_SEEN = -1e9  # items no history holds yet rank last
-
-
-class DecayedPopularityRecommender:
-    """Items ranked by event counts that halve every ``half_life`` events."""
-
-    name = "decayed_pop"
-
-    def __init__(self, half_life: float = 5_000.0) -> None:
-        self.decay = 0.5 ** (1.0 / half_life)
-        self.counts: dict[str, float] = {}
-        self.samples_trained = 0
-        self.train_seconds = 0.0
-
-    def add_items(self, items: list[Item]) -> None:
-        pass  # text plays no part in popularity
-
-    def learn(self, events: list[Event]) -> None:
-        started = time.perf_counter()
-        n = len(events)
-        scale = self.decay ** n
-        for key in self.counts:
-            self.counts[key] *= scale
-        for age, event in zip(range(n - 1, -1, -1), events):
-            self.counts[event.item_id] = self.counts.get(event.item_id, 0.0) + self.decay ** age
-        self.samples_trained += n
-        self.train_seconds += time.perf_counter() - started
-
-    def freeze_users(self, user_ids: list[str]) -> list[str]:
-        return list(user_ids)  # no user state: the same list for everyone
-
-    def scores(self, users: list[str], item_ids: list[str]) -> np.ndarray:
-        row = np.fromiter((self.counts.get(i, 0.0) for i in item_ids), dtype=np.float64, count=len(item_ids))
-        return np.broadcast_to(row, (len(users), len(item_ids)))
 
 
 class EASERecommender:
@@ -113,7 +81,7 @@ class EASERecommender:
 
 
 PEERS = {
-    "decayed_pop": DecayedPopularityRecommender,
+    "decayed_pop": lambda: PopularityRecommender(half_life=5_000.0),
     "ease": lambda: EASERecommender(half_life=None),
     "ease_rw": lambda: EASERecommender(half_life=20_000.0),
 }
