@@ -251,6 +251,27 @@ def topk(user_id, k, bootstrap_servers, vectors_topic, timeout) -> None:
 
 
 @main.command()
+@click.option("--user", "user_id", required=True, help="the user id, as in the events' user_id")
+@click.option("--bootstrap-servers", envvar="RECSTREAM_BOOTSTRAP_SERVERS", required=True)
+@click.option("--forget-topic", envvar="RECSTREAM_FORGET_TOPIC", default=_default("forget_topic"), show_default=True)
+@click.option("--timeout", default=30.0, show_default=True, type=float,
+              help="seconds to reach Kafka and have the request acknowledged")
+def forget(user_id, bootstrap_servers, forget_topic, timeout) -> None:
+    """Ask the workers to erase a user (the right to be forgotten): one record on the forget topic.
+
+    Each worker drops the user's history and training samples, publishes a tombstone for the
+    user's vector and checkpoints without them. The model weights are shared by every user:
+    they are not per-user data and stay."""
+    from stream.kafka.forget import send_forget
+
+    try:
+        partition, offset = send_forget(bootstrap_servers, forget_topic, user_id, timeout_s=timeout)
+    except RecstreamError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"forget request for user {user_id!r} written to {forget_topic}[{partition}] at offset {offset}")
+
+
+@main.command()
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
               help="where the learner runs (cuda: bf16 autocast in the training figure)")
 @click.option("--seconds", default=600.0, type=float, show_default=True,

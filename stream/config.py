@@ -79,6 +79,9 @@ class KafkaSettings(BaseSettings):
     items_topic: str = Field("items", description="topic of item texts (compacted)")
     vectors_topic: str = Field("vectors", description="topic the user and item vectors go to")
     dlq_topic: str = Field("events.dlq", description="dead-letter topic for bad records")
+    forget_topic: str = Field(
+        "forget", description="topic of erasure requests keyed by user id (`recstream forget`): the worker erases "
+                              "what it holds of that user and publishes a tombstone for the user's vector")
     client_id: str = Field("recstream-worker", description="Kafka client id")
     security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
     sasl_mechanism: Optional[str] = Field(None, description="e.g. PLAIN, SCRAM-SHA-512")

@@ -17,11 +17,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from learners.records import BAD_RECORD_REASONS
+from stream.kafka.forget import FORGET_REASONS
 
 _FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The ``operation`` label of recstream_broker_errors_total (stream/worker/, stream/kafka/clients.py, stream/kafka/items.py).
-BROKER_OPERATIONS = ("connect", "dlq_scan", "poll", "produce", "commit", "metadata", "items_metadata", "items_poll")
+BROKER_OPERATIONS = ("connect", "dlq_scan", "poll", "produce", "commit", "metadata", "items_metadata", "items_poll",
+                     "forget_metadata", "forget_poll")
 # The ``stage`` label of recstream_record_failures_total (stream/worker/isolation.py).
 RECORD_FAILURE_STAGES = ("events", "items", "user_vectors", "item_vectors")
 
@@ -42,6 +44,8 @@ class WorkerMetrics:
             "recstream_record_failures_total",
             "Valid records a later stage failed on, set aside so the worker goes on (see the log)", ["stage"],
             registry=r)
+        self.users_erased = Counter("recstream_users_erased_total", "Forget requests applied (users erased)",
+                                    registry=r)
         self.items_received = Counter("recstream_items_received_total", "Item records applied", registry=r)
         self.pending = Gauge("recstream_pending_events", "Events waiting for the next training experience", registry=r)
         self.train_steps = Counter("recstream_train_steps_total", "Optimizer steps", registry=r)
@@ -86,7 +90,7 @@ class WorkerMetrics:
             self.events_valid.labels(event_type=event_type)
         for operation in BROKER_OPERATIONS:
             self.broker_errors.labels(operation=operation)
-        for reason in BAD_RECORD_REASONS + ("apply_failed", "item_failed", "publish_failed"):
+        for reason in BAD_RECORD_REASONS + FORGET_REASONS + ("apply_failed", "item_failed", "publish_failed"):
             self.dead_lettered.labels(reason=reason)
         for stage in RECORD_FAILURE_STAGES:
             self.record_failures.labels(stage=stage)

@@ -83,6 +83,9 @@ class FakeItems:
             self.offsets[record.partition] = record.offset + 1
         return records
 
+    def restart_from(self, start_offsets):
+        self.offsets = dict(start_offsets)
+
     def close(self):
         pass
 
@@ -90,6 +93,10 @@ class FakeItems:
 class _StateDict(dict):
     def state(self):
         return {"ids": list(self)}
+
+    def remove(self, user_id):
+        """As ``UserHistories.remove``: the user's "slot" (here the id itself), None if not held."""
+        return user_id if self.pop(user_id, None) is not None else None
 
 
 class FakeLearner:
@@ -102,6 +109,7 @@ class FakeLearner:
         self.users, self.catalogue = _StateDict(), _StateDict()
         self.allow_training = False
         self.training_in_flight = False  # set by a checkpoint snapshot (stream/worker/checkpoint_writer.py)
+        self.parts = SimpleNamespace(replay=None)  # no replay reservoir (learners.erasure reads it)
 
     def snapshot(self):
         """No samples to save: checkpoints of a fake keep the worker's bookkeeping only."""
@@ -127,6 +135,12 @@ class FakeLearner:
 
     def on_step(self, callback):
         pass
+
+    def drop_pending(self, slot):
+        """The observed events of the user ``users.remove`` returned ``slot`` for."""
+        kept = [e for e in self.observed if e.user_id != slot]
+        dropped, self.observed = len(self.observed) - len(kept), kept
+        return dropped
 
     def shed_pending(self, keep):
         return 0

@@ -178,6 +178,21 @@ class CheckpointStore:
                 log.info("removing stale temporary checkpoint folder %s", entry.name)
                 shutil.rmtree(entry, ignore_errors=True)
 
+    def remove_older(self, newest: Path) -> list[Path]:
+        """Remove every checkpoint folder older than ``newest`` (after an erasure: they still hold
+        the erased user); returns the folders removed. ``newest`` must be complete."""
+        match = _CKPT.match(newest.name)
+        if match is None or not quick_check(newest):
+            raise CheckpointError(f"{newest} is not a complete checkpoint: the older ones stay")
+        seq = int(match.group(2))
+        removed = []
+        for path in self.checkpoints():
+            older = _CKPT.match(path.name)
+            if path != newest and int(older.group(2)) < seq:
+                shutil.rmtree(path)
+                removed.append(path)
+        return removed
+
     # -- loading ----------------------------------------------------------------
     def load_latest(self, learner: "ContinualRecommender") -> Optional[dict]:
         """Restore the newest complete checkpoint into ``learner``; returns its ``extra``.

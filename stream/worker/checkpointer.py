@@ -12,9 +12,11 @@ on revocation are waited for.
 
 When one is due (``due``): every ``checkpoint_interval_s``; every
 ``catch_up_checkpoint_s`` while behind; the first one ``first_checkpoint_s``
-after this process first applied a record; and one as soon as the first events
-of newly assigned partitions are applied (before another experience starts). A
-worker killed sooner than the interval, over and over, still commits what it did.
+after this process first applied a record; one as soon as the first events
+of newly assigned partitions are applied (before another experience starts); and
+one right after a user was erased (stream/worker/forgetting.py), once durable the
+older checkpoints, which still hold that user, are removed. A worker killed
+sooner than the interval, over and over, still commits what it did.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from stream.metrics import WorkerMetrics
 from stream.worker.checkpoint_writer import CheckpointJob, CheckpointWriter
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
+from stream.worker.forgetting import Forgetting
 from stream.worker.ingest import Ingest
 from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, Publisher
 from stream.worker.totals import Totals
@@ -47,7 +50,7 @@ log = logging.getLogger("stream.worker")
 class Checkpointer:
     def __init__(self, settings: Settings, learner, metrics: WorkerMetrics, totals: Totals,
                  consumers: Consumers, ingest: Ingest, publisher: Publisher, trainer: Trainer,
-                 dead_letter_book: DeadLetterBook) -> None:
+                 dead_letter_book: DeadLetterBook, forgetting: Forgetting) -> None:
         self.settings = settings
         self.learner = learner
         self.metrics = metrics
@@ -57,6 +60,7 @@ class Checkpointer:
         self.publisher = publisher
         self.trainer = trainer
         self.book = dead_letter_book
+        self.forgetting = forgetting
         self.store = CheckpointStore(settings.state_dir)
         # Checkpoints are prepared on the trainer thread (on the writer's without background
         # training) and written on the writer's: see stream/worker/checkpoint_writer.py.
@@ -84,6 +88,10 @@ class Checkpointer:
         # restarted again and again commits what it read as soon as the group lets it read.
         self._assigned_unsaved = False
         self._assigned_events = False
+        # A user was erased: the next checkpoint is due at once, and once it is durable the older
+        # ones (which still hold the user) go. ``_job_erases``: the job in flight is that checkpoint.
+        self._erasure_unsaved = False
+        self._job_erases = False
 
     # -- what the loop tells it --
 
@@ -97,6 +105,11 @@ class Checkpointer:
             self._first_applied_at = time.monotonic()
         if consumed and self._assigned_unsaved:
             self._assigned_events = True
+
+    def note_erasure(self) -> None:
+        """A user was erased: checkpoint now, then remove the checkpoints that still hold them."""
+        self._dirty = True
+        self._erasure_unsaved = True
 
     def note_assigned(self) -> None:
         self._assigned_unsaved = True
@@ -146,7 +159,7 @@ class Checkpointer:
             return True
         if self._dirty and since >= self.settings.catch_up_checkpoint_s and self._behind(now):
             return True
-        if self._assigned_events:
+        if self._assigned_events or self._erasure_unsaved:
             return True
         first = self._first_applied_at
         return first is not None and not self._checkpointed_since_start \
@@ -172,6 +185,7 @@ class Checkpointer:
         self._checkpointed = dict(offsets)
         self.ingest.restore(offsets, {int(p): int(o) for p, o in extra.get("item_offsets", [])},
                             extra.get("ledger", []))
+        self.forgetting.restore({int(p): int(o) for p, o in extra.get("forget_offsets", [])})
         self.totals.load(extra.get("totals", {}))
         self.book.remember((t, int(p), int(o)) for t, p, o in extra.get("dlq_done", []))
         if "dlq_positions" in extra:
@@ -200,7 +214,8 @@ class Checkpointer:
         consumer = KafkaConsumer(**s.reader_kwargs("dlq-scan"), bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
         try:
             start = self.book.positions if self.book.positions_known else {}
-            found, ends = scan_dead_letters(consumer, s.dlq_topic, start, (s.events_topic, s.items_topic))
+            found, ends = scan_dead_letters(consumer, s.dlq_topic, start,
+                                            (s.events_topic, s.items_topic, s.forget_topic))
         finally:
             consumer.close(autocommit=False)
         again = {source for source in found if not self._below_applied(source)}
@@ -212,15 +227,19 @@ class Checkpointer:
 
     def _below_applied(self, source: Source) -> bool:
         """True when ``source`` lies below the offsets this worker's state already holds."""
-        return self._below(source, self.ingest.applied, self.consumers.item_offsets(self.ingest.item_start))
+        return self._below(source, self.ingest.applied, self.consumers.item_offsets(self.ingest.item_start),
+                           self.forgetting.offsets())
 
-    def _below(self, source: Source, events: dict, items: dict) -> bool:
-        """True when ``source`` lies below these event offsets (per (topic, partition)) or item offsets."""
+    def _below(self, source: Source, events: dict, items: dict, forget: dict) -> bool:
+        """True when ``source`` lies below these event offsets (per (topic, partition)), item offsets
+        or forget offsets (per partition)."""
         topic, partition, offset = source
         if topic == self.settings.events_topic:
             return offset < events.get((topic, partition), 0)
         if topic == self.settings.items_topic:
             return offset < items.get(partition, 0)
+        if topic == self.settings.forget_topic:
+            return offset < forget.get(partition, 0)
         return True
 
     # -- checkpoint and commit --
@@ -266,6 +285,7 @@ class Checkpointer:
         extra = {
             "event_offsets": [[t, p, o] for (t, p), o in sorted(applied.items())],
             "item_offsets": sorted(items.offsets.items()) if items else [],
+            "forget_offsets": sorted(self.forgetting.offsets().items()),
             "totals": dict(vars(self.totals)),
             # Dead letters sent for offsets above these ones, and where a restart starts looking
             # for more in the dead-letter topic (stream/kafka/recovery.py).
@@ -276,6 +296,7 @@ class Checkpointer:
         }  # + "ledger", encoded on the writer thread from this snapshot of it
         self._job = self.writer().start(applied, extra, self.ingest.ledger_snapshot())
         self._dirty = False
+        self._job_erases, self._erasure_unsaved = self._erasure_unsaved, False
         if self._assigned_events:  # this one holds the assignment's first events
             self._assigned_unsaved = self._assigned_events = False
         if not wait:
@@ -292,13 +313,17 @@ class Checkpointer:
         if job is None or not (wait or job.done()):
             return None
         self._job = None
+        erases, self._job_erases = self._job_erases, False
         try:
-            job.result()
+            path = job.result()
         except (OSError, RecstreamError) as exc:
             self.metrics.checkpoint_failures.inc()
             self._dirty = True  # what it held is still to be saved
+            self._erasure_unsaved |= erases
             log.error("checkpoint failed, offsets stay uncommitted: %s", exc)
             return False
+        if erases and path is not None:
+            self._remove_older(path)
         self.metrics.checkpoints.inc()
         self.metrics.last_checkpoint.set(time.time())
         if self._first_applied_at is not None and job.started >= self._first_applied_at:
@@ -306,9 +331,22 @@ class Checkpointer:
         self._checkpointed = dict(job.offsets)
         # Dead letters below what this checkpoint holds are never read again: forget them.
         items_held = {int(p): int(o) for p, o in job.extra["item_offsets"]}
-        self.book.forget(lambda source: self._below(source, self._checkpointed, items_held))
+        forget_held = {int(p): int(o) for p, o in job.extra["forget_offsets"]}
+        self.book.forget(lambda source: self._below(source, self._checkpointed, items_held, forget_held))
         self._commit(in_rebalance)
         return True
+
+    def _remove_older(self, path) -> None:
+        """The checkpoint after an erasure is durable: the older ones still hold the user."""
+        try:
+            removed = self.store.remove_older(path)
+        except (OSError, RecstreamError) as exc:
+            self._erasure_unsaved = True  # the next checkpoint tries again
+            log.error("could not remove the checkpoints older than %s, which hold an erased user: %s",
+                      path.name, exc)
+            return
+        if removed:
+            log.info("removed %d checkpoint(s) older than %s: they held an erased user", len(removed), path.name)
 
     def _commit(self, in_rebalance: bool) -> None:
         """Commit exactly the last checkpoint's offsets of the partitions this member holds."""
@@ -326,6 +364,7 @@ class Checkpointer:
         other members without a commit, and they read those records again. The experience in
         flight must have been collected."""
         job, self._job = self._job, None
+        self._job_erases = False  # the forget requests after the restored checkpoint are read again
         if job is not None:
             # A write still in flight here (partitions lost, or revoked while an experience
             # trained beside the write) becomes durable after they went: its offsets can be

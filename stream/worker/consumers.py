@@ -1,4 +1,4 @@
-"""The worker's two consumers, shared by the parts that read from them (set once connected)."""
+"""The worker's consumers (events, items, forget requests), shared by the parts that read from them (set once connected)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from stream.kafka.items import ItemsFollower
 class Consumers:
     events: Optional[KafkaSource] = None
     items: Optional[ItemsFollower] = None
+    forget: Optional[ItemsFollower] = None
 
     def item_offsets(self, default: dict[int, int]) -> dict[int, int]:
         """The next item offset per partition read so far (``default`` before connecting)."""

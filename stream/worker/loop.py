@@ -17,6 +17,7 @@ composes a consumer, a producer and a checkpoint):
 - ``publisher``: the producer, vectors, dead letters, delivery, model versions out;
 - ``trainer``: when and where an experience trains, keepalive, backpressure;
 - ``checkpointer``: checkpoints, commits, restore, rollback, their cadence;
+- ``forgetting``: forget requests applied between experiences (erasure, tombstone);
 - ``membership``: the consumer-group callbacks, talking to the parts above.
 
 They share ``totals``, the ``consumers`` and the ``dead_letter_book``.
@@ -43,6 +44,7 @@ from stream.worker import heap
 from stream.worker.checkpointer import Checkpointer
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
+from stream.worker.forgetting import Forgetting
 from stream.worker.ingest import Ingest
 from stream.worker.lifecycle import Lifecycle
 from stream.worker.membership import Membership
@@ -54,6 +56,9 @@ log = logging.getLogger("stream.worker")
 
 _LAG_EVERY_S = 5.0
 _WATCH_IDLE_S = 15.0
+# A missing forget topic is looked for again this often, and said at most every _FORGET_WARN_S.
+_FORGET_RETRY_S = 5.0
+_FORGET_WARN_S = 30.0
 
 
 class Worker:
@@ -74,8 +79,9 @@ class Worker:
                              fresh_broker=fresh_broker)
         self.trainer = Trainer(*parts, self.consumers, self.ingest, self.publisher,
                                on_trained=self._on_trained)
+        self.forgetting = Forgetting(*parts, self.consumers, self.publisher, on_erased=self._on_erased)
         self.checkpointer = Checkpointer(*parts, self.totals, self.consumers, self.ingest, self.publisher,
-                                         self.trainer, self.dead_letter_book)
+                                         self.trainer, self.dead_letter_book, self.forgetting)
         self.membership = Membership(self.metrics, self.consumers, self.trainer, self.checkpointer,
                                      self.lifecycle)
         self.connected = False
@@ -96,9 +102,10 @@ class Worker:
     def items(self) -> Optional[ItemsFollower]:
         return self.consumers.items
 
-    def attach(self, events: Optional[KafkaSource], items: Optional[ItemsFollower], producer) -> None:
+    def attach(self, events: Optional[KafkaSource], items: Optional[ItemsFollower], producer,
+               forget: Optional[ItemsFollower] = None) -> None:
         """Read from and send through these clients (None: connection given up)."""
-        self.consumers.events, self.consumers.items = events, items
+        self.consumers.events, self.consumers.items, self.consumers.forget = events, items, forget
         self.publisher.attach(producer)
 
     def checkpoint(self, in_rebalance: bool = False, wait: bool = True) -> bool:
@@ -108,6 +115,10 @@ class Worker:
     def _on_trained(self) -> None:
         """An experience changed the model (on either thread): the next checkpoint has it to save."""
         self.checkpointer.mark_dirty()
+
+    def _on_erased(self) -> None:
+        """Users were erased (loop thread): checkpoint at once, then drop the older checkpoints."""
+        self.checkpointer.note_erasure()
 
     def connect(self) -> None:
         """Reach Kafka (waiting, with backoff, for as long as it takes), then make sure a restart
@@ -152,11 +163,15 @@ class Worker:
         items_consumer = KafkaConsumer(**s.reader_kwargs("items"), **quick)
         self.consumers.items = ItemsFollower(items_consumer, s.items_topic, self.ingest.item_start,
                                              on_error=self.metrics.broker_error)
+        forget_consumer = KafkaConsumer(**s.reader_kwargs("forget"), **quick)
+        self.consumers.forget = ItemsFollower(forget_consumer, s.forget_topic, self.forgetting.start,
+                                              on_error=self.metrics.broker_error, retry_s=_FORGET_RETRY_S,
+                                              name="forget", warn_s=_FORGET_WARN_S)
         self.checkpointer.origin = StreamOrigin.of(s, fetch_cluster_id(s, BOOTSTRAP_TIMEOUT_MS))
         log.info("connected to Kafka at %s (cluster %s)", s.bootstrap_servers, self.checkpointer.origin.cluster_id)
 
     def _close_clients(self) -> None:
-        for part in (self.consumers.events, self.consumers.items):
+        for part in (self.consumers.events, self.consumers.items, self.consumers.forget):
             if part is not None:
                 try:
                     part.close()
@@ -211,7 +226,7 @@ class Worker:
         self.trainer.shutdown()  # an experience in flight finishes first
         self.checkpointer.shutdown()  # and a checkpoint write in flight
         heap.thaw()
-        for part in (self.consumers.events, self.consumers.items):
+        for part in (self.consumers.events, self.consumers.items, self.consumers.forget):
             if part is not None:
                 part.close()
         try:
@@ -233,6 +248,8 @@ class Worker:
         checkpointer.collect()
         if not self._busy and ingest.read_items():  # add_items runs the model: never while it trains
             checkpointer.note_items()  # or is being prepared
+        if not self._busy:  # erasing changes what training and a checkpoint's prepare read
+            self.forgetting.apply()
         if events.rejoin_pending() and events.assignment():
             self.membership.before_rebalance()
         timeout = 50 if self.learner.pending or publisher.has_queued_users else 500

@@ -187,6 +187,12 @@ class Publisher:
         self._queued.update(zip(user_ids, sources))
         self._queued_stamps.extend(map(_TIMESTAMP_OF, sources))
 
+    def forget_user(self, user_id: str) -> None:
+        """An erased user: their queued vector is not sent, and a tombstone (key ``user:<id>``, no
+        value) deletes the published one downstream; a later event of theirs publishes a new one."""
+        self._queued.pop(user_id, None)
+        self.vectors.write_batch([(f"user:{user_id}".encode(), None)])
+
     def drop_queued_users(self) -> None:
         """Forget the queued users (going back to a checkpoint: their events are read again)."""
         self._queued, self._queued_stamps = {}, []
