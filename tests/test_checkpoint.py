@@ -339,6 +339,19 @@ def test_keep_prunes_old_checkpoints(tmp_path, trained):
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == sorted(p.name for p in paths[2:])
 
 
+
+def test_remove_older_keeps_only_the_newest_and_refuses_an_incomplete_one(tmp_path, trained):
+    store = CheckpointStore(tmp_path / "state")
+    paths = [store.save(trained, {"n": n}) for n in range(3)]
+    (paths[2] / MANIFEST).unlink()  # torn: the older ones must stay
+    with pytest.raises(CheckpointError):
+        store.remove_older(paths[2])
+    assert store.checkpoints() == paths[::-1]
+    assert store.remove_older(paths[1]) == [paths[0]]
+    assert store.checkpoints() == [paths[2], paths[1]]
+    assert store.latest_extra() == {"n": 1}  # the torn one is skipped, the kept one loads
+
+
 # -- settings and input errors ------------------------------------------------------------
 
 @pytest.mark.parametrize("change", [{"vector_dim": 16}, {"history_length": 8}])
