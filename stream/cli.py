@@ -230,8 +230,15 @@ def replay(events_path, items_path, bootstrap_servers, events_topic, items_topic
 @click.option("--vectors-topic", envvar="RECSTREAM_VECTORS_TOPIC", default=_default("vectors_topic"),
               show_default=True)
 @click.option("--timeout", default=30.0, show_default=True, type=float, help="seconds to connect and read the topic")
-def topk(user_id, k, bootstrap_servers, vectors_topic, timeout) -> None:
+@click.option("--diversity", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="0..1: re-rank by maximal marginal relevance over item-item cosine (0 = by score alone)")
+@click.option("--explain", is_flag=True, help="for each pick, the user's history item (of those published with "
+              "the user's vector) closest to it, and that cosine")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object: the picks and their intra-list similarity")
+def topk(user_id, k, bootstrap_servers, vectors_topic, timeout, diversity, explain, as_json) -> None:
     """Top-K items for a user from the published vectors (what a downstream ranker sees)."""
+    import json
+
     from stream.vector_index import VectorIndex, open_consumer
 
     index = VectorIndex()
@@ -246,8 +253,24 @@ def topk(user_id, k, bootstrap_servers, vectors_topic, timeout) -> None:
         consumer.close()
     if index.user_vector(user_id) is None:
         raise click.ClickException(f"no vector for user {user_id!r} in {vectors_topic!r}")
-    for rank, (item_id, score) in enumerate(index.topk(user_id, k=k), start=1):
-        click.echo(f"{rank}\t{item_id}\t{score:.4f}")
+    picks = index.topk(user_id, k=k, diversity=diversity)
+    items = [item for item, _ in picks]
+    reasons = index.explain(user_id, items) if explain else [None] * len(picks)
+    if as_json:
+        out = []
+        for (item, score), reason in zip(picks, reasons):
+            pick = {"item_id": item, "score": round(score, 6)}
+            if explain:
+                pick["because"] = None if reason is None else {"item_id": reason[0],
+                                                               "similarity": round(reason[1], 6)}
+            out.append(pick)
+        click.echo(json.dumps({"picks": out, "intra_list_similarity": round(index.intra_list_similarity(items), 6)}))
+        return
+    for rank, ((item, score), reason) in enumerate(zip(picks, reasons), start=1):
+        line = f"{rank}\t{item}\t{score:.4f}"
+        if explain:
+            line += "\t" + (f"because {reason[0]} ({reason[1]:.3f})" if reason else "-")
+        click.echo(line)
 
 
 @main.command()

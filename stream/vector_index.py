@@ -12,6 +12,8 @@ topic and nothing is committed::
     index = VectorIndex()
     index.catch_up(consumer, timeout_s=60)        # read to the current end
     index.topk("42", k=10, exclude={"1193"})
+    index.topk("42", k=10, diversity=0.3)          # re-ranked for variety (stream/ranking.py)
+    index.explain("42", ["1193"])                  # the history item each pick is closest to
     threading.Thread(target=index.follow, args=(consumer, stop), daemon=True).start()
 
 ``apply`` is pure (bytes in, state changed) so the logic is testable without
@@ -31,6 +33,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from stream import ranking
+
 try:  # faiss is a dependency of the project, but the index works without it
     import faiss
 except ImportError:  # pragma: no cover - exercised only where faiss is missing
@@ -46,6 +50,16 @@ class _Entry:
     vector: np.ndarray  # float32, shape (dim,)
     model_version: int
     updated_at: float
+    because: tuple[str, ...] = ()  # a user's heaviest history items (payload "because"), heaviest first
+
+
+def _because(payload: dict) -> tuple[str, ...]:
+    """The item ids of the optional ``because`` field; a malformed one counts as absent."""
+    listed = payload.get("because")
+    if not isinstance(listed, list):
+        return ()
+    return tuple(entry["item_id"] for entry in listed
+                 if isinstance(entry, dict) and isinstance(entry.get("item_id"), str))
 
 
 def _parse(value: Union[bytes, str]) -> tuple[str, str, _Entry]:
@@ -74,7 +88,7 @@ def _parse(value: Union[bytes, str]) -> tuple[str, str, _Entry]:
     vector = np.asarray(raw, dtype=np.float32)
     if vector.ndim != 1 or not np.all(np.isfinite(vector)):
         raise ValueError("vector is not a flat list of finite numbers")
-    return kind, entity_id, _Entry(vector, version, float(updated_at))
+    return kind, entity_id, _Entry(vector, version, float(updated_at), _because(payload))
 
 
 class VectorIndex:
@@ -190,12 +204,27 @@ class VectorIndex:
         with self._lock:
             return sorted(self._entries["user"])
 
-    def topk(self, user_id: str, k: int = 10, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
+    def topk(self, user_id: str, k: int = 10, exclude: Iterable[str] = (),
+             diversity: float = 0.0) -> list[tuple[str, float]]:
         """The k items with the largest dot(user, item), best first, skipping ``exclude``.
 
-        An unknown user (no vector published yet) gets an empty list: the
-        caller falls back to its cold-start ranking.
+        ``diversity`` L in (0, 1]: the k picks are re-ranked from the best few
+        times k by maximal marginal relevance (stream/ranking.py), each still
+        with its dot(user, item); 0 is the plain ranking. An unknown user (no
+        vector published yet) gets an empty list: the caller falls back to its
+        cold-start ranking.
         """
+        if k <= 0:
+            return []
+        if diversity:
+            with self._lock:
+                candidates = self._ranked(user_id, ranking.pool_size(k, diversity), exclude)
+                vectors = self._item_matrix([item for item, _ in candidates])
+            picks = ranking.mmr(np.array([score for _, score in candidates]), vectors, k, diversity)
+            return [candidates[i] for i in picks]
+        return self._ranked(user_id, k, exclude)
+
+    def _ranked(self, user_id: str, k: int, exclude: Iterable[str]) -> list[tuple[str, float]]:
         if k <= 0:
             return []
         with self._lock:
@@ -223,6 +252,41 @@ class VectorIndex:
             if len(out) == k:
                 break
         return out
+
+    def _item_matrix(self, item_ids: Sequence[str]) -> np.ndarray:
+        """The vectors of these items, one row each (the caller holds the lock)."""
+        table = self._entries["item"]
+        if not item_ids:
+            return np.zeros((0, 1), np.float32)
+        return np.stack([table[item].vector for item in item_ids])
+
+    def intra_list_similarity(self, item_ids: Sequence[str]) -> float:
+        """Mean pairwise cosine of these items' vectors (those the index holds); 0.0 for fewer than two."""
+        with self._lock:
+            known = [item for item in item_ids if item in self._entries["item"]]
+            return ranking.intra_list_similarity(self._item_matrix(known))
+
+    def explain(self, user_id: str, item_ids: Sequence[str]) -> list[Optional[tuple[str, float]]]:
+        """For each item, the item of the user's ``because`` list (their heaviest history items, as
+        published) whose vector is closest to it, and that cosine; None where there is none to
+        compare (no list published, or none of its items, or not the item itself, in the index)."""
+        with self._lock:
+            user = self._entries["user"].get(user_id)
+            items = self._entries["item"]
+            history = [item for item in (user.because if user else ()) if item in items]
+            out: list[Optional[tuple[str, float]]] = []
+            if not history:
+                return [None] * len(item_ids)
+            reasons = ranking.unit_rows(self._item_matrix(history))
+            for item in item_ids:
+                entry = items.get(item)
+                if entry is None or entry.vector.shape[0] != reasons.shape[1]:
+                    out.append(None)
+                    continue
+                sims = reasons @ ranking.unit_rows(entry.vector[None, :])[0]
+                best = int(np.argmax(sims))
+                out.append((history[best], float(sims[best])))
+            return out
 
     def _search_for(self, dim: int) -> tuple[object, Sequence[str]]:
         """Items of size ``dim`` as a faiss IndexFlatIP (or a numpy matrix), cached."""

@@ -107,6 +107,7 @@ class FakeLearner:
         self.observed = []  # events observed and not trained on yet, in order
         self.lock = threading.RLock()
         self.users, self.catalogue = _StateDict(), _StateDict()
+        self.catalogue.ids = []
         self.allow_training = False
         self.training_in_flight = False  # set by a checkpoint snapshot (stream/worker/checkpoint_writer.py)
         self.parts = SimpleNamespace(replay=None)  # no replay reservoir (learners.erasure reads it)
@@ -132,6 +133,10 @@ class FakeLearner:
 
     def user_vectors(self, user_ids):
         return np.full((len(user_ids), 4), 0.5, np.float32)
+
+    def user_histories(self, user_ids):
+        """No histories kept: every user's is empty (their vectors carry no ``because``)."""
+        return np.zeros((len(user_ids), 2), np.int64), np.zeros((len(user_ids), 2), np.float32)
 
     def on_step(self, callback):
         pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from functools import lru_cache
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -48,13 +48,16 @@ def _normalised_rows(matrix: np.ndarray) -> np.ndarray:
 
 
 def _record(entity_type: str, collection: str, entity_id: str, vector: list,
-            model_version: int, updated_at: float) -> tuple[bytes, bytes]:
+            model_version: int, updated_at: float, extra: Optional[dict] = None) -> tuple[bytes, bytes]:
+    payload = {"entity_type": entity_type, "entity_id": entity_id,
+               "model_version": int(model_version), "updated_at": float(updated_at)}
+    if extra:
+        payload.update(extra)
     value = {
         "collection_name": collection,
         "id": entity_uuid(entity_type, entity_id),
         "vector": vector,
-        "payload": {"entity_type": entity_type, "entity_id": entity_id,
-                    "model_version": int(model_version), "updated_at": float(updated_at)},
+        "payload": payload,
     }
     if orjson is not None:
         # Same values as json.dumps; tiny floats come out as 0.0000493 rather than 4.93e-05.
@@ -74,8 +77,10 @@ def encode_vector(entity_type: str, entity_id: str, vector: np.ndarray, model_ve
 
 
 def encode_vectors(entity_type: str, entity_ids: Sequence[str], vectors: np.ndarray,
-                   model_version: int, updated_at: float) -> list[tuple[bytes, bytes]]:
-    """Many records of one entity type; ``vectors`` has one row per id."""
+                   model_version: int, updated_at: float,
+                   extras: Optional[Sequence[Optional[dict]]] = None) -> list[tuple[bytes, bytes]]:
+    """Many records of one entity type; ``vectors`` has one row per id; ``extras``: optional payload
+    fields per id (a user's ``because``)."""
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or vectors.shape[0] != len(entity_ids):
         raise ValueError(f"expected {len(entity_ids)} rows of vectors, got shape {vectors.shape}")
@@ -83,8 +88,11 @@ def encode_vectors(entity_type: str, entity_ids: Sequence[str], vectors: np.ndar
     if not len(entity_ids):
         return []
     rows = _normalised_rows(vectors).tolist()
-    return [_record(entity_type, collection, entity_id, row, model_version, updated_at)
-            for entity_id, row in zip(entity_ids, rows)]
+    if extras is None:
+        return [_record(entity_type, collection, entity_id, row, model_version, updated_at)
+                for entity_id, row in zip(entity_ids, rows)]
+    return [_record(entity_type, collection, entity_id, row, model_version, updated_at, extra)
+            for entity_id, row, extra in zip(entity_ids, rows, extras)]
 
 
 def decode_vector(value: bytes) -> dict:

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from learners.errors import RecstreamError
+from learners.explain import top_history_items
 from learners.records import BadRecord
 from stream.config import Settings
 from stream.kafka.clients import DeadLetterSink, SourceRecord, VectorSink, make_producer
@@ -229,9 +230,12 @@ class Publisher:
         # Vectors and their version from the same model, handed to the producer before the lock is
         # let go: vectors of a newer version (the trainer's items) can never go out ahead of them.
         with self.learner.lock:
-            vectors = self.learner.user_vectors(user_ids)
-            version = self.learner.model_version
-            records = encode_vectors("user", user_ids, vectors, version, time.time())
+            learner = self.learner
+            vectors = learner.user_vectors(user_ids)
+            because = [{"because": [{"item_id": item, "weight": w} for item, w in items]} if items else None
+                       for items in top_history_items(learner, user_ids)]
+            version = learner.model_version
+            records = encode_vectors("user", user_ids, vectors, version, time.time(), because)
             self.version_mark.advance(version)  # durable before any vector of it goes out
             self.vectors.write_batch(records)
         self.metrics.vectors_published.labels(kind="user").inc(len(user_ids))
