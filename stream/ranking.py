@@ -34,7 +34,8 @@ def mmr(scores: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> li
     ``diversity`` L in [0, 1]. With L = 0 this is the candidates by score, best first, ties in order."""
     if not 0.0 <= diversity <= 1.0:
         raise ValueError(f"diversity must be between 0 and 1, not {diversity}")
-    scores = np.asarray(scores, dtype=np.float64)
+    # Excluded candidates may come as -inf: kept finite, so L = 1 (scores weighted 0) gives no NaN.
+    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-1e300, posinf=1e300, neginf=-1e300)
     n = len(scores)
     k = min(k, n)
     if k <= 0:

@@ -107,14 +107,15 @@ class Cluster:
         return self.settings._security_kwargs()  # noqa: SLF001 - same package family
 
     def topics(self, phase: str, partitions: int = 3) -> Settings:
-        """Fresh events/items/vectors/dlq topics and a fresh group for one phase."""
+        """Fresh events/items/vectors/dlq/forget topics and a fresh group for one phase."""
         from stream.kafka.broker import ensure_topics
 
         stem = f"recstream-bench-{self.run_id}-{phase}"
         names = {"events_topic": f"{stem}-events", "items_topic": f"{stem}-items",
-                 "vectors_topic": f"{stem}-vectors", "dlq_topic": f"{stem}-dlq"}
+                 "vectors_topic": f"{stem}-vectors", "dlq_topic": f"{stem}-dlq", "forget_topic": f"{stem}-forget"}
         ensure_topics(self.bootstrap, {names["events_topic"]: partitions, names["items_topic"]: 1,
-                                       names["vectors_topic"]: partitions, names["dlq_topic"]: 1},
+                                       names["vectors_topic"]: partitions, names["dlq_topic"]: 1,
+                                       names["forget_topic"]: 1},
                       compacted={names["items_topic"], names["vectors_topic"]}, **self.client_kwargs())
         self._created.extend(names.values())
         return self.settings.model_copy(update={**names, "group_id": f"{stem}-{uuid.uuid4().hex[:6]}"})
