@@ -144,3 +144,28 @@ def test_forget_command_says_in_one_line_when_kafka_is_unreachable():
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot reach Kafka" in lines[0], result.output
+
+
+def test_a_missing_forget_topic_is_looked_for_again_and_said_at_most_every_30_s(monkeypatch, caplog):
+    import logging
+
+    from stream.kafka import items as items_module
+    from stream.kafka.items import ItemsFollower
+
+    class NoTopic:
+        calls = 0
+
+        def partitions_for_topic(self, topic):
+            self.calls += 1
+            return None
+
+    clock = [1000.0]
+    monkeypatch.setattr(items_module.time, "monotonic", lambda: clock[0])
+    consumer = NoTopic()
+    follower = ItemsFollower(consumer, "forget", name="forget", retry_s=5, warn_s=30)
+    with caplog.at_level(logging.WARNING, logger="stream.kafka.items"):
+        for _ in range(13):  # one minute, a try every 5 s
+            assert follower.next_batch() == []
+            clock[0] += 5
+    said = [r for r in caplog.records if "forget topic 'forget' not found" in r.getMessage()]
+    assert consumer.calls == 13 and len(said) == 3  # at 0, 30 and 60 s
