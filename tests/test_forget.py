@@ -169,3 +169,21 @@ def test_a_missing_forget_topic_is_looked_for_again_and_said_at_most_every_30_s(
             clock[0] += 5
     said = [r for r in caplog.records if "forget topic 'forget' not found" in r.getMessage()]
     assert consumer.calls == 13 and len(said) == 3  # at 0, 30 and 60 s
+
+
+def test_events_after_the_erasure_start_a_new_history_and_a_new_vector(tmp_path):
+    later = consumer_record(20, json.dumps({"event_id": "late", "user_id": "u3", "item_id": "i1",
+                                            "event_type": "click", "ts": 99.0}).encode())
+    worker, _, producer = make_worker(tmp_path, [{TP0: [consumer_record(3, event_bytes(3))]}, {}, {TP0: [later]}])
+    skip_checkpoint_files(worker)
+    worker.turn()
+    worker.consumers.forget = FakeItems([forget_record(0, b"u3")])
+    worker.turn()
+    worker.checkpointer.collect(wait=True)
+    assert "u3" not in worker.learner.users
+    worker.turn()
+    worker.publisher.publish_queued_users(force=True)
+    worker.publisher.deliver()
+    assert "u3" in worker.learner.users and [e.event_id for e in worker.learner.observed] == ["late"]
+    u3 = [v for k, v, _ in _sent(producer) if k == b"user:u3"]
+    assert u3[-2] is None and u3[-1] is not None  # the tombstone, then the new vector

@@ -6,14 +6,15 @@ import time
 import uuid
 
 import pytest
+from click.testing import CliRunner
 
 from learners.checkpoint import CheckpointStore
 from learners.learner import ContinualRecommender
 from learners.synthetic import SyntheticWorld
 from learners.users import owner_tag
+from stream.cli import main
 from stream.config import Settings
 from stream.kafka.broker import read_topic
-from stream.kafka.forget import send_forget
 from stream.learner_setup import learner_config
 from stream.vector_index import VectorIndex
 from worker_harness import WorkerProcess, make_topics, produce_events, produce_items
@@ -55,7 +56,9 @@ def test_a_forgotten_user_leaves_no_trace_in_checkpoints_state_or_vectors(broker
         tag = owner_tag(GONE).to_bytes(8, "little", signed=True)
         assert _files_holding(state, [GONE.encode(), tag]), "the user is in the checkpoints before the request"
         before = worker.metrics()["recstream_checkpoints_total"]
-        send_forget(broker.bootstrap, topics.forget, GONE, timeout_s=30)
+        said = CliRunner().invoke(main, ["forget", "--user", GONE, "--bootstrap-servers", broker.bootstrap,
+                                         "--forget-topic", topics.forget])
+        assert said.exit_code == 0 and said.output.startswith(f"forget request for user {GONE!r} written to"), said.output
         worker.wait_for(lambda m: m.get("recstream_users_erased_total", 0) == 1
                         and m.get("recstream_checkpoints_total", 0) > before, 120, "the erasure checkpointed")
         # The checkpoint counted may be one whose snapshot came before the erasure; the one after it
