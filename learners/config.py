@@ -45,7 +45,8 @@ class LearnerConfig:
     gradient_checkpointing: bool = setting(
         False, "recompute the trainable layers' activations in backward (less memory, more compute)")
     max_text_tokens: int = setting(32, "tokens of item text the encoder reads", ge=4)
-    vector_dim: int = setting(128, "size of published vectors", ge=8)
+    vector_dim: int = setting(
+        192, "size of published vectors: the learned model's part plus --item-item-dims", ge=8)
     history_length: int = setting(64, "events kept per user for the user vector", ge=1)
 
     # --- training ------------------------------------------------------------
@@ -88,12 +89,23 @@ class LearnerConfig:
              "keeps untrained items' text part current when layers train); the update -> item vectors time "
              "grows with it", ge=0)
     max_users: int = setting(1_000_000, "users kept in memory (least recently active evicted)", ge=1)
+    item_item_dims: int = setting(
+        64, "coordinates of the published vectors that carry closed-form item-item scores (EASE over the "
+            "users' recent items, refit as the stream shows as many new events as there are items; "
+            "learners.item_item); at most half of --vector-dim; 0 = none", ge=0)
+    item_item_weight: float = setting(
+        0.3, "weight of the item-item scores beside the model's cosine, relative to their spread", gt=0)
+    item_item_max_items: int = setting(
+        8192, "the most active items that take part in the item-item fit (its cost grows with their number "
+              "cubed; the rest rank by the model alone)", ge=2)
     seed: int = setting(0, "random seed")
 
     # --- set by code only ----------------------------------------------------
     strategy: str = internal("ewc_replay", "continual-learning strategy (learners.strategy); evaluation varies it")
     epochs: int = internal(1, "passes over each experience")
     id_lr_scale: float = internal(1.0, "learning-rate multiplier of the id tables (an Adam group)")
+    item_item_refit: float = internal(
+        1.0, "the item-item head is refit after this many catalogue sizes of new events")
     profile_length: int = internal(
         0, ">0: user vectors from a uniform sample of this many of the user's events (else the newest ones)")
 

@@ -25,6 +25,7 @@ from learners.encoder import TextEncoder, resolve_device
 from learners.experience import make_experience
 from learners.features import ItemFeatures
 from learners.hooks import StepCallbackPlugin
+from learners.item_item import ItemItemHead, head_dims
 from learners.model import TwoTower
 from learners.records import EVENT_TYPE_OF, EVENT_WEIGHTS, ITEM_ID_OF, USER_ID_OF, Event, Item
 from learners.serving_average import ServingAverage
@@ -61,7 +62,13 @@ class ContinualRecommender:
         self.catalogue = Catalogue()
         self.users = UserHistories(config.history_length, config.max_users, config.recency_decay,
                                    profile_length=config.profile_length)
-        self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim,
+        # The item-item head takes the last coordinates of every vector; the model the rest. Fitted
+        # per process on its own users, so not with a collective (ranks would publish different heads).
+        dims = head_dims(config.vector_dim, config.item_item_dims) if collective is None else 0
+        self.item_item = ItemItemHead(dims, config.item_item_weight, max_items=config.item_item_max_items,
+                                      recency_decay=config.recency_decay, seed=config.seed,
+                                      refit=config.item_item_refit) if dims else None
+        self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim - dims,
                               config.negatives, config.temperature, self.device,
                               text_batch=config.text_batch, popularity_weight=config.popularity_weight,
                               popularity_half_lives=config.popularity_half_lives, user_tower=config.user_tower,
@@ -236,7 +243,11 @@ class ContinualRecommender:
             self.features.ensure_rows(len(self.catalogue))
             self.model.grow(len(self.catalogue))
             self.training_in_flight = True
-        updated = False
+            head = self.item_item
+            # The head's input, copied while the caller's thread cannot change the histories.
+            refit = (self.users.histories_of(self.users.user_ids()), len(self.catalogue), self._seq) \
+                if head is not None and head.due(self._seq, len(self.catalogue)) else None
+        updated, factors = False, None
         try:  # model-side work only from here: no lock, see __init__
             experience = make_experience(hist_rows, hist_weights, items, self.model_version, owners)
             stats = self.parts.stats
@@ -249,12 +260,17 @@ class ContinualRecommender:
             touched = np.unique(items)
             self.model.observe_popularity(torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64)))
             self._refresh_after_update(touched)
+            if refit is not None:
+                (rows, weights), n_items, _ = refit
+                factors = head.fit(rows, weights, n_items, refit[2])
             updated = True
         finally:
             with self.lock:  # the update lands: new version, tables rebuilt on next use
                 self.training_in_flight = False
                 self._tables_stale = True
                 if updated:
+                    if factors is not None:
+                        head.install(factors, refit[2])
                     self.model_version += 1
         penalty = self.parts.ewc.last_penalty if self.parts.ewc else 0.0
         loss = float(np.mean(stats.losses)) if stats.losses else float("nan")
@@ -305,7 +321,10 @@ class ContinualRecommender:
                 return
             self.model.eval()
             with self.average.applied() if self.average else contextlib.nullcontext():
-                self._item_table = self.model.item_table().float().cpu().numpy()
+                table = self.model.item_table().float().cpu().numpy()
+                if self.item_item is not None:
+                    table = self.item_item.items(table, np.arange(len(table)))
+                self._item_table = table
                 self._user_tables = {k: t.detach().float().cpu() for k, t in self.model.user_tables().items()}
             self.model.train()
             self._tables_stale = False
@@ -334,7 +353,10 @@ class ContinualRecommender:
         tables = self._user_tables or {"ctx": torch.zeros(0, self.model.ctx_dim)}
         with torch.no_grad():
             out = self._serving_tower.read(tables, rows, weights)
-        return self.model.finish_users(out).numpy()
+        vectors = self.model.finish_users(out).numpy()
+        if self.item_item is not None:
+            vectors = self.item_item.users(vectors, rows.numpy(), weights.numpy())
+        return vectors
 
     def items_to_publish(self, min_change: float = 0.0) -> tuple[list[str], np.ndarray]:
         """Items never published or whose vector moved by more than ``min_change`` (1 - cosine)."""

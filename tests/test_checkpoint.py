@@ -63,6 +63,7 @@ def train_learner(config, encoder=None) -> ContinualRecommender:
         learner.observe(event)
     learner.observe(Event("e-textless", "user-1", "item-no-text", "click", 1.0))
     assert learner.learn() is not None
+    assert learner.item_item.active  # fitted by now: its factors must round-trip too
     learner.items_to_publish()
     learner.add_items(ITEMS[45:])  # new texts after training: their rows come after the trained ones
     for event in EVENTS[330:400]:

@@ -82,6 +82,9 @@ def collect(learner: "ContinualRecommender", extra_bytes: bytes) -> dict[str, by
                                               "owners": policy.owners()})
         replay_meta = {"samples": int(len(items)), "seen_samples": int(policy.seen_samples)}
 
+    if learner.item_item is not None and learner.item_item.state():
+        out["item_item.safetensors"] = _tensors(learner.item_item.state())
+
     users = learner.users.state()
     # Arrays (rings, profiles) as tensors, the rest (ids, sizes, counters) as JSON.
     out["users.safetensors"] = _tensors({k: v for k, v in users.items() if isinstance(v, np.ndarray)})

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 # Settings a checkpoint cannot be loaded across: tensor shapes or cached features would not fit.
-MUST_MATCH = ("model_path", "vector_dim", "history_length", "train_layers", "train_params")
+MUST_MATCH = ("model_path", "vector_dim", "item_item_dims", "history_length", "train_layers", "train_params")
 LORA_MUST_MATCH = ("lora_rank", "lora_alpha", "lora_targets")
 
 

@@ -93,6 +93,9 @@ def apply(data: dict, learner: "ContinualRecommender") -> None:
         else:
             log.warning("checkpoint has no replay buffer (it was written with another strategy): replay starts empty")
 
+    if learner.item_item is not None:  # absent: no fit yet when it was written
+        learner.item_item.load_state(data.get("item_item.safetensors") or {})
+
     users, user_meta = data["users.safetensors"], data["users.json"]
     learner.users.load_state({**user_meta, **{k: v.numpy() for k, v in users.items()}})
 

@@ -1,0 +1,190 @@
+"""Item-item scores in closed form beside the learned model, folded into the same vectors.
+
+A linear item-item model fitted in closed form (EASE, Steck 2019) ranks a
+user's next items about as well as the learned two-tower model on MovieLens,
+and the two err differently: the sum of their scores ranks above both
+(docs/evaluation.md). This head adds that sum to the published vectors, so
+rankers and vector databases still see one dot-product space.
+
+Fit, every time the stream has shown as many new events as the catalogue has
+items (a cadence relative to the stream, not a time scale of one data set):
+
+- X: every user's history ring (``learners.users``), the newest event weighing
+  1 and each older one ``recency_decay`` times the next newer: the weights the
+  user tower reads, counted in the user's own events, so no global half-life.
+  Only the ``max_items`` rows with the most events in the rings take part
+  (the fit costs their number cubed); others get no item-item part.
+- B = I - P / diag(P), P = (X^T X + l2 I)^-1, the diagonal of B zero;
+  B ~ U V^T by a seeded randomised SVD of rank r.
+
+Score of item i for user u: cos(model) + weight * (p_u / |p_u|) . V_i / rms(V),
+with p_u = sum over the history of w_j U_j. As unit vectors of one space:
+
+    item = [a v_i,   b V_i,   sqrt(1 - a^2 - b^2 |V_i|^2)]
+    user = [c m_u,   d p_u/|p_u|,   0]
+
+with a = 1/sqrt(2), b = a / max|V|, and c, d chosen so that b d / (a c) =
+weight / rms(V). The last item coordinate only tops item vectors up to unit
+length; users hold 0 there, so it never scores. A user without history in
+the head gets [m_u, 0, 0].
+
+The factors are statistics of everyone's histories, like the weights: they
+hold no one user's data. Checkpoints save them (``state``), so a restored
+worker publishes exactly the vectors of the version it restored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import scipy.sparse
+import torch
+
+_A = 1.0 / math.sqrt(2.0)  # the model part's share of an item vector
+_MIN_REFIT_EVENTS = 256
+
+
+def head_dims(vector_dim: int, wanted: int) -> int:
+    """Coordinates the head takes of a ``vector_dim`` vector: ``wanted``, at most half of it."""
+    return max(0, min(wanted, vector_dim // 2))
+
+
+@dataclass
+class Factors:
+    """One fit: user-side and item-side factors over the catalogue rows (zero rows outside the fit)."""
+
+    user: np.ndarray  # [rows, rank] float32: U
+    item: np.ndarray  # [rows, rank] float32: V
+    max_norm: float
+    rms: float
+
+
+class ItemItemHead:
+    def __init__(self, dims: int, weight: float, l2: float = 200.0, max_items: int = 8192,
+                 recency_decay: float = 0.97, seed: int = 0, refit: float = 1.0) -> None:
+        if dims < 2:
+            raise ValueError("the item-item head needs at least 2 coordinates (rank 1 plus the top-up)")
+        self.dims, self.rank = dims, dims - 1
+        self.weight, self.l2, self.max_items = weight, l2, max_items
+        self.recency_decay, self.seed, self.refit = recency_decay, seed, refit
+        self.factors: Optional[Factors] = None
+        self.events_at_fit = 0
+
+    # -- fitting ----------------------------------------------------------------------------
+    def due(self, events_seen: int, n_items: int) -> bool:
+        return events_seen - self.events_at_fit >= max(self.refit * n_items, _MIN_REFIT_EVENTS) or (
+            self.factors is None and events_seen >= _MIN_REFIT_EVENTS)
+
+    def fit(self, rows: np.ndarray, weights: np.ndarray, n_items: int, events_seen: int) -> Factors:
+        """Factors from histories ``rows``/``weights`` [users, length] (newest first; see
+        ``_entries`` for what the weights count). Pure: ``install`` applies it."""
+        rows = np.asarray(rows, np.int64)
+        weights = self._entries(weights).astype(np.float64)
+        keep = weights > 0
+        counts = np.bincount(rows[keep], minlength=n_items)
+        # The most active rows; ties by row so the choice is deterministic.
+        chosen = np.argsort(-counts, kind="stable")[: min(self.max_items, int((counts > 0).sum()))]
+        user = np.zeros((n_items, self.rank), np.float32)
+        item = np.zeros((n_items, self.rank), np.float32)
+        if len(chosen) >= 2:
+            column = np.full(n_items, -1, np.int64)
+            column[chosen] = np.arange(len(chosen))
+            cols = column[rows]
+            inside = keep & (cols >= 0)
+            users = np.broadcast_to(np.arange(len(rows))[:, None], rows.shape)
+            x = scipy.sparse.csr_matrix((weights[inside], (users[inside], cols[inside])),
+                                        shape=(len(rows), len(chosen)))
+            gram = torch.from_numpy((x.T @ x).toarray())
+            gram.diagonal().add_(self.l2)
+            precision = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+            b = -precision / precision.diagonal()
+            b.fill_diagonal_(0.0)
+            rank = min(self.rank, len(chosen))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                u, s, v = torch.svd_lowrank(b.float(), q=rank, niter=2)
+            root = s.clamp_min(0).sqrt()
+            user[chosen, :rank] = (u * root).numpy()
+            item[chosen, :rank] = (v * root).numpy()
+        norms = np.linalg.norm(item, axis=1)
+        used = norms[norms > 0]
+        max_norm = float(used.max()) if len(used) else 0.0
+        rms = float(np.sqrt((used ** 2).mean())) if len(used) else 0.0
+        return Factors(user, item, max_norm, rms)
+
+    def install(self, factors: Factors, events_seen: int) -> None:
+        self.factors, self.events_at_fit = factors, events_seen
+
+    # -- vectors ------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.factors is not None and self.factors.max_norm > 0
+
+    def items(self, model_vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Unit model item vectors [n, d] of catalogue ``rows`` -> published item vectors [n, d + dims]."""
+        n = len(model_vectors)
+        out = np.zeros((n, model_vectors.shape[1] + self.dims), np.float32)
+        if not self.active:
+            out[:, :model_vectors.shape[1]] = model_vectors
+            return out
+        f = self.factors
+        b = _A / f.max_norm
+        part = self._rows(f.item, rows) * b
+        out[:, :model_vectors.shape[1]] = model_vectors * _A
+        out[:, model_vectors.shape[1]:-1] = part
+        out[:, -1] = np.sqrt(np.clip(1.0 - _A * _A - (part * part).sum(1), 0.0, None))
+        return out
+
+    def users(self, model_vectors: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Unit model user vectors [n, d] and their histories [n, length] -> published user vectors."""
+        n, d = model_vectors.shape
+        out = np.zeros((n, d + self.dims), np.float32)
+        out[:, :d] = model_vectors
+        if not self.active or n == 0:
+            return out
+        f = self.factors
+        gathered = self._rows(f.user, np.asarray(rows, np.int64).ravel()).reshape(*np.shape(rows), self.rank)
+        p = np.einsum("nl,nlr->nr", self._entries(weights), gathered)
+        norm = np.linalg.norm(p, axis=1, keepdims=True)
+        has = norm[:, 0] > 0
+        ratio = self.weight * f.max_norm / f.rms  # d / c, from b d / (a c) = weight / rms
+        c = 1.0 / math.sqrt(1.0 + ratio * ratio)
+        out[has, :d] = model_vectors[has] * c
+        out[has, d:d + self.rank] = p[has] / norm[has] * (ratio * c)
+        return out
+
+    @staticmethod
+    def _entries(weights: np.ndarray) -> np.ndarray:
+        """A history's entries as the fit counts them: the history's weights (event type times
+        recency) rescaled so that each user's largest is 1, 0 on empty places."""
+        weights = np.asarray(weights, np.float32)
+        top = weights.max(axis=-1, keepdims=True) if weights.size else np.ones(weights.shape[:-1] + (1,), np.float32)
+        return np.divide(weights, top, out=np.zeros_like(weights), where=top > 0)
+
+    @staticmethod
+    def _rows(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows of a factor table; rows past it (items first seen since the fit) are zero."""
+        rows = np.asarray(rows, np.int64)
+        inside = rows < len(table)
+        out = np.zeros((len(rows), table.shape[1]), np.float32)
+        out[inside] = table[rows[inside]]
+        return out
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.factors is None:
+            return {}
+        f = self.factors
+        return {"user": torch.from_numpy(f.user), "item": torch.from_numpy(f.item),
+                "stats": torch.tensor([f.max_norm, f.rms, float(self.events_at_fit)], dtype=torch.float64)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if not state:
+            self.factors, self.events_at_fit = None, 0
+            return
+        max_norm, rms, at = (float(v) for v in state["stats"])
+        self.factors = Factors(state["user"].numpy().copy(), state["item"].numpy().copy(), max_norm, rms)
+        self.events_at_fit = int(at)

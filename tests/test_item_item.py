@@ -1,0 +1,94 @@
+"""The item-item head: the fit finds co-occurrence, the folded vectors score exactly as documented."""
+
+import numpy as np
+import pytest
+
+from learners.item_item import ItemItemHead, head_dims
+
+
+def _histories(pairs: int, users: int, length: int = 4, seed: int = 0):
+    """Users who each saw one pair (2k, 2k+1) plus noise: the pair's items predict each other."""
+    rng = np.random.default_rng(seed)
+    n_items = 2 * pairs + 10
+    rows = np.zeros((users, length), np.int64)
+    weights = np.zeros((users, length), np.float32)
+    for u in range(users):
+        k = u % pairs
+        rows[u, :3] = [2 * k, 2 * k + 1, 2 * pairs + rng.integers(10)]
+        weights[u, :3] = [0.5, 0.3, 0.2]
+    return rows, weights, n_items
+
+
+def _unit(n, d, seed):
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_the_fit_finds_the_items_that_occur_together():
+    rows, weights, n_items = _histories(pairs=6, users=120)
+    head = ItemItemHead(dims=2 * 6 + 10 + 1, weight=1.0, l2=1.0)  # full rank: exactly EASE
+    head.install(head.fit(rows, weights, n_items, events_seen=360), 360)
+    f = head.factors
+    scores = f.user[4] @ f.item.T  # a user who saw item 4 alone: its partner 5 comes first
+    scores[4] = -np.inf
+    assert int(np.argmax(scores)) == 5
+
+
+def test_folded_vectors_are_unit_and_score_the_cosine_plus_the_weighted_item_item_score():
+    rows, weights, n_items = _histories(pairs=6, users=120)
+    head = ItemItemHead(dims=8, weight=0.3, l2=1.0)
+    head.install(head.fit(rows, weights, n_items, events_seen=360), 360)
+    model_items, model_users = _unit(n_items, 12, 1), _unit(3, 12, 2)
+    items = head.items(model_items, np.arange(n_items))
+    hist_rows, hist_weights = rows[:3], weights[:3]
+    users = head.users(model_users, hist_rows, hist_weights)
+    assert items.shape == (n_items, 20) and users.shape == (3, 20)
+    np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(users, axis=1), 1.0, atol=1e-5)
+    f = head.factors
+    p = np.einsum("nl,nlr->nr", hist_weights, f.user[hist_rows])
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    wanted = model_users @ model_items.T + 0.3 * (p @ f.item.T) / f.rms
+    got = users @ items.T
+    scale = got[0, 0] / wanted[0, 0]  # one positive constant for every pair
+    assert scale > 0
+    np.testing.assert_allclose(got, wanted * scale, atol=1e-5)
+
+
+def test_users_without_history_in_the_head_keep_their_model_vector():
+    rows, weights, n_items = _histories(pairs=3, users=30)
+    head = ItemItemHead(dims=4, weight=0.3, l2=1.0)
+    model_users = _unit(2, 6, 3)
+    before_fit = head.users(model_users, rows[:2], weights[:2])
+    np.testing.assert_allclose(before_fit[:, :6], model_users)
+    assert not before_fit[:, 6:].any()
+    head.install(head.fit(rows, weights, n_items, events_seen=90), 90)
+    empty = head.users(model_users, np.zeros((2, 4), np.int64), np.zeros((2, 4), np.float32))
+    np.testing.assert_allclose(empty[:, :6], model_users)
+    unknown = head.items(_unit(2, 6, 4), np.array([n_items + 5, n_items + 6]))  # first seen after the fit
+    np.testing.assert_allclose(np.linalg.norm(unknown, axis=1), 1.0, atol=1e-6)
+
+
+def test_state_round_trip_gives_the_same_vectors():
+    rows, weights, n_items = _histories(pairs=4, users=40)
+    head = ItemItemHead(dims=6, weight=0.3, l2=1.0)
+    head.install(head.fit(rows, weights, n_items, events_seen=120), 120)
+    again = ItemItemHead(dims=6, weight=0.3, l2=1.0)
+    again.load_state(head.state())
+    model_items = _unit(n_items, 5, 5)
+    np.testing.assert_array_equal(head.items(model_items, np.arange(n_items)),
+                                  again.items(model_items, np.arange(n_items)))
+    assert again.events_at_fit == 120 and not again.due(120 + n_items - 1, n_items)
+
+
+def test_the_fit_is_deterministic_and_keeps_to_the_most_active_items():
+    rows, weights, n_items = _histories(pairs=6, users=120)
+    one = ItemItemHead(dims=8, weight=0.3, l2=1.0, max_items=4).fit(rows, weights, n_items, 360)
+    two = ItemItemHead(dims=8, weight=0.3, l2=1.0, max_items=4).fit(rows, weights, n_items, 360)
+    np.testing.assert_array_equal(one.item, two.item)
+    assert int((np.abs(one.item).sum(1) > 0).sum()) <= 4
+
+
+@pytest.mark.parametrize("vector_dim,wanted,dims", [(192, 64, 64), (16, 64, 8), (64, 0, 0)])
+def test_the_head_takes_at_most_half_of_a_vector(vector_dim, wanted, dims):
+    assert head_dims(vector_dim, wanted) == dims
