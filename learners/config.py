@@ -91,12 +91,13 @@ class LearnerConfig:
     max_users: int = setting(1_000_000, "users kept in memory (least recently active evicted)", ge=1)
     item_item_dims: int = setting(
         64, "coordinates of the published vectors that carry closed-form item-item scores (EASE over the "
-            "users' recent items, refit as the stream shows as many new events as there are items; "
-            "learners.item_item); at most half of --vector-dim; 0 = none", ge=0)
+            "users' recent items, refit every tenth of the catalogue size in new events; learners.item_item); "
+            "at most half of --vector-dim; 0 = none", ge=0)
     item_item_weight: float = setting(
-        0.3, "weight of the item-item scores beside the model's cosine, relative to their spread", gt=0)
+        0.2, "starting weight of the item-item scores beside the model's cosine, relative to their spread; "
+             "from then on chosen at each refit by how well each weight ranked the newest events", ge=0)
     item_item_max_items: int = setting(
-        8192, "the most active items that take part in the item-item fit (its cost grows with their number "
+        4096, "the most active items that take part in the item-item fit (its cost grows with their number "
               "cubed; the rest rank by the model alone)", ge=2)
     seed: int = setting(0, "random seed")
 
@@ -105,7 +106,10 @@ class LearnerConfig:
     epochs: int = internal(1, "passes over each experience")
     id_lr_scale: float = internal(1.0, "learning-rate multiplier of the id tables (an Adam group)")
     item_item_refit: float = internal(
-        1.0, "the item-item head is refit after this many catalogue sizes of new events")
+        0.1, "the item-item head is refit after this many catalogue sizes of new events")
+    item_item_time_share: float = internal(
+        0.2, "at most this share of wall time goes to refitting the item-item head; 0 = no limit "
+             "(evaluation: the cadence in events alone, so runs repeat exactly)")
     profile_length: int = internal(
         0, ">0: user vectors from a uniform sample of this many of the user's events (else the newest ones)")
 

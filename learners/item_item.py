@@ -6,8 +6,9 @@ and the two err differently: the sum of their scores ranks above both
 (docs/evaluation.md). This head adds that sum to the published vectors, so
 rankers and vector databases still see one dot-product space.
 
-Fit, every time the stream has shown as many new events as the catalogue has
-items (a cadence relative to the stream, not a time scale of one data set):
+Fit, every time the stream has shown a tenth of the catalogue size in new
+events (a cadence relative to the stream, not a time scale of one data set),
+and no more often than lets fits take a fifth of the wall time:
 
 - X: every user's history ring (``learners.users``), the newest event weighing
   1 and each older one ``recency_decay`` times the next newer: the weights the
@@ -24,7 +25,13 @@ with p_u = sum over the history of w_j U_j. As unit vectors of one space:
     user = [c m_u,   d p_u/|p_u|,   0]
 
 with a = 1/sqrt(2), b = a / max|V|, and c, d chosen so that b d / (a c) =
-weight / rms(V). The last item coordinate only tops item vectors up to unit
+weight / rms(V).
+
+The weight is learned from the stream, not set: before each refit the head
+scores the newest experience's events (which neither the model nor the head
+has trained on yet) under every weight of ``WEIGHT_GRID`` and takes the one
+with the best decayed NDCG@10 so far (``weigh``). Where co-occurrence says
+little about what comes next, the head turns itself down, to 0 if need be. The last item coordinate only tops item vectors up to unit
 length; users hold 0 there, so it never scores. A user without history in
 the head gets [m_u, 0, 0].
 
@@ -36,6 +43,7 @@ worker publishes exactly the vectors of the version it restored.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,6 +53,10 @@ import torch
 
 _A = 1.0 / math.sqrt(2.0)  # the model part's share of an item vector
 _MIN_REFIT_EVENTS = 256
+# Weights the head chooses among, by how well each ranked the stream's newest events.
+WEIGHT_GRID = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
+VALIDATION_SAMPLES = 512
+_VALIDATION_MEMORY = 0.7  # each earlier refit's evidence counts this much less
 
 
 def head_dims(vector_dim: int, wanted: int) -> int:
@@ -60,27 +72,42 @@ class Factors:
     item: np.ndarray  # [rows, rank] float32: V
     max_norm: float
     rms: float
-
+    seconds: float = 0.0  # how long the fit took
 
 class ItemItemHead:
-    def __init__(self, dims: int, weight: float, l2: float = 200.0, max_items: int = 8192,
-                 recency_decay: float = 0.97, seed: int = 0, refit: float = 1.0) -> None:
+    def __init__(self, dims: int, weight: float, l2: float = 200.0, max_items: int = 4096,
+                 recency_decay: float = 0.97, seed: int = 0, refit: float = 0.1, time_share: float = 0.2) -> None:
         if dims < 2:
             raise ValueError("the item-item head needs at least 2 coordinates (rank 1 plus the top-up)")
         self.dims, self.rank = dims, dims - 1
         self.weight, self.l2, self.max_items = weight, l2, max_items
         self.recency_decay, self.seed, self.refit = recency_decay, seed, refit
+        self.time_share = time_share
+        self.evidence = np.zeros(len(WEIGHT_GRID))  # decayed NDCG@10 sums per weight of WEIGHT_GRID
         self.factors: Optional[Factors] = None
         self.events_at_fit = 0
+        self._fit_seconds = 0.0
+        self._fitted_at = -math.inf  # monotonic time the last fit was installed
 
     # -- fitting ----------------------------------------------------------------------------
     def due(self, events_seen: int, n_items: int) -> bool:
-        return events_seen - self.events_at_fit >= max(self.refit * n_items, _MIN_REFIT_EVENTS) or (
-            self.factors is None and events_seen >= _MIN_REFIT_EVENTS)
+        """A refit is due after ``refit`` catalogue sizes of new events, and (with ``time_share``
+        > 0) once the time since the last fit is long enough for fits to take at most that share
+        of the wall time: on a fast stream the cadence in events would otherwise outrun the fit."""
+        if events_seen < _MIN_REFIT_EVENTS:
+            return False
+        if self.factors is None:
+            return True
+        if events_seen - self.events_at_fit < max(self.refit * n_items, _MIN_REFIT_EVENTS):
+            return False
+        if self.time_share <= 0:
+            return True
+        return time.monotonic() - self._fitted_at >= self._fit_seconds * (1.0 / self.time_share - 1.0)
 
     def fit(self, rows: np.ndarray, weights: np.ndarray, n_items: int, events_seen: int) -> Factors:
         """Factors from histories ``rows``/``weights`` [users, length] (newest first; see
         ``_entries`` for what the weights count). Pure: ``install`` applies it."""
+        started = time.perf_counter()
         rows = np.asarray(rows, np.int64)
         weights = self._entries(weights).astype(np.float64)
         keep = weights > 0
@@ -113,10 +140,42 @@ class ItemItemHead:
         used = norms[norms > 0]
         max_norm = float(used.max()) if len(used) else 0.0
         rms = float(np.sqrt((used ** 2).mean())) if len(used) else 0.0
-        return Factors(user, item, max_norm, rms)
+        return Factors(user, item, max_norm, rms, time.perf_counter() - started)
+
+    def weigh(self, model_users: np.ndarray, model_items: np.ndarray, hist_rows: np.ndarray,
+              hist_weights: np.ndarray, targets: np.ndarray) -> float:
+        """Choose ``weight`` by how each of ``WEIGHT_GRID`` ranks events neither part has trained on.
+
+        Called before the model trains on these events and before the head is refit on them:
+        ``model_users`` / ``model_items`` are the model's unit vectors (the users' histories
+        before each event), ``targets`` the rows the users went to. Each weight's NDCG@10 over
+        the events is added to its decayed evidence, and the best so far is taken. Returns it."""
+        if not self.active or not len(targets):
+            return self.weight
+        pick = np.arange(len(targets))[-VALIDATION_SAMPLES:]
+        rows, targets = np.asarray(hist_rows)[pick], np.asarray(targets)[pick]
+        model = model_users[pick] @ model_items.T
+        f = self.factors
+        p = np.einsum("nl,nlr->nr", self._entries(np.asarray(hist_weights)[pick]),
+                      self._rows(f.user, rows.ravel()).reshape(*rows.shape, self.rank))
+        p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+        head = p @ self._rows(f.item, np.arange(len(model_items))).T / f.rms
+        seen = np.zeros_like(model, dtype=bool)
+        users, places = np.nonzero(np.asarray(hist_weights)[pick] > 0)
+        seen[users, rows[users, places]] = True
+        seen[np.arange(len(targets)), targets] = False  # a repeat of a history item still counts
+        gains = []
+        for w in WEIGHT_GRID:
+            scores = np.where(seen, -np.inf, model + w * head)
+            rank = (scores > scores[np.arange(len(targets)), targets][:, None]).sum(1)
+            gains.append(float(np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0).mean()))
+        self.evidence = self.evidence * _VALIDATION_MEMORY + np.asarray(gains)
+        self.weight = float(WEIGHT_GRID[int(np.argmax(self.evidence))])
+        return self.weight
 
     def install(self, factors: Factors, events_seen: int) -> None:
         self.factors, self.events_at_fit = factors, events_seen
+        self._fit_seconds, self._fitted_at = factors.seconds, time.monotonic()
 
     # -- vectors ------------------------------------------------------------------------------
     @property
@@ -179,12 +238,14 @@ class ItemItemHead:
             return {}
         f = self.factors
         return {"user": torch.from_numpy(f.user), "item": torch.from_numpy(f.item),
-                "stats": torch.tensor([f.max_norm, f.rms, float(self.events_at_fit)], dtype=torch.float64)}
+                "stats": torch.tensor([f.max_norm, f.rms, float(self.events_at_fit), self.weight], dtype=torch.float64),
+                "evidence": torch.from_numpy(self.evidence.copy())}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         if not state:
             self.factors, self.events_at_fit = None, 0
             return
-        max_norm, rms, at = (float(v) for v in state["stats"])
+        max_norm, rms, at, weight = (float(v) for v in state["stats"])
         self.factors = Factors(state["user"].numpy().copy(), state["item"].numpy().copy(), max_norm, rms)
-        self.events_at_fit = int(at)
+        self.events_at_fit, self.weight = int(at), weight
+        self.evidence = state["evidence"].numpy().copy()

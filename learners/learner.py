@@ -25,7 +25,7 @@ from learners.encoder import TextEncoder, resolve_device
 from learners.experience import make_experience
 from learners.features import ItemFeatures
 from learners.hooks import StepCallbackPlugin
-from learners.item_item import ItemItemHead, head_dims
+from learners.item_item import VALIDATION_SAMPLES, ItemItemHead, head_dims
 from learners.model import TwoTower
 from learners.records import EVENT_TYPE_OF, EVENT_WEIGHTS, ITEM_ID_OF, USER_ID_OF, Event, Item
 from learners.serving_average import ServingAverage
@@ -67,7 +67,8 @@ class ContinualRecommender:
         dims = head_dims(config.vector_dim, config.item_item_dims) if collective is None else 0
         self.item_item = ItemItemHead(dims, config.item_item_weight, max_items=config.item_item_max_items,
                                       recency_decay=config.recency_decay, seed=config.seed,
-                                      refit=config.item_item_refit) if dims else None
+                                      refit=config.item_item_refit,
+                                      time_share=config.item_item_time_share) if dims else None
         self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim - dims,
                               config.negatives, config.temperature, self.device,
                               text_batch=config.text_batch, popularity_weight=config.popularity_weight,
@@ -249,6 +250,8 @@ class ContinualRecommender:
                 if head is not None and head.due(self._seq, len(self.catalogue)) else None
         updated, factors = False, None
         try:  # model-side work only from here: no lock, see __init__
+            if refit is not None and head.active:  # before training on them: events neither part has seen
+                self._weigh_item_item(hist_rows, hist_weights, items)
             experience = make_experience(hist_rows, hist_weights, items, self.model_version, owners)
             stats = self.parts.stats
             samples_before, seconds_before, steps_before = stats.samples, stats.seconds, stats.steps
@@ -278,6 +281,19 @@ class ContinualRecommender:
         replayed = replay.storage_policy.filled if replay is not None else 0
         return LearnReport(self.model_version, stats.samples - samples_before, stats.seconds - seconds_before,
                            loss, penalty, len(touched), stats.steps - steps_before, replayed)
+
+    @torch.no_grad()
+    def _weigh_item_item(self, hist_rows: np.ndarray, hist_weights: np.ndarray, items: np.ndarray) -> None:
+        """Let the item-item head choose its weight on this experience's events (model side only)."""
+        pick = slice(-VALIDATION_SAMPLES, None)  # the newest: a bounded cost per refit
+        rows = torch.from_numpy(np.ascontiguousarray(hist_rows[pick], np.int64)).to(self.device)
+        weights = torch.from_numpy(np.ascontiguousarray(hist_weights[pick], np.float32)).to(self.device)
+        self.model.eval()
+        with self.average.applied() if self.average else contextlib.nullcontext():
+            model_items = self.model.item_table().float().cpu().numpy()
+        model_users = self.model.user_vectors(rows, weights).float().cpu().numpy()
+        self.model.train()
+        self.item_item.weigh(model_users, model_items, hist_rows[pick], hist_weights[pick], items[pick])
 
     def _refresh_after_update(self, touched: np.ndarray) -> None:
         """Re-embed trained items plus a rolling slice of the catalogue."""

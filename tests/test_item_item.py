@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from learners.item_item import ItemItemHead, head_dims
+from learners.item_item import WEIGHT_GRID, ItemItemHead, head_dims
 
 
 def _histories(pairs: int, users: int, length: int = 4, seed: int = 0):
@@ -92,3 +92,43 @@ def test_the_fit_is_deterministic_and_keeps_to_the_most_active_items():
 @pytest.mark.parametrize("vector_dim,wanted,dims", [(192, 64, 64), (16, 64, 8), (64, 0, 0)])
 def test_the_head_takes_at_most_half_of_a_vector(vector_dim, wanted, dims):
     assert head_dims(vector_dim, wanted) == dims
+
+
+def test_a_refit_is_due_by_events_and_within_its_share_of_wall_time(monkeypatch):
+    import learners.item_item as module
+
+    rows, weights, n_items = _histories(pairs=4, users=40)
+    head = ItemItemHead(dims=6, weight=0.3, l2=1.0, refit=1.0, time_share=0.5)
+    assert not head.due(100, n_items) and head.due(300, n_items)  # the first fit once 256 events are in
+    factors = head.fit(rows, weights, n_items, 300)
+    factors.seconds = 10.0
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    head.install(factors, 300)
+    assert not head.due(300 + 255, n_items)  # too few new events
+    assert not head.due(300 + 256, n_items)  # enough events, but a 10 s fit may take only half the time
+    clock[0] += 10.0
+    assert head.due(300 + 256, n_items)
+    head.time_share = 0.0  # no time budget: events alone
+    clock[0] -= 10.0
+    assert head.due(300 + 256, n_items)
+
+
+def test_the_weight_follows_what_ranks_the_newest_events_best():
+    rows, weights, n_items = _histories(pairs=6, users=120)
+    head = ItemItemHead(dims=2 * 6 + 10 + 1, weight=0.2, l2=1.0)
+    head.install(head.fit(rows, weights, n_items, 360), 360)
+    # Users who saw 2k go to 2k+1 next; the model's vectors know nothing (random).
+    hist = np.zeros((60, 4), np.int64)
+    hist_w = np.zeros((60, 4), np.float32)
+    hist[:, 0] = 2 * (np.arange(60) % 6)
+    hist_w[:, 0] = 1.0
+    targets = hist[:, 0] + 1
+    head.weigh(_unit(60, 8, 6), _unit(n_items, 8, 7), hist, hist_w, targets)
+    assert head.weight == max(WEIGHT_GRID)
+    # Now the model knows exactly where each user goes and the head points elsewhere: it is turned down.
+    model_items = _unit(n_items, 8, 8)
+    wrong = (hist[:, 0] + 2) % n_items
+    for _ in range(5):
+        head.weigh(model_items[wrong], model_items, hist, hist_w, wrong)
+    assert head.weight < max(WEIGHT_GRID) and head.evidence[0] > head.evidence[-1]

@@ -45,8 +45,9 @@ class LearnerRecommender:
                  experience_size: int) -> None:
         self.name = name
         average = config.serving_average if name in AVERAGED else 0.0
-        self.learner = ContinualRecommender(dataclasses.replace(config, strategy=name, serving_average=average),
-                                            encoder)
+        # Refits of the item-item head by the event count alone: a wall-time budget would make runs differ.
+        self.learner = ContinualRecommender(dataclasses.replace(config, strategy=name, serving_average=average,
+                                                                item_item_time_share=0.0), encoder)
         self._frozen_cache = frozen_cache
         self.experience_size = experience_size
         self.train_seconds = 0.0
