@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -80,9 +81,11 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
     assert len(versions) == 1, ranks  # one model version sequence
 
     # The same weights on both ranks at the end, bit for bit.
+    assert "weights differ across ranks" not in log_text
     digests = re.findall(r"rank (\d) of 2: model v(\d+), weights sha256 (\w+), the same on every rank", log_text)
-    assert sorted(d[0] for d in digests) == ["0", "1"], log_text[-4000:]
-    assert len({d[1:] for d in digests}) == 1
+    last = {rank: (version, digest) for rank, version, digest in digests}  # at start, then after the drain
+    assert sorted(last) == ["0", "1"] and len(set(last.values())) == 1, log_text[-4000:]
+    assert int(last["0"][0]) >= versions.pop()
 
     # Every user has a vector; an item's vector goes out once per model version (rank 0 only).
     vectors = read_topic(broker.bootstrap, topics.vectors)
@@ -106,3 +109,15 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
     assert committed == ends and sum(ends.values()) == len(events)
     # Each rank checkpoints into a state dir of its own.
     assert all(any((tmp_path / "state" / f"rank-{r}").glob("ckpt-*")) for r in range(RANKS))
+
+    # Ranks whose checkpoints hold different models refuse to start, saying what to do.
+    shutil.rmtree(tmp_path / "state" / "rank-1")
+    again = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "again.log", command=torchrun)
+    try:
+        code = again.proc.wait(timeout=120)
+    except BaseException:
+        again.kill()
+        raise
+    again.close_log()
+    text = (tmp_path / "again.log").read_text(errors="replace")
+    assert code != 0 and "the ranks restored different models" in text and "rank-*" in text, text[-3000:]

@@ -115,6 +115,9 @@ class WorkerProcess:
         finally:
             self._log.close()
 
+    def close_log(self) -> None:
+        self._log.close()
+
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()

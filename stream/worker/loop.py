@@ -32,6 +32,7 @@ from typing import Optional
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
+from learners.errors import RecstreamError
 from learners.learner import ContinualRecommender
 from stream.config import Settings
 from stream.kafka.clients import KafkaSource, make_producer
@@ -59,6 +60,10 @@ _WATCH_IDLE_S = 15.0
 # A missing forget topic is looked for again this often, and said at most every _FORGET_WARN_S.
 _FORGET_RETRY_S = 5.0
 _FORGET_WARN_S = 30.0
+
+
+class RanksDisagree(RecstreamError):
+    """``--distributed``: the ranks' restored weights differ; the message says how to line them up."""
 
 
 class Worker:
@@ -152,7 +157,14 @@ class Worker:
             # (see _roll_back), and a restart knows where to read the dead-letter topic from.
             self.checkpointer.mark_dirty()
             self.checkpoint()
-        if self.group is not None:  # one model version sequence for the group
+        if self.group is not None:  # one model, one version sequence for the group
+            if not self.group.check_weights(self.learner):  # logs each rank's restored version
+                self.close()
+                raise RanksDisagree(
+                    f"the ranks restored different models from their checkpoints ({s.state_dir.parent}/rank-*): "
+                    "start every rank from checkpoints of the same model version (keep in each rank's folder "
+                    "only the ckpt-<version>-* folders of a version all ranks have), or remove every rank's "
+                    "folder to start the group over")
             self.learner.model_version = self.group.max_version(self.learner.model_version)
         self.connected = True
         # The model, the clients and the libraries stay for the whole run: a full garbage
