@@ -322,7 +322,8 @@ def forget(user_id, bootstrap_servers, forget_topic, timeout) -> None:
 @click.option("--scales", default="1000,100000", show_default=True,
               help="comma-separated user = item counts for the scale section")
 @click.option("--sections", default="ingest,training,freshness,scale", show_default=True,
-              help="comma-separated subset of ingest, training, freshness (with memory), scale")
+              help="comma-separated subset of ingest, training, freshness (with memory), scale, and distributed "
+                   "(training events/s, one process vs two gloo ranks; only when named)")
 @click.option("--max-text-items", default=2_000, type=int, show_default=True,
               help="items that get a text (encoded); the others are id-only")
 @click.option("--model", default=None, envvar="RECSTREAM_MODEL", help="local Hugging Face model folder")
