@@ -86,6 +86,11 @@ class ContinualRecommender:
             extra_plugins=(self._step_hook,) + self._rounds_plugin(collective)
             + ((self.average,) if self.average else ()), id_lr_scale=config.id_lr_scale,
             text_lr_scale=config.text_lr_scale)
+        if collective is not None:
+            # Avalanche's distributed check is about its own DDP path (DistributedHelper.wrap_model), which
+            # is not used here (CollectiveRoundsPlugin reduces the gradients): it would list every plugin
+            # as unsupported on stderr.
+            self.parts.strategy._distributed_check = True  # noqa: SLF001 - skips that check, see above
         self.model_version = 0
         self._seq = 0
         self._pending: list[tuple[int, int, int]] = []  # (user slot, event seq, item row)

@@ -63,6 +63,16 @@ class RowAgreement:
                 self._items[item.item_id] = item
         return now
 
+    def drop_user(self, user_id: str) -> int:
+        """Forget the waiting events of an erased user; returns how many."""
+        if user_id not in self._users:
+            return 0
+        kept = [e for e in self._events if e.user_id != user_id]
+        dropped = len(self._events) - len(kept)
+        self._events = kept
+        self._users.discard(user_id)
+        return dropped
+
     def agree(self, collective, catalogue) -> tuple[list[Item], list[Event]]:
         """Every rank: rows for the ids any rank saw, in one order; returns what waited for them
         (texts first, then events in arrival order), to be applied by the caller."""
