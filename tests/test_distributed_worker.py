@@ -44,3 +44,53 @@ def test_the_worker_command_refuses_distributed_without_torchrun(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "needs torchrun's environment" in done.stderr and "Traceback" not in done.stderr
+
+
+class _OneRank:
+    """``GroupTurns`` of a group of one: the turn is this rank's own flags."""
+
+    publishes_items = True
+
+    def __init__(self) -> None:
+        self.turns = []
+
+    def agree(self, **flags):
+        from stream.worker.group_turns import GroupTurn
+
+        self.turns.append(flags)
+        return GroupTurn(**{name: bool(value) for name, value in flags.items()})
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+
+def test_rows_are_agreed_but_nothing_trains_while_a_rank_waits_to_rejoin(tmp_path):
+    """The checkpoint a rank takes before giving up its partitions must hold the events that waited
+    for rows, so the round giving them rows still runs; training waits for the rejoin."""
+    from worker_fakes import FakeLearner, event_bytes, make_worker
+
+    from learners.records import parse_event
+
+    class WaitingLearner(FakeLearner):
+        rows_waiting = True
+        agreed = 0
+
+        def agree_rows(self):
+            self.agreed += 1
+            return []
+
+    learner = WaitingLearner()
+    learner.allow_training = True
+    worker, _, _ = make_worker(tmp_path, learner=learner, experience_size=1)
+    worker.group = _OneRank()
+    learner.observe(parse_event(event_bytes(1)))
+    rejoin = [True]
+    worker.consumers.events.rejoin_pending = lambda: rejoin[0]
+
+    worker._group_turn(checkpoint_due=False)  # noqa: SLF001 - one group turn, driven by hand
+    assert learner.agreed == 1 and learner.pending == 1 and learner.model_version == 0
+    assert worker.group.turns[-1]["rejoining"] and worker.group.turns[-1]["train"]
+
+    rejoin[0] = False
+    worker._group_turn(checkpoint_due=False)  # noqa: SLF001
+    assert learner.agreed == 2 and learner.pending == 0 and learner.model_version == 1

@@ -1,8 +1,11 @@
 """``--distributed``: the loop's turns agreed across ranks, so collectives meet in one order.
 
 Every turn each rank says what it would do (train, checkpoint, give new ids rows,
-stop) and whether it cannot touch the model now (a checkpoint being prepared, a
-rejoin pending); one MAX all-reduce makes that the group's turn. A training round
+stop), whether it cannot touch the model now (a checkpoint being prepared) and
+whether it must not train (a rejoin pending); one MAX all-reduce makes that the
+group's turn. Rows are still agreed while a rank waits to rejoin: the checkpoint
+it takes before giving its partitions up must hold the events that waited for
+them. A training round
 then runs on every rank, those with nothing pending too (learners/distributed.py),
 and checkpoints are taken in the same turn, so every rank's checkpoint holds the
 same model version. The loop waits on the slowest rank once per turn (a poll is
@@ -23,7 +26,8 @@ log = logging.getLogger("stream.worker")
 @dataclass(frozen=True)
 class GroupTurn:
     train: bool  # some rank has an experience due
-    busy: bool  # some rank cannot touch the model this turn
+    busy: bool  # some rank cannot touch the model this turn (a checkpoint being prepared)
+    rejoining: bool  # some rank waits to rejoin the consumer group: no training round now
     checkpoint: bool
     catalogue: bool  # new ids wait for rows, or item texts changed, on some rank
     stop: bool
@@ -40,8 +44,10 @@ class GroupTurns:
         """Item vectors are the same on every rank: rank 0 alone publishes them."""
         return self.rank == 0
 
-    def agree(self, *, train: bool, busy: bool, checkpoint: bool, catalogue: bool, stop: bool) -> GroupTurn:
-        return GroupTurn(*map(bool, self.collective.max_ints([train, busy, checkpoint, catalogue, stop])))
+    def agree(self, *, train: bool, busy: bool, rejoining: bool, checkpoint: bool, catalogue: bool,
+              stop: bool) -> GroupTurn:
+        flags = self.collective.max_ints([train, busy, rejoining, checkpoint, catalogue, stop])
+        return GroupTurn(*map(bool, flags))
 
     def any(self, flag: bool) -> bool:
         return bool(self.collective.max_int(int(flag)))

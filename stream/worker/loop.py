@@ -299,16 +299,17 @@ class Worker:
 
     def _group_turn(self, checkpoint_due: bool) -> None:
         """``--distributed``: what this turn does is the group's (stream/worker/group_turns.py)."""
-        turn = self.group.agree(train=self.trainer.due(), checkpoint=checkpoint_due,
-                                busy=self._busy or self.consumers.events.rejoin_pending(),
+        turn = self.group.agree(train=self.trainer.due(), checkpoint=checkpoint_due, busy=self._busy,
+                                rejoining=self.consumers.events.rejoin_pending(),
                                 catalogue=self.learner.rows_waiting or self.ingest.item_texts_changed,
                                 stop=self.lifecycle.stopping)
         if turn.stop:
             self.lifecycle.stopping = True  # every rank drains in the same turn
         if not turn.busy:
-            if turn.catalogue:  # before a checkpoint too: events waiting for rows are in no state yet
-                self._catalogue_round(publish_items=not turn.train or turn.checkpoint)
-            if turn.train and not turn.checkpoint:
+            train = turn.train and not turn.checkpoint and not turn.rejoining
+            if turn.catalogue:  # before any checkpoint too: events waiting for rows are in no state yet
+                self._catalogue_round(publish_items=not train)
+            if train:
                 self.trainer.train()
             if turn.checkpoint:
                 self.checkpointer.checkpoint(wait=False)
