@@ -197,7 +197,7 @@ class Settings(_LearnerSettings):
 
     distributed: bool = Field(
         False, description="train one model across the ranks torchrun starts (torchrun --nproc-per-node=K "
-                           "recstream worker --distributed): collective training rounds over torch.distributed "
+                           "recstream worker --distributed true): collective training rounds over torch.distributed "
                            "(gloo on CPU, NCCL on GPU), each rank consuming the partitions Kafka assigns it, "
                            "item vectors published by rank 0 only; each rank keeps its state in "
                            "<state-dir>/rank-<RANK> and serves metrics on --metrics-port + LOCAL_RANK. "

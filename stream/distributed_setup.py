@@ -34,7 +34,7 @@ def rank_of_env(env=None) -> Rank:
     if missing:
         raise ConfigError(
             f"--distributed needs torchrun's environment ({', '.join(missing)} not set): launch the workers "
-            "with torchrun, e.g. `torchrun --nproc-per-node=2 -m stream.cli worker --distributed ...`, "
+            "with torchrun, e.g. `torchrun --nproc-per-node=2 -m stream.cli worker --distributed true ...`, "
             "or leave out --distributed / RECSTREAM_DISTRIBUTED to run one worker on its own")
     try:
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
