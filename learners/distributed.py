@@ -40,6 +40,18 @@ class Collective:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def max_ints(self, values: list[int]) -> list[int]:
+        """Element-wise MAX of a few integers over the ranks, in one all-reduce."""
+        t = torch.tensor([int(v) for v in values], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [int(v) for v in t.tolist()]
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's picklable ``obj``, in rank order (small objects: ids, digests)."""
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor

@@ -45,6 +45,8 @@ def erase_user(learner, user_id: str) -> Erasure:
                                        "is prepared: erase between experiences")
         slot = learner.users.remove(user_id)
         pending = learner.drop_pending(slot) if slot is not None else 0
+        if learner.rows is not None:  # with a collective: events waiting for their item's row
+            pending += learner.rows.drop_user(user_id)
         replay = learner.parts.replay
         in_replay = replay.storage_policy.remove_owner(owner_tag(user_id)) if replay is not None else 0
     return Erasure(user_id, slot is not None, pending, in_replay)

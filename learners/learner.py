@@ -28,6 +28,7 @@ from learners.hooks import StepCallbackPlugin
 from learners.item_item import VALIDATION_SAMPLES, ItemItemHead, head_dims
 from learners.model import TwoTower
 from learners.records import EVENT_TYPE_OF, EVENT_WEIGHTS, ITEM_ID_OF, USER_ID_OF, Event, Item
+from learners.row_agreement import RowAgreement
 from learners.serving_average import ServingAverage
 from learners.strategy import build_strategy
 from learners.stream_state import StreamState
@@ -86,6 +87,11 @@ class ContinualRecommender:
             extra_plugins=(self._step_hook,) + self._rounds_plugin(collective)
             + ((self.average,) if self.average else ()), id_lr_scale=config.id_lr_scale,
             text_lr_scale=config.text_lr_scale)
+        if collective is not None:
+            # Avalanche's distributed check is about its own DDP path (DistributedHelper.wrap_model), which
+            # is not used here (CollectiveRoundsPlugin reduces the gradients): it would list every plugin
+            # as unsupported on stderr.
+            self.parts.strategy._distributed_check = True  # noqa: SLF001 - skips that check, see above
         self.model_version = 0
         self._seq = 0
         self._pending: list[tuple[int, int, int]] = []  # (user slot, event seq, item row)
@@ -110,6 +116,7 @@ class ContinualRecommender:
     def _rounds_plugin(self, collective) -> tuple:
         # Before the serving average and EWC, so both see the group's reduced gradients.
         self.collective = collective
+        self.rows: Optional[RowAgreement] = None if collective is None else RowAgreement()
         if collective is None:
             return ()
         from learners.distributed import CollectiveRoundsPlugin
@@ -119,7 +126,10 @@ class ContinualRecommender:
     def add_items(self, items: Sequence[Item], frozen_cache: Optional[dict] = None) -> list[str]:
         """Store texts; encode new or changed ones. Returns the ids whose text changed.
 
-        Texts are stored only once all of them are encoded: a call that raises changes no text."""
+        Texts are stored only once all of them are encoded: a call that raises changes no text.
+        With a collective, texts of ids without a row wait for ``agree_rows``."""
+        if self.rows is not None:
+            items = self.rows.admit_items(items, self.catalogue)
         newest = {item.item_id: item.text for item in items}  # the last of repeated ids wins
         changed_rows, texts = [], []
         for item_id, text in newest.items():
@@ -162,7 +172,10 @@ class ContinualRecommender:
         self.observe_many((event,))
 
     def observe_many(self, events: Sequence[Event]) -> None:
-        """``observe`` for a batch of valid events, in order (the worker's ingest path)."""
+        """``observe`` for a batch of valid events, in order (the worker's ingest path). With a
+        collective, events naming ids without a row (and the user's later ones) wait for ``agree_rows``."""
+        if self.rows is not None:
+            events = self.rows.admit_events(events, self.catalogue)
         if not events:
             return
         rows = list(map(self.catalogue.row, map(ITEM_ID_OF, events)))
@@ -171,6 +184,24 @@ class ContinualRecommender:
                                        list(map(EVENT_WEIGHTS.__getitem__, map(EVENT_TYPE_OF, events))), first)
         self._pending.extend(zip(slots, range(first, first + len(events)), rows))
         self._seq = first + len(events)
+
+    def agree_rows(self) -> list[str]:
+        """With a collective (every rank calls it, together): rows for the ids any rank saw since
+        the last call, in one order, then what waited for them applied; returns the users whose
+        events were applied now. ``learn`` calls it first."""
+        if self.rows is None:
+            return []
+        with self.lock:
+            items, events = self.rows.agree(self.collective, self.catalogue)
+            if items:
+                self.add_items(items)
+            self.observe_many(events)
+        return list(dict.fromkeys(map(USER_ID_OF, events)))
+
+    @property
+    def rows_waiting(self) -> bool:
+        """Ids wait for an ``agree_rows`` round (always False without a collective)."""
+        return self.rows is not None and self.rows.waiting
 
     def on_step(self, callback: Optional[Callable[[], None]]) -> None:
         """Call ``callback`` after every optimizer step (e.g. to keep a Kafka consumer alive)."""
@@ -202,6 +233,8 @@ class ContinualRecommender:
         With ``max_samples``, only the oldest that many; the rest stays pending.
         """
         with self.lock:
+            if self.collective is not None:
+                self.agree_rows()  # the id tables grow alike on every rank
             limit = len(self._pending) if max_samples is None else max_samples
             if self.collective is not None:  # every rank joins the round if any has samples
                 if self.collective.max_int(min(limit, len(self._pending))) == 0:

@@ -121,6 +121,13 @@ def _run_worker(settings: Settings) -> int:
     from learners.synthetic import SyntheticWorld
     from stream.worker import Worker
 
+    group = None
+    if settings.distributed:
+        from stream.distributed_setup import start_group
+        from stream.worker.group_turns import GroupTurns
+
+        _, collective, settings = start_group(settings)
+        group = GroupTurns(collective)
     if settings.bootstrap_servers is None:
         from stream.demo import DemoFeeder, start_embedded
 
@@ -131,7 +138,7 @@ def _run_worker(settings: Settings) -> int:
         settings = settings.model_copy(update=update)
         world = SyntheticWorld(n_items=settings.demo_items, n_users=settings.demo_users, seed=settings.seed)
         feeder = DemoFeeder(bootstrap, settings, world, rate_per_s=settings.demo_rate)
-    app = Worker(settings, fresh_broker=feeder is not None)
+    app = Worker(settings, fresh_broker=feeder is not None, group=group)
     app.connect()  # returns early on stop(), and run() then closes
     if feeder is not None:
         from stream.demo import banner
@@ -145,6 +152,10 @@ def _run_worker(settings: Settings) -> int:
             feeder.stop()
         if broker is not None:
             broker.stop()
+        if group is not None:
+            from stream.distributed_setup import leave_group
+
+            leave_group()
 
 
 @main.command()
@@ -311,7 +322,8 @@ def forget(user_id, bootstrap_servers, forget_topic, timeout) -> None:
 @click.option("--scales", default="1000,100000", show_default=True,
               help="comma-separated user = item counts for the scale section")
 @click.option("--sections", default="ingest,training,freshness,scale", show_default=True,
-              help="comma-separated subset of ingest, training, freshness (with memory), scale")
+              help="comma-separated subset of ingest, training, freshness (with memory), scale, and distributed "
+                   "(training events/s, one process vs two gloo ranks; only when named)")
 @click.option("--max-text-items", default=2_000, type=int, show_default=True,
               help="items that get a text (encoded); the others are id-only")
 @click.option("--model", default=None, envvar="RECSTREAM_MODEL", help="local Hugging Face model folder")

@@ -195,6 +195,14 @@ class Settings(_LearnerSettings):
                               "(every event still updates state and vectors); pause = stop fetching until it catches up")
     item_publish_min_change: float = Field(0.002, ge=0, description="republish an item when its vector moved by more than this (1 - cosine)")
 
+    distributed: bool = Field(
+        False, description="train one model across the ranks torchrun starts (torchrun --nproc-per-node=K "
+                           "recstream worker --distributed true): collective training rounds over torch.distributed "
+                           "(gloo on CPU, NCCL on GPU), each rank consuming the partitions Kafka assigns it, "
+                           "item vectors published by rank 0 only; each rank keeps its state in "
+                           "<state-dir>/rank-<RANK> and serves metrics on --metrics-port + LOCAL_RANK. "
+                           "Implies --background-training false")
+
     # --- operation ---------------------------------------------------------
     state_dir: Path = Field(Path("recstream-state"), description="checkpoint folder; a restarted worker resumes "
                             f"from it (the embedded demo's default: {DEMO_STATE_DIR})")

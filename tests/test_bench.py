@@ -85,3 +85,18 @@ def test_latency_histogram_quantiles_never_flatter():
     assert hist.quantile(0.5) == pytest.approx(0.051)
     assert hist.quantile(1.0) == 5.0
     assert hist.summary()["n"] == 101
+
+
+def test_bench_distributed_section_measures_one_process_and_two_ranks(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, [
+        "bench", "--seconds", "5", "--device", "cpu", "--users", "200", "--items", "60",
+        "--sections", "distributed", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    dist = json.loads(out.read_text())["distributed"]
+    assert dist["one_rank"]["ranks"] == 1 and dist["two_ranks"]["ranks"] == 2
+    # Every event after the warm-up experience trained once, split across the two ranks.
+    assert dist["one_rank"]["events"] == dist["two_ranks"]["events"] == dist["experiences"] * dist["experience_size"]
+    assert _numbers(dist["one_rank"]["events_per_s"], dist["two_ranks"]["events_per_s"], dist["speedup"])
+    assert "compete" in dist["note"] or dist["cores"] >= 4
+    assert "two gloo ranks vs one process" in markdown_table(json.loads(out.read_text()))

@@ -178,6 +178,20 @@ def test_kustomize_builds(folder):
         assert container["image"].endswith(":cpu")
 
 
+def test_distributed_deploy_files_run_torchrun_with_distributed():
+    override = yaml.safe_load((DEPLOY / "docker-compose.distributed.yml").read_text(encoding="utf-8"))
+    worker = override["services"]["worker"]
+    assert worker["entrypoint"][-1] == "torchrun" and "--nproc-per-node=2" in worker["command"]
+    assert worker["environment"]["RECSTREAM_DISTRIBUTED"] == "true"
+    docs = {d["kind"]: d for d in yaml_documents(DEPLOY / "k8s" / "distributed.yaml")}
+    assert docs["Service"]["spec"]["clusterIP"] == "None"  # headless: pod 0's stable name
+    pod = docs["StatefulSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "torchrun" in container["args"][0] and "recstream-dist-0.recstream-dist" in container["args"][0]
+    assert {"name": "RECSTREAM_DISTRIBUTED", "value": "true"} in container["env"]
+    assert docs["StatefulSet"]["spec"]["serviceName"] == docs["Service"]["metadata"]["name"]
+
+
 # --------------------------------------------------------------- settings
 def test_every_recstream_variable_is_a_setting():
     fields = set(Settings.model_fields)

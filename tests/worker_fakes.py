@@ -111,6 +111,7 @@ class FakeLearner:
         self.allow_training = False
         self.training_in_flight = False  # set by a checkpoint snapshot (stream/worker/checkpoint_writer.py)
         self.parts = SimpleNamespace(replay=None)  # no replay reservoir (learners.erasure reads it)
+        self.rows = None  # no collective: nothing waits for catalogue rows (learners.erasure reads it)
 
     def snapshot(self):
         """No samples to save: checkpoints of a fake keep the worker's bookkeeping only."""

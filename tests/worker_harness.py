@@ -62,7 +62,9 @@ def produce_events(bootstrap: str, topic: str, events: list[Event]) -> None:
 class WorkerProcess:
     """``recstream worker`` in a subprocess with fast-joining group settings."""
 
-    def __init__(self, bootstrap: str, topics: Topics, state_dir: Path, log_path: Path, **settings) -> None:
+    def __init__(self, bootstrap: str, topics: Topics, state_dir: Path, log_path: Path,
+                 command: list[str] | None = None, **settings) -> None:
+        """``command``: what to run instead of ``recstream worker`` (e.g. torchrun starting ranks of it)."""
         self.port = free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.update({
@@ -77,13 +79,14 @@ class WorkerProcess:
         env.update({f"RECSTREAM_{k.upper()}": str(v) for k, v in settings.items()})
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env,
+        self.proc = subprocess.Popen(command or [sys.executable, "-m", "stream.cli", "worker"], env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
-    def metrics(self) -> dict[str, float]:
-        """Unlabelled and summed-over-labels samples of /metrics (empty while not serving)."""
+    def metrics(self, port_offset: int = 0) -> dict[str, float]:
+        """Unlabelled and summed-over-labels samples of /metrics (empty while not serving);
+        ``port_offset``: another rank's (``--distributed`` serves on the port + LOCAL_RANK)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port + port_offset}/metrics", timeout=2) as resp:
                 text = resp.read().decode()
         except OSError:
             return {}
@@ -111,6 +114,9 @@ class WorkerProcess:
             return self.proc.wait(timeout=timeout_s)
         finally:
             self._log.close()
+
+    def close_log(self) -> None:
+        self._log.close()
 
     def kill(self) -> None:
         self.proc.kill()

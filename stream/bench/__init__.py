@@ -7,6 +7,7 @@ One run measures, side by side on the same machine and broker:
 3. freshness -- event -> user vector and model update -> item vectors, p50/p99, at a steady rate
 4. memory    -- the worker's RSS over that steady run (growth after warm-up)
 5. scale     -- ingest and freshness again at other user/item counts
+6. distributed (asked for by name) -- training events/s, one process vs two gloo ranks
 
 Absolute figures depend on the machine and its neighbours; the ratios are
 measured in the same run, rounds alternating, and are the figures to compare.
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "recstream-bench/1"
 SECTIONS = ("ingest", "training", "freshness", "scale")  # memory is measured during freshness
+EXTRA_SECTIONS = ("memory", "distributed")  # memory alone; distributed only when asked for
 
 
 @dataclass(frozen=True)
@@ -80,15 +82,16 @@ class BenchOptions:
 
 def run_bench(options: BenchOptions, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Run the sections asked for; returns (and with ``out``, writes) the results dict."""
-    from stream.bench import freshness, ingest, training
+    from stream.bench import distributed, freshness, ingest, training
     from stream.bench.common import BenchWorld, Cluster, LearnerFactory, remove_state_dirs
     from stream.config import Settings
     from stream.learner_setup import set_torch_threads
 
     progress = progress or (lambda message: log.info("%s", message))
-    unknown = set(options.sections) - set(SECTIONS) - {"memory"}
+    unknown = set(options.sections) - set(SECTIONS) - set(EXTRA_SECTIONS)
     if unknown:
-        raise ValueError(f"unknown bench sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+        raise ValueError(f"unknown bench sections {sorted(unknown)}; choose from "
+                         f"{', '.join(SECTIONS + EXTRA_SECTIONS)}")
     plan = options.plan()
     base = Settings(**{"device": options.device, "seed": options.seed, "metrics_port": 0,
                        **({"model": options.model} if options.model else {}), **options.settings})
@@ -134,6 +137,10 @@ def run_bench(options: BenchOptions, progress: Optional[Callable[[str], None]] =
                                                  warmup_s=0.0, progress=progress, phase=f"scale{n}")
                 results["scale"].append(row)
                 _write(options.out, results)
+        if "distributed" in sections:
+            results["distributed"] = distributed.run(
+                factory, world, experiences=plan["training_experiences_per_round"], progress=progress)
+            _write(options.out, results)
         results["catalogue_encoding"] = {
             "texts": factory.encoded_texts, "seconds": round(factory.encode_seconds, 2),
             "texts_per_s": round(factory.encoded_texts / factory.encode_seconds, 1)

@@ -57,6 +57,12 @@ def markdown_table(results: dict) -> str:
         rows.append(_reported_row("training incl. the learner's re-embedding after each experience, samples/s",
                                   _num(train["learn_wall_samples_per_s"], 1), _num(train["bare_samples_per_s"], 1),
                                   _num(train["ratio_learn_wall"], 2)))
+    dist = results.get("distributed")
+    if dist:
+        rows.append(_reported_row(
+            f"training, stream events/s: two gloo ranks vs one process ({dist['experiences']} experiences of "
+            f"{dist['experience_size']}; {dist['note']})", _num(dist["two_ranks"]["events_per_s"], 1),
+            f"{_num(dist['one_rank']['events_per_s'], 1)} (one process)", _num(dist["speedup"], 2)))
     fresh = results.get("freshness")
     if fresh:
         vis, inproc = fresh["event_to_vector"]["visible"], fresh["event_to_vector"]["in_process"]

@@ -55,6 +55,10 @@ class Ingest:
         self._ledger = EventLedger(settings.dedup_window)
         self._stash: list[SourceRecord] = []
         self.last_poll = time.monotonic()
+        # --distributed: new texts only note that item vectors moved; the group's agreed turn
+        # publishes them under a version every rank shares (stream/worker/loop.py).
+        self.defer_item_vectors = False
+        self.item_texts_changed = False
 
     # -- state a checkpoint holds and restores --
 
@@ -136,7 +140,9 @@ class Ingest:
         self.totals.items += applied
         self.metrics.items_received.inc(applied)
         self.publisher.dead_letter(bad)
-        if changed:
+        if changed and self.defer_item_vectors:
+            self.item_texts_changed = True
+        elif changed:
             with self.learner.lock:  # vectors and their version from the same model
                 moved = self.learner.items_to_publish(self.settings.item_publish_min_change)
                 version = self.learner.model_version

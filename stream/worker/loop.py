@@ -32,6 +32,7 @@ from typing import Optional
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
+from learners.errors import RecstreamError
 from learners.learner import ContinualRecommender
 from stream.config import Settings
 from stream.kafka.clients import KafkaSource, make_producer
@@ -61,13 +62,20 @@ _FORGET_RETRY_S = 5.0
 _FORGET_WARN_S = 30.0
 
 
+class RanksDisagree(RecstreamError):
+    """``--distributed``: the ranks' restored weights differ; the message says how to line them up."""
+
+
 class Worker:
     def __init__(self, settings: Settings, *, learner: Optional[ContinualRecommender] = None,
-                 metrics: Optional[WorkerMetrics] = None, fresh_broker: bool = False) -> None:
-        """``fresh_broker``: the cluster is the demo's embedded broker, empty on every start."""
+                 metrics: Optional[WorkerMetrics] = None, fresh_broker: bool = False, group=None) -> None:
+        """``fresh_broker``: the cluster is the demo's embedded broker, empty on every start.
+        ``group``: a ``stream.worker.group_turns.GroupTurns`` (``--distributed``): one model across ranks."""
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
-        self.learner = learner or ContinualRecommender(learner_config(settings))
+        self.group = group
+        self.learner = learner or ContinualRecommender(
+            learner_config(settings), collective=group.collective if group is not None else None)
         self.metrics.replay_capacity.set(settings.replay_size)
         self.totals = Totals()
         self.lifecycle = Lifecycle(self.metrics)
@@ -82,6 +90,9 @@ class Worker:
         self.forgetting = Forgetting(*parts, self.consumers, self.publisher, on_erased=self._on_erased)
         self.checkpointer = Checkpointer(*parts, self.totals, self.consumers, self.ingest, self.publisher,
                                          self.trainer, self.dead_letter_book, self.forgetting)
+        if group is not None:  # item vectors go out from the agreed turns, rank 0's only
+            self.publisher.publishes_items = group.publishes_items
+            self.ingest.defer_item_vectors = True
         self.membership = Membership(self.metrics, self.consumers, self.trainer, self.checkpointer,
                                      self.lifecycle)
         self.connected = False
@@ -146,6 +157,15 @@ class Worker:
             # (see _roll_back), and a restart knows where to read the dead-letter topic from.
             self.checkpointer.mark_dirty()
             self.checkpoint()
+        if self.group is not None:  # one model, one version sequence for the group
+            if not self.group.check_weights(self.learner):  # logs each rank's restored version
+                self.close()
+                raise RanksDisagree(
+                    f"the ranks restored different models from their checkpoints ({s.state_dir.parent}/rank-*): "
+                    "start every rank from checkpoints of the same model version (keep in each rank's folder "
+                    "only the ckpt-<version>-* folders of a version all ranks have), or remove every rank's "
+                    "folder to start the group over")
+            self.learner.model_version = self.group.max_version(self.learner.model_version)
         self.connected = True
         # The model, the clients and the libraries stay for the whole run: a full garbage
         # collection would walk them all again each time, holding the GIL (stream/worker/heap.py).
@@ -264,15 +284,57 @@ class Worker:
         publisher.publish_queued_users()
         publisher.deliver_refused()
         checkpoint_due = checkpointer.due()
-        if not self._busy and not checkpoint_due and trainer.due() and not events.rejoin_pending():
-            trainer.train()  # (not while the group waits for this member to rejoin)
-        trainer.backpressure()
-        if checkpoint_due and not self._busy:  # a checkpoint waits for the experience in flight
-            checkpointer.checkpoint(wait=False)  # written off the loop, committed by a later turn
+        if self.group is not None:
+            self._group_turn(checkpoint_due)
+        else:
+            if not self._busy and not checkpoint_due and trainer.due() and not events.rejoin_pending():
+                trainer.train()  # (not while the group waits for this member to rejoin)
+            trainer.backpressure()
+            if checkpoint_due and not self._busy:  # a checkpoint waits for the experience in flight
+                checkpointer.checkpoint(wait=False)  # written off the loop, committed by a later turn
         if time.monotonic() - self._last_lag >= _LAG_EVERY_S:
             self._update_lag()
         if time.monotonic() - self._last_progress >= self.settings.progress_interval_s:
             self._progress()
+
+    def _group_turn(self, checkpoint_due: bool) -> None:
+        """``--distributed``: what this turn does is the group's (stream/worker/group_turns.py)."""
+        turn = self.group.agree(train=self.trainer.due(), checkpoint=checkpoint_due, busy=self._busy,
+                                rejoining=self.consumers.events.rejoin_pending(),
+                                catalogue=self.learner.rows_waiting or self.ingest.item_texts_changed,
+                                stop=self.lifecycle.stopping)
+        if turn.stop:
+            self.lifecycle.stopping = True  # every rank drains in the same turn
+        if not turn.busy:
+            train = turn.train and not turn.checkpoint and not turn.rejoining
+            if turn.catalogue:  # before any checkpoint too: events waiting for rows are in no state yet
+                self._catalogue_round(publish_items=not train)
+            if train:
+                self.trainer.train()
+            if turn.checkpoint:
+                self.checkpointer.checkpoint(wait=False)
+        self.trainer.backpressure()
+
+    def _catalogue_round(self, publish_items: bool) -> None:
+        """Every rank: new ids get their agreed rows and what waited for them is applied; item
+        vectors the new texts moved go out (rank 0) under a new model version, the same on every
+        rank, so one (item, version) names one vector."""
+        learner = self.learner
+        self.ingest.item_texts_changed = False
+        released = learner.agree_rows()
+        if released:
+            self.publisher.publish_users(released)
+            self.checkpointer.mark_dirty()
+        if not publish_items:
+            return  # the training round that follows publishes them
+        with learner.lock:
+            moved = learner.items_to_publish(self.settings.item_publish_min_change)
+        if self.group.any(bool(len(moved[0])) and self.group.publishes_items):
+            with learner.lock:
+                learner.model_version += 1
+                self.publisher.publish_items(moved, learner.model_version)
+            self.metrics.model_version.set(learner.model_version)
+            self.checkpointer.mark_dirty()
 
     def _roll_back(self) -> None:
         """Go back to the last checkpoint (see ``Checkpointer.roll_back``): no experience may be in
@@ -289,7 +351,11 @@ class Worker:
         self.checkpointer.collect(wait=True)
         if self.checkpointer.rollback_reason:
             self._roll_back()
-        if self.learner.pending:
+        if self.group is not None:  # every rank, in the same turn: the last round and the same weights
+            self._catalogue_round(publish_items=True)
+            self.trainer.train()
+            self.group.check_weights(self.learner)
+        elif self.learner.pending:
             self.trainer.train()
             self.trainer.collect(wait=True)
         self.checkpointer.mark_dirty()

@@ -73,6 +73,7 @@ class Publisher:
         self._queued_since = 0.0
         self._item_versions: dict[str, int] = {}  # item id -> model version its last vector went out with
         self.version_mark = PublishedVersionMark(settings.state_dir)
+        self.publishes_items = True  # False on every rank of a --distributed group but rank 0
 
     def attach(self, producer) -> None:
         """Send through ``producer`` from now on (None: connection given up)."""
@@ -244,7 +245,7 @@ class Publisher:
         """Send item vectors computed from the weights of ``version``; an item whose vector cannot
         be encoded (not finite) is left out, logged and counted, and the rest go out."""
         ids, vectors = ids_and_vectors
-        if not len(ids):
+        if not len(ids) or not self.publishes_items:
             return
         rows = dict(zip(ids, vectors))
         records: list = []

@@ -1,0 +1,88 @@
+"""``--distributed``: the process group from torchrun's environment, and each rank's settings.
+
+torch.distributed is imported only here, and only when ``--distributed`` is given, so
+``recstream --help`` and a single worker never load it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from learners.errors import ConfigError
+from stream.config import Settings
+
+log = logging.getLogger("stream.worker")
+
+# What torchrun (and any other launcher of torch.distributed's env:// rendezvous) sets per rank.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+
+def rank_of_env(env=None) -> Rank:
+    """This process's rank from torchrun's environment; a ``ConfigError`` saying how to launch otherwise."""
+    env = os.environ if env is None else env
+    missing = [name for name in TORCHRUN_ENV if not env.get(name)]
+    if missing:
+        raise ConfigError(
+            f"--distributed needs torchrun's environment ({', '.join(missing)} not set): launch the workers "
+            "with torchrun, e.g. `torchrun --nproc-per-node=2 -m stream.cli worker --distributed true ...`, "
+            "or leave out --distributed / RECSTREAM_DISTRIBUTED to run one worker on its own")
+    try:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    except ValueError as exc:
+        raise ConfigError(f"torchrun's RANK / WORLD_SIZE / LOCAL_RANK are not integers: {exc}") from None
+    return Rank(rank, world, local, backend="")
+
+
+def rank_settings(settings: Settings, rank: Rank) -> Settings:
+    """Each rank's own state dir and metrics port; training between polls (see ``start_group``)."""
+    if settings.bootstrap_servers is None:
+        raise ConfigError("--distributed needs a Kafka cluster (--bootstrap-servers): the embedded demo broker "
+                          "would be one broker per rank")
+    if settings.background_training:
+        log.info("--distributed: training between polls (collective rounds run on the loop thread)")
+    update = {"state_dir": settings.state_dir / f"rank-{rank.rank}", "background_training": False}
+    if settings.metrics_port:
+        update["metrics_port"] = settings.metrics_port + rank.local_rank
+    return settings.model_copy(update=update)
+
+
+def start_group(settings: Settings):
+    """Join the process group torchrun describes; returns (``Rank``, ``Collective``, this rank's settings).
+
+    NCCL when the learner runs on CUDA, gloo otherwise. Background training is off: the
+    training round's collectives and the loop's per-turn agreement (stream/worker/group_turns.py)
+    must reach every rank in the same order, which one thread guarantees."""
+    rank = rank_of_env()
+    import torch
+    import torch.distributed as dist
+
+    from learners.distributed import Collective
+
+    cuda = settings.device != "cpu" and torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    device = "cpu"
+    if cuda:
+        torch.cuda.set_device(rank.local_rank)
+        device = f"cuda:{rank.local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://")
+    rank = Rank(rank.rank, rank.world_size, rank.local_rank, backend)
+    log.info("rank %d of %d (%s)", rank.rank, rank.world_size, backend)
+    return rank, Collective(device), rank_settings(settings, rank)
+
+
+def leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
