@@ -176,6 +176,7 @@ class ItemItemHead:
     def install(self, factors: Factors, events_seen: int) -> None:
         self.factors, self.events_at_fit = factors, events_seen
         self._fit_seconds, self._fitted_at = factors.seconds, time.monotonic()
+        self._user_table = torch.from_numpy(np.vstack([factors.user, np.zeros((1, self.rank), np.float32)]))
 
     # -- vectors ------------------------------------------------------------------------------
     @property
@@ -205,8 +206,13 @@ class ItemItemHead:
         if not self.active or n == 0:
             return out
         f = self.factors
-        gathered = self._rows(f.user, np.asarray(rows, np.int64).ravel()).reshape(*np.shape(rows), self.rank)
-        p = np.einsum("nl,nlr->nr", self._entries(weights), gathered)
+        # One C call, nothing of [users, length, rank] materialised: this runs for every published user.
+        # The weights' per-user scale does not matter (p is normalised), so they go in as they are.
+        rows = np.asarray(rows, np.int64)
+        rows = np.where(rows < len(f.user), rows, len(f.user))  # rows newer than the fit: the zero row
+        p = torch.nn.functional.embedding_bag(torch.from_numpy(rows), self._user_table,
+                                              per_sample_weights=torch.from_numpy(np.asarray(weights, np.float32)),
+                                              mode="sum").numpy()
         norm = np.linalg.norm(p, axis=1, keepdims=True)
         has = norm[:, 0] > 0
         ratio = self.weight * f.max_norm / f.rms  # d / c, from b d / (a c) = weight / rms
@@ -246,6 +252,6 @@ class ItemItemHead:
             self.factors, self.events_at_fit = None, 0
             return
         max_norm, rms, at, weight = (float(v) for v in state["stats"])
-        self.factors = Factors(state["user"].numpy().copy(), state["item"].numpy().copy(), max_norm, rms)
-        self.events_at_fit, self.weight = int(at), weight
+        self.install(Factors(state["user"].numpy().copy(), state["item"].numpy().copy(), max_norm, rms), int(at))
+        self.weight = weight
         self.evidence = state["evidence"].numpy().copy()
