@@ -27,7 +27,7 @@ from learners.features import ItemFeatures
 from learners.hooks import StepCallbackPlugin
 from learners.item_item import VALIDATION_SAMPLES, ItemItemHead, head_dims
 from learners.model import TwoTower
-from learners.records import EVENT_TYPE_OF, EVENT_WEIGHTS, ITEM_ID_OF, USER_ID_OF, Event, Item
+from learners.records import EVENT_TYPE_OF, EVENT_WEIGHTS, ITEM_ID_OF, USER_ID_OF, Event, Item, encoder_text
 from learners.row_agreement import RowAgreement
 from learners.serving_average import ServingAverage
 from learners.strategy import build_strategy
@@ -130,7 +130,7 @@ class ContinualRecommender:
         With a collective, texts of ids without a row wait for ``agree_rows``."""
         if self.rows is not None:
             items = self.rows.admit_items(items, self.catalogue)
-        newest = {item.item_id: item.text for item in items}  # the last of repeated ids wins
+        newest = {item.item_id: encoder_text(item) for item in items}  # the last of repeated ids wins
         changed_rows, texts = [], []
         for item_id, text in newest.items():
             row = self.catalogue.row(item_id)

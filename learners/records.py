@@ -25,6 +25,9 @@ EVENT_WEIGHTS = {"click": 1.0, "purchase": 2.0, "favourite": 3.0}
 MAX_RECORD_BYTES = 64 * 1024
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 16 * 1024
+MAX_ATTRIBUTES = 32  # keys of an item's attributes, and strings in one list value
+MAX_ATTRIBUTE_KEY_CHARS = 64
+MAX_ATTRIBUTE_VALUE_CHARS = 256
 
 # Ids end up in Kafka keys, uuid5 names, checkpoint files and logs, all of which need UTF-8.
 # JSON can carry what UTF-8 cannot (a lone surrogate escape such as "\ud800"), so an id must be
@@ -36,7 +39,7 @@ MAX_TEXT_CHARS = 16 * 1024
 # Every reason ``parse_event`` / ``parse_item`` can give (dashboards pre-create one series each).
 BAD_RECORD_REASONS = ("empty_record", "oversized", "invalid_utf8", "too_deep", "not_json", "not_an_object",
                       "missing_field", "wrong_type", "empty_id", "id_too_long", "bad_id_chars",
-                      "unknown_event_type", "non_finite_ts", "empty_text", "bad_text_chars")
+                      "unknown_event_type", "non_finite_ts", "empty_text", "bad_text_chars", "bad_attributes")
 
 
 class Event(NamedTuple):
@@ -63,6 +66,71 @@ EVENT_ID_OF, USER_ID_OF, ITEM_ID_OF, EVENT_TYPE_OF = (
 class Item:
     item_id: str
     text: str
+    # Structured attributes, sorted by key: (key, value) with value a str, int, float, bool or a
+    # tuple of strings. What the encoder reads is ``encoder_text``: text and attributes together.
+    attributes: tuple = ()
+
+
+def encoder_text(item: Item) -> str:
+    """What the encoder reads: ``<text> | <key>: <value>; <key>: <value>`` (keys sorted, lists
+    joined with ", ", booleans as true / false); the text alone without attributes."""
+    if not item.attributes:
+        return item.text
+    return f"{item.text} | " + "; ".join(f"{key}: {_attribute_text(value)}" for key, value in item.attributes)
+
+
+def _attribute_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ", ".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _attribute_value(value) -> Union[str, int, float, bool, tuple, None]:
+    """The attribute value as kept, or None when it is not a JSON scalar or a list of strings."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value if len(value) <= MAX_ATTRIBUTE_VALUE_CHARS and _encodes(value) else None
+    if isinstance(value, list) and len(value) <= MAX_ATTRIBUTES and all(
+            isinstance(v, str) and len(v) <= MAX_ATTRIBUTE_VALUE_CHARS and _encodes(v) for v in value):
+        return tuple(value)
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _attributes(obj: dict, raw: bytes) -> Union[tuple, "BadRecord"]:
+    value = obj.get("attributes")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        return BadRecord("bad_attributes", raw, "attributes must be a JSON object")
+    if len(value) > MAX_ATTRIBUTES:
+        return BadRecord("bad_attributes", raw, f"more than {MAX_ATTRIBUTES} attributes")
+    kept = []
+    for key in sorted(value):
+        if not key or len(key) > MAX_ATTRIBUTE_KEY_CHARS or not key.isprintable():
+            return BadRecord("bad_attributes", raw, f"attribute names must be 1-{MAX_ATTRIBUTE_KEY_CHARS} "
+                                                    "printable characters")
+        item = _attribute_value(value[key])
+        if item is None:
+            return BadRecord("bad_attributes", raw, f"attribute {key!r} must be a string of at most "
+                                                    f"{MAX_ATTRIBUTE_VALUE_CHARS} characters, a finite number, "
+                                                    f"a boolean or a list of at most {MAX_ATTRIBUTES} such strings")
+        kept.append((key, item))
+    return tuple(kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +265,10 @@ def parse_item(raw: bytes) -> Union[Item, BadRecord]:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return BadRecord("bad_text_chars", raw, "text holds a lone surrogate escape; it must be valid Unicode")
-    return Item(item_id=item_id, text=text)
+    attributes = _attributes(obj, raw)
+    if isinstance(attributes, BadRecord):
+        return attributes
+    return Item(item_id=item_id, text=text, attributes=attributes)
 
 
 def event_to_json(event: Event) -> bytes:
@@ -208,4 +279,7 @@ def event_to_json(event: Event) -> bytes:
 
 
 def item_to_json(item: Item) -> bytes:
-    return json.dumps({"item_id": item.item_id, "text": item.text}).encode()
+    record = {"item_id": item.item_id, "text": item.text}
+    if item.attributes:
+        record["attributes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in item.attributes}
+    return json.dumps(record).encode()

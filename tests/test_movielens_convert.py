@@ -8,6 +8,7 @@ import pytest
 
 from learners.evaluation.files import read_events, read_items
 from learners.evaluation.movielens import convert_movielens
+from learners.records import encoder_text
 
 REAL_DATA = Path(__file__).parents[2] / "shared/data/movielens-latest-small"
 
@@ -54,10 +55,11 @@ def test_converts_tiny_csv(tmp_path: Path):
 
     items = read_items(out / "items.jsonl")
     assert items.bad == 0
-    assert [(i.item_id, i.text) for i in items.records] == [
-        ("10", "Toy Story (1995) | Adventure, Animation, Children"),
-        ("20", "American President, The (1995) | Comedy, Drama, Romance"),
-        ("30", "Some Documentary (2010)"),
+    # Genres and year are attributes; the encoder reads them through encoder_text's template.
+    assert [(i.item_id, encoder_text(i)) for i in items.records] == [
+        ("10", "Toy Story | genres: Adventure, Animation, Children; year: 1995"),
+        ("20", "American President, The | genres: Comedy, Drama, Romance; year: 1995"),
+        ("30", "Some Documentary | year: 2010"),
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -41,11 +42,22 @@ def rating_to_event_type(rating: float) -> str:
     return "click"
 
 
-def movie_text(title: str, genres: str) -> str:
-    """``"<title> | <genre>, <genre>"``; the placeholder for no genres is dropped."""
+_YEAR = re.compile(r"^(.*\S)\s*\((\d{4})\)\s*$")
+
+
+def movie_item(item_id: str, title: str, genres: str) -> Item:
+    """An item whose text is the title and whose attributes are the genres and the year (from a
+    title ending in ``(YYYY)``); the placeholder for no genres is dropped."""
     names = [g.strip() for g in genres.split("|") if g.strip() and g.strip() != NO_GENRES]
     title = title.strip()
-    return f"{title} | {', '.join(names)}" if names else title
+    attributes = []
+    if names:
+        attributes.append(("genres", tuple(names)))
+    match = _YEAR.match(title)
+    if match:
+        title = match.group(1)
+        attributes.append(("year", int(match.group(2))))
+    return Item(item_id=item_id, text=title, attributes=tuple(attributes))
 
 
 class _Skips:
@@ -77,15 +89,14 @@ def _events(path: Path, skips: _Skips) -> Iterator[Event]:
 def _items(path: Path, skips: _Skips) -> Iterator[Item]:
     for row in _csv_rows(path):
         try:
-            item_id = row["movieId"].strip()
-            text = movie_text(row["title"], row.get("genres") or "")
+            item = movie_item(row["movieId"].strip(), row["title"], row.get("genres") or "")
         except (KeyError, AttributeError):
             skips.count += 1
             continue
-        if not item_id or not text:
+        if not item.item_id or not item.text:
             skips.count += 1
             continue
-        yield Item(item_id=item_id, text=text)
+        yield item
 
 
 def convert_movielens(src_dir: Union[str, Path], out_dir: Union[str, Path]) -> ConversionSummary:

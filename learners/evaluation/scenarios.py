@@ -2,9 +2,9 @@
 
 ``time`` is the stream as it happened (P1 as docs/formats.md defines it).
 
-``genre-epochs`` is a drift scenario: items are grouped by the first genre of
-their text (``Title (year) | Genre, Genre``; MovieLens lists genres in
-alphabetical order, so the first is a stable label), genres are dealt into
+``genre-epochs`` is a drift scenario: items are grouped by their first genre
+(the ``genres`` attribute, or a text ``Title (year) | Genre, Genre``; MovieLens
+lists genres in alphabetical order, so the first is a stable label), genres are dealt into
 ``epochs`` groups of about equal event counts, and the stream plays one group
 after the other, each in its own time order. What was learned on an early
 epoch is not seen again later, so a learner that forgets shows it in BWT.
@@ -30,8 +30,16 @@ def genre_of(text: str) -> str:
     return genres.replace("|", ",").split(",")[0].strip()
 
 
+def genre_of_item(item: Item) -> str:
+    """First of the item's ``genres`` attribute, else the first genre of its text."""
+    genres = dict(item.attributes).get("genres")
+    if isinstance(genres, tuple) and genres:
+        return genres[0]
+    return genre_of(item.text)
+
+
 def genre_epochs(events: Sequence[Event], items: Sequence[Item], epochs: int = GENRE_EPOCHS) -> list[Event]:
-    genre = {item.item_id: genre_of(item.text) for item in items}
+    genre = {item.item_id: genre_of_item(item) for item in items}
     sizes = Counter(genre.get(e.item_id, "") for e in events)
     # Largest genres first, each to the epoch with the fewest events so far: balanced epochs,
     # the same for the same data (ties broken by name).

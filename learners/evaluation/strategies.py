@@ -29,7 +29,7 @@ from learners.encoder import TextEncoder, resolve_device
 from learners.evaluation.peers import PEERS
 from learners.evaluation.popularity import PopularityRecommender
 from learners.learner import ContinualRecommender, LearnerConfig
-from learners.records import EVENT_WEIGHTS, Event, Item
+from learners.records import EVENT_WEIGHTS, Event, Item, encoder_text
 
 LEARNER_STRATEGIES = ("naive", "ewc", "replay", "ewc_replay", "avalanche_ewc_replay")
 PRODUCT = "ewc_replay"
@@ -142,7 +142,7 @@ class FrozenTextRecommender:
         self.train_seconds = 0.0
 
     def add_items(self, items: list[Item]) -> None:
-        pooled = self._encoder.pooled([item.text for item in items])
+        pooled = self._encoder.pooled([encoder_text(item) for item in items])
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         for item, vec in zip(items, pooled / np.maximum(norms, 1e-12)):
             self._vectors[item.item_id] = vec.astype(np.float32)
