@@ -72,11 +72,12 @@ class Item:
 
 
 def encoder_text(item: Item) -> str:
-    """What the encoder reads: ``<text> | <key>: <value>; <key>: <value>`` (keys sorted, lists
-    joined with ", ", booleans as true / false); the text alone without attributes."""
+    """What the encoder reads: ``<text> | <value> | <value>`` in the order of the sorted keys (lists
+    joined with ", ", booleans as true / false); the text alone without attributes. Values without
+    their names: on MovieLens the small encoder ranked names-and-values lower (docs/evaluation.md)."""
     if not item.attributes:
         return item.text
-    return f"{item.text} | " + "; ".join(f"{key}: {_attribute_text(value)}" for key, value in item.attributes)
+    return " | ".join([item.text] + [_attribute_text(value) for _, value in item.attributes])
 
 
 def _attribute_text(value) -> str:

@@ -57,9 +57,9 @@ def test_converts_tiny_csv(tmp_path: Path):
     assert items.bad == 0
     # Genres and year are attributes; the encoder reads them through encoder_text's template.
     assert [(i.item_id, encoder_text(i)) for i in items.records] == [
-        ("10", "Toy Story | genres: Adventure, Animation, Children; year: 1995"),
-        ("20", "American President, The | genres: Comedy, Drama, Romance; year: 1995"),
-        ("30", "Some Documentary | year: 2010"),
+        ("10", "Toy Story (1995) | Adventure, Animation, Children | 1995"),
+        ("20", "American President, The (1995) | Comedy, Drama, Romance | 1995"),
+        ("30", "Some Documentary (2010) | 2010"),
     ]
 
 

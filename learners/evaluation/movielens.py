@@ -47,15 +47,14 @@ _YEAR = re.compile(r"^(.*\S)\s*\((\d{4})\)\s*$")
 
 def movie_item(item_id: str, title: str, genres: str) -> Item:
     """An item whose text is the title and whose attributes are the genres and the year (from a
-    title ending in ``(YYYY)``); the placeholder for no genres is dropped."""
+    title ending in ``(YYYY)``, which the title keeps); the placeholder for no genres is dropped."""
     names = [g.strip() for g in genres.split("|") if g.strip() and g.strip() != NO_GENRES]
     title = title.strip()
     attributes = []
     if names:
         attributes.append(("genres", tuple(names)))
     match = _YEAR.match(title)
-    if match:
-        title = match.group(1)
+    if match:  # the title keeps its year too: that is how the text model has seen film titles
         attributes.append(("year", int(match.group(2))))
     return Item(item_id=item_id, text=title, attributes=tuple(attributes))
 
