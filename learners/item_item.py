@@ -10,9 +10,9 @@ Fit, every time the stream has shown a tenth of the catalogue size in new
 events (a cadence relative to the stream, not a time scale of one data set),
 and no more often than lets fits take a fifth of the wall time:
 
-- X: every user's history ring (``learners.users``), the newest event weighing
-  1 and each older one ``recency_decay`` times the next newer: the weights the
-  user tower reads, counted in the user's own events, so no global half-life.
+- X: every user's history ring (``learners.users``) with the weights the user
+  tower reads (event type times recency, counted in the user's own events, so
+  no global half-life), each user's largest rescaled to 1.
   Only the ``max_items`` rows with the most events in the rings take part
   (the fit costs their number cubed); others get no item-item part.
 - B = I - P / diag(P), P = (X^T X + l2 I)^-1, the diagonal of B zero;
@@ -25,15 +25,15 @@ with p_u = sum over the history of w_j U_j. As unit vectors of one space:
     user = [c m_u,   d p_u/|p_u|,   0]
 
 with a = 1/sqrt(2), b = a / max|V|, and c, d chosen so that b d / (a c) =
-weight / rms(V).
+weight / rms(V). The last item coordinate only tops item vectors up to unit
+length; users hold 0 there, so it never scores. A user without history in
+the head gets [m_u, 0, 0].
 
 The weight is learned from the stream, not set: before each refit the head
 scores the newest experience's events (which neither the model nor the head
 has trained on yet) under every weight of ``WEIGHT_GRID`` and takes the one
 with the best decayed NDCG@10 so far (``weigh``). Where co-occurrence says
-little about what comes next, the head turns itself down, to 0 if need be. The last item coordinate only tops item vectors up to unit
-length; users hold 0 there, so it never scores. A user without history in
-the head gets [m_u, 0, 0].
+little about what comes next, the head turns itself down, to 0 if need be.
 
 The factors are statistics of everyone's histories, like the weights: they
 hold no one user's data. Checkpoints save them (``state``), so a restored
@@ -74,20 +74,22 @@ class Factors:
     rms: float
     seconds: float = 0.0  # how long the fit took
 
+
 class ItemItemHead:
     def __init__(self, dims: int, weight: float, l2: float = 200.0, max_items: int = 4096,
-                 recency_decay: float = 0.97, seed: int = 0, refit: float = 0.1, time_share: float = 0.2) -> None:
+                 seed: int = 0, refit: float = 0.1, time_share: float = 0.2) -> None:
         if dims < 2:
             raise ValueError("the item-item head needs at least 2 coordinates (rank 1 plus the top-up)")
         self.dims, self.rank = dims, dims - 1
         self.weight, self.l2, self.max_items = weight, l2, max_items
-        self.recency_decay, self.seed, self.refit = recency_decay, seed, refit
+        self.seed, self.refit = seed, refit
         self.time_share = time_share
         self.evidence = np.zeros(len(WEIGHT_GRID))  # decayed NDCG@10 sums per weight of WEIGHT_GRID
         self.factors: Optional[Factors] = None
         self.events_at_fit = 0
         self._fit_seconds = 0.0
         self._fitted_at = -math.inf  # monotonic time the last fit was installed
+        self._user_table = torch.zeros(1, self.rank)  # U plus a zero row for rows newer than the fit
 
     # -- fitting ----------------------------------------------------------------------------
     def due(self, events_seen: int, n_items: int) -> bool:
@@ -156,8 +158,7 @@ class ItemItemHead:
         rows, targets = np.asarray(hist_rows)[pick], np.asarray(targets)[pick]
         model = model_users[pick] @ model_items.T
         f = self.factors
-        p = np.einsum("nl,nlr->nr", self._entries(np.asarray(hist_weights)[pick]),
-                      self._rows(f.user, rows.ravel()).reshape(*rows.shape, self.rank))
+        p = self._user_parts(rows, np.asarray(hist_weights)[pick])
         p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
         head = p @ self._rows(f.item, np.arange(len(model_items))).T / f.rms
         seen = np.zeros_like(model, dtype=bool)
@@ -206,13 +207,7 @@ class ItemItemHead:
         if not self.active or n == 0:
             return out
         f = self.factors
-        # One C call, nothing of [users, length, rank] materialised: this runs for every published user.
-        # The weights' per-user scale does not matter (p is normalised), so they go in as they are.
-        rows = np.asarray(rows, np.int64)
-        rows = np.where(rows < len(f.user), rows, len(f.user))  # rows newer than the fit: the zero row
-        p = torch.nn.functional.embedding_bag(torch.from_numpy(rows), self._user_table,
-                                              per_sample_weights=torch.from_numpy(np.asarray(weights, np.float32)),
-                                              mode="sum").numpy()
+        p = self._user_parts(rows, weights)
         norm = np.linalg.norm(p, axis=1, keepdims=True)
         has = norm[:, 0] > 0
         ratio = self.weight * f.max_norm / f.rms  # d / c, from b d / (a c) = weight / rms
@@ -220,6 +215,17 @@ class ItemItemHead:
         out[has, :d] = model_vectors[has] * c
         out[has, d:d + self.rank] = p[has] / norm[has] * (ratio * c)
         return out
+
+    def _user_parts(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """p_u = sum of w_j U_j over each history [n, length] -> [n, rank]. One C call, nothing of
+        [users, length, rank] materialised: this runs for every published user. Only the direction
+        of p is used, so the weights' per-user scale does not matter and they go in as they are."""
+        rows = np.asarray(rows, np.int64)
+        last = len(self._user_table) - 1
+        rows = np.where(rows < last, rows, last)  # rows newer than the fit: the zero row
+        return torch.nn.functional.embedding_bag(
+            torch.from_numpy(rows), self._user_table,
+            per_sample_weights=torch.from_numpy(np.ascontiguousarray(weights, np.float32)), mode="sum").numpy()
 
     @staticmethod
     def _entries(weights: np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ class ContinualRecommender:
         # per process on its own users, so not with a collective (ranks would publish different heads).
         dims = head_dims(config.vector_dim, config.item_item_dims) if collective is None else 0
         self.item_item = ItemItemHead(dims, config.item_item_weight, max_items=config.item_item_max_items,
-                                      recency_decay=config.recency_decay, seed=config.seed,
+                                      seed=config.seed,
                                       refit=config.item_item_refit,
                                       time_share=config.item_item_time_share) if dims else None
         self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim - dims,
@@ -297,8 +297,8 @@ class ContinualRecommender:
             self.model.observe_popularity(torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64)))
             self._refresh_after_update(touched)
             if refit is not None:
-                (rows, weights), n_items, _ = refit
-                factors = head.fit(rows, weights, n_items, refit[2])
+                (rows, weights), n_items, events_seen = refit
+                factors = head.fit(rows, weights, n_items, events_seen)
             updated = True
         finally:
             with self.lock:  # the update lands: new version, tables rebuilt on next use
@@ -306,7 +306,7 @@ class ContinualRecommender:
                 self._tables_stale = True
                 if updated:
                     if factors is not None:
-                        head.install(factors, refit[2])
+                        head.install(factors, events_seen)
                     self.model_version += 1
         penalty = self.parts.ewc.last_penalty if self.parts.ewc else 0.0
         loss = float(np.mean(stats.losses)) if stats.losses else float("nan")
