@@ -92,7 +92,7 @@ def _attribute_text(value) -> str:
 
 def _attribute_value(value) -> Union[str, int, float, bool, tuple, None]:
     """The attribute value as kept, or None when it is not a JSON scalar or a list of strings."""
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):  # bool is an int too
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -262,9 +262,7 @@ def parse_item(raw: bytes) -> Union[Item, BadRecord]:
     if not text.strip():
         return BadRecord("empty_text", raw, "text")
     text = text[:MAX_TEXT_CHARS]
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+    if not _encodes(text):
         return BadRecord("bad_text_chars", raw, "text holds a lone surrogate escape; it must be valid Unicode")
     attributes = _attributes(obj, raw)
     if isinstance(attributes, BadRecord):
