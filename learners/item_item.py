@@ -126,7 +126,8 @@ class ItemItemHead:
             users = np.broadcast_to(np.arange(len(rows))[:, None], rows.shape)
             x = scipy.sparse.csr_matrix((weights[inside], (users[inside], cols[inside])),
                                         shape=(len(rows), len(chosen)))
-            gram = torch.from_numpy((x.T @ x).toarray())
+            # Single precision: the ridge keeps the system well conditioned, and it is twice as fast.
+            gram = torch.from_numpy((x.T @ x).toarray()).float()
             gram.diagonal().add_(self.l2)
             precision = torch.cholesky_inverse(torch.linalg.cholesky(gram))
             b = -precision / precision.diagonal()
@@ -134,7 +135,7 @@ class ItemItemHead:
             rank = min(self.rank, len(chosen))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                u, s, v = torch.svd_lowrank(b.float(), q=rank, niter=2)
+                u, s, v = torch.svd_lowrank(b, q=rank, niter=2)
             root = s.clamp_min(0).sqrt()
             user[chosen, :rank] = (u * root).numpy()
             item[chosen, :rank] = (v * root).numpy()
