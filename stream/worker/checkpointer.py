@@ -29,7 +29,7 @@ from typing import Optional
 
 from kafka import KafkaConsumer
 
-from learners.checkpoint import CheckpointStore
+from learners.checkpoint import CheckpointStore, checkpoint_version
 from learners.errors import RecstreamError
 from stream.config import Settings
 from stream.kafka.origin import StreamOrigin
@@ -172,9 +172,15 @@ class Checkpointer:
 
     # -- restore --
 
-    def restore(self) -> bool:
-        """Load the newest complete checkpoint (learner, offsets, ledger, totals); False if none."""
-        extra = self.store.load_latest(self.learner)
+    @property
+    def checkpointed_offsets(self) -> dict[tuple[str, int], int]:
+        """The event offsets the last restored or durable checkpoint holds."""
+        return dict(self._checkpointed)
+
+    def restore(self, version: Optional[int] = None) -> bool:
+        """Load the newest complete checkpoint (learner, offsets, ledger, totals); False if none.
+        ``version``: the newest of that model version (``--distributed``: one every rank has)."""
+        extra = self.store.load_latest(self.learner) if version is None else self._load_version(version)
         if self.store.fallbacks:
             self.metrics.checkpoint_fallbacks.inc(self.store.fallbacks)
         if extra is None:
@@ -206,6 +212,18 @@ class Checkpointer:
                  self.learner.model_version, len(self.learner.users), len(self.learner.catalogue),
                  len(offsets))
         return True
+
+    def _load_version(self, version: int) -> dict:
+        """Load the group's version; the checkpoints after it go, or a later restore would pick them."""
+        extra = self.store.load_version(self.learner, version)
+        newer = self.store.remove_newer(self.store.last_path)
+        given_up = sorted({checkpoint_version(path) for path in newer} - {version})
+        if given_up:
+            self.metrics.checkpoint_rollbacks.inc()
+            log.info("going back to checkpoint %s (model version %d), the newest every rank has complete: "
+                     "version(s) %s of this rank's are given up and removed; the records after it are read "
+                     "again", self.store.last_path.name, version, given_up)
+        return extra
 
     def recover_dead_letters(self) -> None:
         """Read the dead-letter topic from the checkpoint's positions (all of it without a
