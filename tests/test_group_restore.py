@@ -46,6 +46,9 @@ class _Events:
         self.seeks: list = []
         self.held: set = set()
 
+    def partitions(self, topic):
+        return sorted({p for t, p in self.commits if t == topic})
+
     def committed(self, topic, partition):
         return self.commits.get((topic, partition))
 
@@ -63,10 +66,14 @@ class _Events:
 
 
 def test_partitions_committed_past_the_checkpoints_are_read_again_once_unless_moved_on_since():
-    events = _Events({("e", 0): 50, ("e", 1): 20, ("e", 2): 30})
+    events = _Events({("e", 0): 50, ("e", 1): 20, ("e", 2): 30, ("e", 3): 9})
     rewind = GroupRewind({("e", 0): 40, ("e", 1): 20, ("e", 2): 25})
-    rewind.snapshot(events)
+    rewind.snapshot(events, "e")
     assert set(rewind.targets) == {("e", 0), ("e", 2)}  # e-1's commit is the checkpoint's: nothing to do
+    # Where the model starts: the checkpoints' offsets, the commit where no checkpoint names one (e-3).
+    assert rewind.start == {("e", 0): 40, ("e", 1): 20, ("e", 2): 25, ("e", 3): 9}
+    assert rewind.covered({("e", 1): 26, ("e", 4): 2}) == {("e", 0): 40, ("e", 1): 26, ("e", 2): 25, ("e", 3): 9,
+                                                         ("e", 4): 2}
 
     events.assigned = [("e", 0), ("e", 1)]
     rewind.hold(events, events.assigned)
@@ -90,7 +97,7 @@ def test_partitions_committed_past_the_checkpoints_are_read_again_once_unless_mo
 def test_a_held_partition_revoked_before_the_loop_settles_it_stays_a_target():
     events = _Events({("e", 0): 50})
     rewind = GroupRewind({("e", 0): 40})
-    rewind.snapshot(events)
+    rewind.snapshot(events, "e")
     rewind.hold(events, [("e", 0)])
     events.assigned = []  # revoked in a later poll
     rewind.settle(events)

@@ -255,6 +255,13 @@ class KafkaSource:
         except (KafkaError, AssertionError):  # not assigned (any more)
             return None
 
+    def partitions(self, topic: str) -> list[int]:
+        """The topic's partitions (fresh metadata); [] when it does not exist."""
+        try:
+            return sorted(self._consumer.partitions_for_topic(topic) or ())
+        except KafkaError as exc:
+            raise BrokerError(f"could not read the partitions of {topic}: {exc}") from exc
+
     def lag(self) -> dict[str, int]:
         """Records behind per topic, from fetch highwaters (no ListOffsets round trip)."""
         lag: dict[str, int] = {}

@@ -68,6 +68,8 @@ class Checkpointer:
         self._writer: Optional[CheckpointWriter] = None
         self._job: Optional[CheckpointJob] = None  # the checkpoint in flight
         self._checkpointed: dict[tuple[str, int], int] = {}  # the last durable checkpoint's event offsets
+        self._covered: dict[tuple[str, int], int] = {}  # --distributed: the restored one's group offsets
+        self.rewind = None  # --distributed: a stream.worker.group_restore.GroupRewind
         self._commit_pending = False  # the last checkpoint's commit was refused: try again
         # Set when this worker's state holds effects of partitions it gave up without a
         # checkpoint (revoked mid-experience, or forced out of the group): the next turn
@@ -173,9 +175,10 @@ class Checkpointer:
     # -- restore --
 
     @property
-    def checkpointed_offsets(self) -> dict[tuple[str, int], int]:
-        """The event offsets the last restored or durable checkpoint holds."""
-        return dict(self._checkpointed)
+    def covered_offsets(self) -> dict[tuple[str, int], int]:
+        """``--distributed``: per partition, the offset the restored checkpoint's group model holds
+        events up to (``GroupRewind.covered``; its own event offsets where it has none)."""
+        return dict(self._covered)
 
     def restore(self, version: Optional[int] = None) -> bool:
         """Load the newest complete checkpoint (learner, offsets, ledger, totals); False if none.
@@ -189,6 +192,7 @@ class Checkpointer:
         self._saved_origin = extra.get("origin")
         offsets = {(t, int(p)): int(o) for t, p, o in extra.get("event_offsets", [])}
         self._checkpointed = dict(offsets)
+        self._covered = {**offsets, **{(t, int(p)): int(o) for t, p, o in extra.get("group_offsets", [])}}
         self.ingest.restore(offsets, {int(p): int(o) for p, o in extra.get("item_offsets", [])},
                             extra.get("ledger", []))
         self.forgetting.restore({int(p): int(o) for p, o in extra.get("forget_offsets", [])})
@@ -312,6 +316,8 @@ class Checkpointer:
             # Which cluster, group and topics these offsets belong to (stream/kafka/origin.py).
             "origin": self.origin.as_dict() if self.origin is not None else self._saved_origin,
         }  # + "ledger", encoded on the writer thread from this snapshot of it
+        if self.rewind is not None:  # --distributed: where the group's model is on every partition
+            extra["group_offsets"] = [[t, p, o] for (t, p), o in sorted(self.rewind.covered(applied).items())]
         self._job = self.writer().start(applied, extra, self.ingest.ledger_snapshot())
         self._dirty = False
         self._job_erases, self._erasure_unsaved = self._erasure_unsaved, False

@@ -55,23 +55,39 @@ def group_offsets(per_rank: list[dict[Partition, int]]) -> dict[Partition, int]:
 
 
 class GroupRewind:
-    """Partitions whose committed offset is ahead of the group's restored checkpoints."""
+    """Partitions whose committed offset is ahead of the group's restored checkpoints, and where the
+    group's model starts on every partition (``start``), which each rank's checkpoints carry on."""
 
     def __init__(self, offsets: dict[Partition, int]) -> None:
         self.offsets = offsets
         self.targets: dict[Partition, tuple[int, int]] = {}  # partition: (checkpoint's offset, commit at start)
         self.held: set[Partition] = set()
+        self.start: dict[Partition, int] = {}
 
-    def snapshot(self, events) -> None:
-        """At start, before anything is read: the commits the restored checkpoints are behind."""
-        self.targets = {}
-        for tp, offset in sorted(self.offsets.items()):
+    def snapshot(self, events, topic: str) -> None:
+        """At start, before anything is read: the commits the restored checkpoints are behind, and
+        where the model starts on each partition (the checkpoints' offset, else the commit)."""
+        self.targets, self.start = {}, dict(self.offsets)
+        for partition in events.partitions(topic):
+            tp = (topic, partition)
             committed = events.committed(*tp)
-            if committed is not None and committed > offset:
-                self.targets[tp] = (offset, committed)
+            if tp not in self.offsets:
+                if committed is not None:
+                    self.start[tp] = committed
+            elif committed is not None and committed > self.offsets[tp]:
+                self.targets[tp] = (self.offsets[tp], committed)
         if self.targets:
             log.info("the group resumes from checkpoints behind its commits: %s are read again from %s",
                      sorted(self.targets), {tp: o for tp, (o, _) in sorted(self.targets.items())})
+
+    def covered(self, applied: dict[Partition, int]) -> dict[Partition, int]:
+        """Per partition, the offset the group's model holds events up to as this rank knows it: where
+        it started, or further where this rank applied more. Kept in each checkpoint, so a later start
+        knows it for partitions this rank has read nothing of (a rank's own offsets name only those)."""
+        out = dict(self.start)
+        for tp, offset in applied.items():
+            out[tp] = max(offset, out.get(tp, offset))
+        return out
 
     def hold(self, events, partitions: list[Partition]) -> None:
         """Rebalance callback (no I/O there): fetch nothing of these yet, the loop settles them."""

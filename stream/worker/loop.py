@@ -110,8 +110,8 @@ class Worker:
         versions = collective.gather_objects(self.checkpointer.store.complete_versions())
         version = common_version(versions, f"{self.settings.state_dir.parent}/rank-*")
         restored = self.checkpointer.restore(version)
-        self.rewind = GroupRewind(group_offsets(collective.gather_objects(self.checkpointer.checkpointed_offsets)))
-        self.membership.rewind = self.rewind
+        self.rewind = GroupRewind(group_offsets(collective.gather_objects(self.checkpointer.covered_offsets)))
+        self.membership.rewind = self.checkpointer.rewind = self.rewind
         return restored
 
     # The clients, as the parts see them.
@@ -200,7 +200,7 @@ class Worker:
                                               name="forget", warn_s=_FORGET_WARN_S)
         self.checkpointer.origin = StreamOrigin.of(s, fetch_cluster_id(s, BOOTSTRAP_TIMEOUT_MS))
         if self.rewind is not None:  # before anything is read: the commits at start
-            self.rewind.snapshot(events)
+            self.rewind.snapshot(events, s.events_topic)
         log.info("connected to Kafka at %s (cluster %s)", s.bootstrap_servers, self.checkpointer.origin.cluster_id)
 
     def _close_clients(self) -> None:
