@@ -102,7 +102,7 @@ class KafkaSource:
         self._sleep = sleep
         self._failures = 0
         self._paused = False
-        self._held: set[TopicPartition] = set()  # partitions kept paused until released (stream/worker/group_restore.py)
+        self._held: set[TopicPartition] = set()  # kept paused until released (stream/worker/group_restore.py)
 
     @classmethod
     def from_settings(cls, settings, *, on_error: Optional[ErrorCallback] = None,

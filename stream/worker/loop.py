@@ -32,7 +32,6 @@ from typing import Optional
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
-from learners.errors import RecstreamError
 from learners.learner import ContinualRecommender
 from stream.config import Settings
 from stream.kafka.clients import KafkaSource, make_producer
