@@ -66,14 +66,15 @@ class _Events:
 
 
 def test_partitions_committed_past_the_checkpoints_are_read_again_once_unless_moved_on_since():
-    events = _Events({("e", 0): 50, ("e", 1): 20, ("e", 2): 30, ("e", 3): 9})
+    events = _Events({("e", 0): 50, ("e", 1): 20, ("e", 2): 30, ("e", 3): 9, ("e", 5): None})
     rewind = GroupRewind({("e", 0): 40, ("e", 1): 20, ("e", 2): 25})
     rewind.snapshot(events, "e")
     assert set(rewind.targets) == {("e", 0), ("e", 2)}  # e-1's commit is the checkpoint's: nothing to do
-    # Where the model starts: the checkpoints' offsets, the commit where no checkpoint names one (e-3).
-    assert rewind.start == {("e", 0): 40, ("e", 1): 20, ("e", 2): 25, ("e", 3): 9}
+    # Where the model starts: the checkpoints' offsets, the commit where no checkpoint names one (e-3),
+    # the beginning where nothing is committed either (e-5).
+    assert rewind.start == {("e", 0): 40, ("e", 1): 20, ("e", 2): 25, ("e", 3): 9, ("e", 5): 0}
     assert rewind.covered({("e", 1): 26, ("e", 4): 2}) == {("e", 0): 40, ("e", 1): 26, ("e", 2): 25, ("e", 3): 9,
-                                                         ("e", 4): 2}
+                                                         ("e", 4): 2, ("e", 5): 0}
 
     events.assigned = [("e", 0), ("e", 1)]
     rewind.hold(events, events.assigned)
@@ -102,3 +103,11 @@ def test_a_held_partition_revoked_before_the_loop_settles_it_stays_a_target():
     events.assigned = []  # revoked in a later poll
     rewind.settle(events)
     assert not events.seeks and ("e", 0) in rewind.targets and not rewind.held
+
+
+def test_a_partition_committed_only_after_the_restored_checkpoints_is_read_again_from_its_beginning():
+    # The checkpoints name it at 0 (nothing committed when that run started); it was committed since.
+    events = _Events({("e", 0): 70})
+    rewind = GroupRewind({("e", 0): 0})
+    rewind.snapshot(events, "e")
+    assert rewind.targets == {("e", 0): (0, 70)}

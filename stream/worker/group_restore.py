@@ -66,14 +66,15 @@ class GroupRewind:
 
     def snapshot(self, events, topic: str) -> None:
         """At start, before anything is read: the commits the restored checkpoints are behind, and
-        where the model starts on each partition (the checkpoints' offset, else the commit)."""
+        where the model starts on each partition (the checkpoints' offset, else the commit, else 0:
+        the consumer reads an uncommitted partition from its beginning). Every partition is named,
+        so a later start knows the model had nothing of one that was committed only since."""
         self.targets, self.start = {}, dict(self.offsets)
         for partition in events.partitions(topic):
             tp = (topic, partition)
             committed = events.committed(*tp)
             if tp not in self.offsets:
-                if committed is not None:
-                    self.start[tp] = committed
+                self.start[tp] = committed if committed is not None else 0
             elif committed is not None and committed > self.offsets[tp]:
                 self.targets[tp] = (self.offsets[tp], committed)
         if self.targets:
