@@ -75,10 +75,26 @@ def start_group(settings: Settings):
         torch.cuda.set_device(rank.local_rank)
         device = f"cuda:{rank.local_rank}"
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://")
+        store, rank_id, world = _attempt_store()
+        dist.init_process_group(backend, store=store, rank=rank_id, world_size=world)
     rank = Rank(rank.rank, rank.world_size, rank.local_rank, backend)
     log.info("rank %d of %d (%s)", rank.rank, rank.world_size, backend)
     return rank, Collective(device), rank_settings(settings, rank)
+
+
+def _attempt_store():
+    """torchrun's env:// store, its keys prefixed by the restart attempt.
+
+    The elastic agent keeps one store for all attempts: after a restart, the process group's
+    keys of the dead attempt (each rank's gloo address) are still there, and ranks reading
+    them connect to ports nobody listens on any more (a hang or a failed restart)."""
+    import torch.distributed as dist
+    from torch.distributed.constants import default_pg_timeout
+
+    store, rank, world = next(dist.rendezvous("env://", timeout=default_pg_timeout))
+    store.set_timeout(default_pg_timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"recstream/attempt-{attempt}", store), rank, world
 
 
 def leave_group() -> None:

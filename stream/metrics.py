@@ -75,6 +75,10 @@ class WorkerMetrics:
                                            registry=r)
         self.checkpoint_fallbacks = Counter("recstream_checkpoint_restore_fallbacks_total",
                                             "Torn or corrupt checkpoints skipped on restore", registry=r)
+        self.checkpoint_rollbacks = Counter(
+            "recstream_checkpoint_restore_rollbacks_total",
+            "Restores that went back past this rank's newest checkpoint to the newest one every rank has "
+            "(--distributed)", registry=r)
         self.last_checkpoint = Gauge("recstream_last_checkpoint_timestamp_seconds",
                                      "Wall-clock time of the last checkpoint", registry=r)
         self.heartbeat = Gauge("recstream_heartbeat_timestamp_seconds", "Last turn of the worker loop", registry=r)

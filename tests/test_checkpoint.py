@@ -353,6 +353,28 @@ def test_remove_older_keeps_only_the_newest_and_refuses_an_incomplete_one(tmp_pa
     assert store.latest_extra() == {"n": 1}  # the torn one is skipped, the kept one loads
 
 
+def test_load_version_restores_that_version_and_remove_newer_drops_what_came_after(tmp_path, config, encoder,
+                                                                                  two_checkpoints):
+    """--distributed start-up: a rank goes back to the newest version every rank has complete."""
+    template, older_version, newer_version = two_checkpoints
+    state = tmp_path / "state"
+    shutil.copytree(template, state)
+    store = CheckpointStore(state)
+    assert store.complete_versions() == sorted({older_version, newer_version})
+    learner = ContinualRecommender(config, encoder=encoder)
+    assert store.load_version(learner, older_version)["which"] == "older"
+    assert learner.model_version == older_version and store.last_path == store.checkpoints()[-1]
+    newest = store.checkpoints()[0]
+    assert store.remove_newer(store.last_path) == [newest] and store.checkpoints() == [store.last_path]
+    assert store.load_latest(ContinualRecommender(config, encoder=encoder))["which"] == "older"
+    with pytest.raises(CheckpointError, match=f"model version {newer_version}"):
+        store.load_version(ContinualRecommender(config, encoder=encoder), newer_version)
+    (store.last_path / MANIFEST).unlink()  # torn: not complete, and not loaded as that version either
+    assert store.complete_versions() == []
+    with pytest.raises(CheckpointError, match="torn or corrupt"):
+        store.load_version(ContinualRecommender(config, encoder=encoder), older_version)
+
+
 # -- settings and input errors ------------------------------------------------------------
 
 @pytest.mark.parametrize("change", [{"vector_dim": 16}, {"history_length": 8}])

@@ -110,7 +110,7 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
     # Each rank checkpoints into a state dir of its own.
     assert all(any((tmp_path / "state" / f"rank-{r}").glob("ckpt-*")) for r in range(RANKS))
 
-    # Ranks whose checkpoints hold different models refuse to start, saying what to do.
+    # Ranks with no checkpoint version in common refuse to start, saying what to do.
     shutil.rmtree(tmp_path / "state" / "rank-1")
     again = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "again.log", command=torchrun)
     try:
@@ -120,4 +120,5 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
         raise
     again.close_log()
     text = (tmp_path / "again.log").read_text(errors="replace")
-    assert code != 0 and "the ranks restored different models" in text and "rank-*" in text, text[-3000:]
+    assert code != 0 and "no checkpoint of one model version in common" in text and "rank-*" in text, text[-3000:]
+    assert "rank 1: none" in text, text[-3000:]

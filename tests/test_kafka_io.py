@@ -84,6 +84,22 @@ def test_pause_resume_and_rebalance_keep_backpressure():
     assert not source.paused and consumer.paused_set == set()
 
 
+def test_held_partitions_stay_paused_through_backpressure_until_released():
+    tp0, tp1 = TopicPartition("events", 0), TopicPartition("events", 1)
+    consumer = FakeConsumer()
+    consumer.assigned = {tp0, tp1}
+    source, _, _ = make_source(consumer)
+    source.hold([("events", 1)])
+    source.pause_all()
+    source.resume_all()  # backpressure over: the held one still waits (stream/worker/group_restore.py)
+    assert consumer.paused_set == {tp1}
+    source.pause_all()
+    source.release([("events", 1)])  # released while everything is paused: stays paused until resume_all
+    assert consumer.paused_set == {tp0, tp1}
+    source.resume_all()
+    assert consumer.paused_set == set()
+
+
 def test_lag_uses_highwater_and_skips_unknown():
     a0, a1, b0 = TopicPartition("events", 0), TopicPartition("events", 1), TopicPartition("items", 0)
     consumer = FakeConsumer()

@@ -202,8 +202,26 @@ class CheckpointStore:
         when the checkpoint was written with incompatible settings, or when
         checkpoints exist but none is usable.
         """
+        return self._load_first(learner, self.checkpoints(), "")
+
+    def load_version(self, learner: "ContinualRecommender", version: int) -> dict:
+        """Restore the newest complete checkpoint of model ``version``; returns its ``extra``.
+
+        Verified as ``load_latest`` does (torn ones of that version skipped); a
+        ``CheckpointError`` when no usable checkpoint of that version is here."""
+        candidates = [path for path in self.checkpoints() if checkpoint_version(path) == int(version)]
+        extra = self._load_first(learner, candidates, f" of model version {version}")
+        if extra is None:
+            raise CheckpointError(f"no checkpoint of model version {version} in {self.state_dir}")
+        return extra
+
+    def complete_versions(self) -> list[int]:
+        """Model versions of the complete checkpoints here (the cheap check pruning uses), ascending."""
+        return sorted({checkpoint_version(path) for path in self.checkpoints() if quick_check(path)})
+
+    def _load_first(self, learner: "ContinualRecommender", candidates: list[Path], what: str) -> Optional[dict]:
+        """Restore the first usable of ``candidates`` (newest first); None when there are none."""
         self.fallbacks = 0
-        candidates = self.checkpoints()
         for path in candidates:
             try:
                 loaded = parse(verify(path))
@@ -226,9 +244,20 @@ class CheckpointStore:
             return loaded["extra.json"]
         if candidates:
             raise CheckpointError(
-                f"all {len(candidates)} checkpoints in {self.state_dir} are torn or corrupt (see the warnings above); "
-                "move the folder away to start fresh, or restore it from a backup")
+                f"all {len(candidates)} checkpoints{what} in {self.state_dir} are torn or corrupt (see the warnings "
+                "above); move the folder away to start fresh, or restore it from a backup")
         return None
+
+    def remove_newer(self, current: Path) -> list[Path]:
+        """Remove every checkpoint folder written after ``current`` (the one restored, when going back
+        to an older one): later restores and pruning then never pick what was given up."""
+        seq = int(_CKPT.match(current.name).group(2))
+        removed = []
+        for path in self.checkpoints():
+            if int(_CKPT.match(path.name).group(2)) > seq:
+                shutil.rmtree(path)
+                removed.append(path)
+        return removed
 
     def latest_extra(self) -> Optional[dict]:
         """The ``extra`` dict of the checkpoint ``load_latest`` would restore, without a learner.
@@ -256,6 +285,11 @@ class PreparedCheckpoint:
     model_files: dict[str, Optional[dict]]    # exported into tmp; None: to be fsynced and hashed
     encoder_key: tuple
     prepare_s: float                          # time the learner was held
+
+
+def checkpoint_version(path: Path) -> int:
+    """The model version a checkpoint folder's name says."""
+    return int(_CKPT.match(path.name).group(1))
 
 
 def _encoder_key(learner: "ContinualRecommender") -> tuple:

@@ -102,6 +102,7 @@ class KafkaSource:
         self._sleep = sleep
         self._failures = 0
         self._paused = False
+        self._held: set[TopicPartition] = set()  # kept paused until released (stream/worker/group_restore.py)
 
     @classmethod
     def from_settings(cls, settings, *, on_error: Optional[ErrorCallback] = None,
@@ -184,9 +185,24 @@ class KafkaSource:
 
     def resume_all(self) -> None:
         self._paused = False
-        paused = self._consumer.paused()
+        paused = [tp for tp in self._consumer.paused() if tp not in self._held]
         if paused:
             self._consumer.resume(*paused)
+
+    def hold(self, partitions: list[Partition]) -> None:
+        """Fetch nothing of these until ``release``, whatever backpressure does meanwhile."""
+        held = [TopicPartition(t, p) for t, p in partitions]
+        self._held.update(held)
+        self._consumer.pause(*held)
+
+    def release(self, partitions: list[Partition]) -> None:
+        """Fetch these again (still paused while backpressure pauses everything); unassigned ones are dropped."""
+        released = {TopicPartition(t, p) for t, p in partitions}
+        self._held -= released
+        assigned = set(self._consumer.assignment())
+        resume = [tp for tp in released if tp in assigned]
+        if resume and not self._paused:
+            self._consumer.resume(*resume)
 
     # --- positions and offsets ------------------------------------------------
     def seek(self, topic: str, partition: int, offset: int) -> None:
@@ -238,6 +254,13 @@ class KafkaSource:
             return self._consumer.highwater(TopicPartition(topic, partition))
         except (KafkaError, AssertionError):  # not assigned (any more)
             return None
+
+    def partitions(self, topic: str) -> list[int]:
+        """The topic's partitions (fresh metadata); [] when it does not exist."""
+        try:
+            return sorted(self._consumer.partitions_for_topic(topic) or ())
+        except KafkaError as exc:
+            raise BrokerError(f"could not read the partitions of {topic}: {exc}") from exc
 
     def lag(self) -> dict[str, int]:
         """Records behind per topic, from fetch highwaters (no ListOffsets round trip)."""

@@ -29,7 +29,7 @@ from typing import Optional
 
 from kafka import KafkaConsumer
 
-from learners.checkpoint import CheckpointStore
+from learners.checkpoint import CheckpointStore, checkpoint_version
 from learners.errors import RecstreamError
 from stream.config import Settings
 from stream.kafka.origin import StreamOrigin
@@ -68,6 +68,8 @@ class Checkpointer:
         self._writer: Optional[CheckpointWriter] = None
         self._job: Optional[CheckpointJob] = None  # the checkpoint in flight
         self._checkpointed: dict[tuple[str, int], int] = {}  # the last durable checkpoint's event offsets
+        self._covered: dict[tuple[str, int], int] = {}  # --distributed: the restored one's group offsets
+        self.rewind = None  # --distributed: a stream.worker.group_restore.GroupRewind
         self._commit_pending = False  # the last checkpoint's commit was refused: try again
         # Set when this worker's state holds effects of partitions it gave up without a
         # checkpoint (revoked mid-experience, or forced out of the group): the next turn
@@ -172,9 +174,16 @@ class Checkpointer:
 
     # -- restore --
 
-    def restore(self) -> bool:
-        """Load the newest complete checkpoint (learner, offsets, ledger, totals); False if none."""
-        extra = self.store.load_latest(self.learner)
+    @property
+    def covered_offsets(self) -> dict[tuple[str, int], int]:
+        """``--distributed``: per partition, the offset the restored checkpoint's group model holds
+        events up to (``GroupRewind.covered``; its own event offsets where it has none)."""
+        return dict(self._covered)
+
+    def restore(self, version: Optional[int] = None) -> bool:
+        """Load the newest complete checkpoint (learner, offsets, ledger, totals); False if none.
+        ``version``: the newest of that model version (``--distributed``: one every rank has)."""
+        extra = self.store.load_latest(self.learner) if version is None else self._load_version(version)
         if self.store.fallbacks:
             self.metrics.checkpoint_fallbacks.inc(self.store.fallbacks)
         if extra is None:
@@ -183,6 +192,7 @@ class Checkpointer:
         self._saved_origin = extra.get("origin")
         offsets = {(t, int(p)): int(o) for t, p, o in extra.get("event_offsets", [])}
         self._checkpointed = dict(offsets)
+        self._covered = {**offsets, **{(t, int(p)): int(o) for t, p, o in extra.get("group_offsets", [])}}
         self.ingest.restore(offsets, {int(p): int(o) for p, o in extra.get("item_offsets", [])},
                             extra.get("ledger", []))
         self.forgetting.restore({int(p): int(o) for p, o in extra.get("forget_offsets", [])})
@@ -206,6 +216,18 @@ class Checkpointer:
                  self.learner.model_version, len(self.learner.users), len(self.learner.catalogue),
                  len(offsets))
         return True
+
+    def _load_version(self, version: int) -> dict:
+        """Load the group's version; the checkpoints after it go, or a later restore would pick them."""
+        extra = self.store.load_version(self.learner, version)
+        newer = self.store.remove_newer(self.store.last_path)
+        given_up = sorted({checkpoint_version(path) for path in newer} - {version})
+        if given_up:
+            self.metrics.checkpoint_rollbacks.inc()
+            log.info("going back to checkpoint %s (model version %d), the newest every rank has complete: "
+                     "version(s) %s of this rank's are given up and removed; the records after it are read "
+                     "again", self.store.last_path.name, version, given_up)
+        return extra
 
     def recover_dead_letters(self) -> None:
         """Read the dead-letter topic from the checkpoint's positions (all of it without a
@@ -294,6 +316,8 @@ class Checkpointer:
             # Which cluster, group and topics these offsets belong to (stream/kafka/origin.py).
             "origin": self.origin.as_dict() if self.origin is not None else self._saved_origin,
         }  # + "ledger", encoded on the writer thread from this snapshot of it
+        if self.rewind is not None:  # --distributed: where the group's model is on every partition
+            extra["group_offsets"] = [[t, p, o] for (t, p), o in sorted(self.rewind.covered(applied).items())]
         self._job = self.writer().start(applied, extra, self.ingest.ledger_snapshot())
         self._dirty = False
         self._job_erases, self._erasure_unsaved = self._erasure_unsaved, False

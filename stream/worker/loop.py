@@ -32,7 +32,6 @@ from typing import Optional
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
-from learners.errors import RecstreamError
 from learners.learner import ContinualRecommender
 from stream.config import Settings
 from stream.kafka.clients import KafkaSource, make_producer
@@ -46,6 +45,7 @@ from stream.worker.checkpointer import Checkpointer
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.forgetting import Forgetting
+from stream.worker.group_restore import GroupRewind, RanksDisagree, common_version, group_offsets
 from stream.worker.ingest import Ingest
 from stream.worker.lifecycle import Lifecycle
 from stream.worker.membership import Membership
@@ -60,10 +60,6 @@ _WATCH_IDLE_S = 15.0
 # A missing forget topic is looked for again this often, and said at most every _FORGET_WARN_S.
 _FORGET_RETRY_S = 5.0
 _FORGET_WARN_S = 30.0
-
-
-class RanksDisagree(RecstreamError):
-    """``--distributed``: the ranks' restored weights differ; the message says how to line them up."""
 
 
 class Worker:
@@ -100,8 +96,22 @@ class Worker:
         self._last_topic_check = 0.0
         self._last_lag = 0.0
         self._last_progress = time.monotonic()
-        self._has_checkpoint = self.checkpointer.restore()
+        self.rewind: Optional[GroupRewind] = None  # --distributed: partitions to read again from the checkpoints
+        self._has_checkpoint = self._restore()
         self._progress_consumed = self.totals.consumed  # the first rate counts this process's records only
+
+    def _restore(self) -> bool:
+        """The newest checkpoint; with ``--distributed`` the newest version every rank has (and the
+        offsets the group's checkpoints hold, to read again what a rank that went back gave up)."""
+        if self.group is None:
+            return self.checkpointer.restore()
+        collective = self.group.collective
+        versions = collective.gather_objects(self.checkpointer.store.complete_versions())
+        version = common_version(versions, f"{self.settings.state_dir.parent}/rank-*")
+        restored = self.checkpointer.restore(version)
+        self.rewind = GroupRewind(group_offsets(collective.gather_objects(self.checkpointer.covered_offsets)))
+        self.membership.rewind = self.checkpointer.rewind = self.rewind
+        return restored
 
     # The clients, as the parts see them.
 
@@ -188,6 +198,8 @@ class Worker:
                                               on_error=self.metrics.broker_error, retry_s=_FORGET_RETRY_S,
                                               name="forget", warn_s=_FORGET_WARN_S)
         self.checkpointer.origin = StreamOrigin.of(s, fetch_cluster_id(s, BOOTSTRAP_TIMEOUT_MS))
+        if self.rewind is not None:  # before anything is read: the commits at start
+            self.rewind.snapshot(events, s.events_topic)
         log.info("connected to Kafka at %s (cluster %s)", s.bootstrap_servers, self.checkpointer.origin.cluster_id)
 
     def _close_clients(self) -> None:
@@ -274,6 +286,8 @@ class Worker:
             self.membership.before_rebalance()
         timeout = 50 if self.learner.pending or publisher.has_queued_users else 500
         records = ingest.poll(timeout)
+        if self.rewind is not None and self.rewind.held:  # assigned in that poll: seek before reading them
+            self.rewind.settle(events)
         checkpointer.note_poll(len(records) >= self.settings.max_poll_records)
         if checkpointer.rollback_reason:  # set by a rebalance callback inside that poll
             self._roll_back()

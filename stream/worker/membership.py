@@ -29,6 +29,7 @@ class Membership:
         self.trainer = trainer
         self.checkpointer = checkpointer
         self.lifecycle = lifecycle
+        self.rewind = None  # --distributed: a stream.worker.group_restore.GroupRewind
 
     def before_rebalance(self) -> None:
         """The group asked this member to rejoin: its partitions go when it next polls. Finish the
@@ -45,10 +46,13 @@ class Membership:
         self.metrics.partitions.set(len(self.consumers.events.assignment()))
         # No seek: the group resumes at the committed offset, which is never ahead of our
         # checkpoint unless another member moved it on (then it is right to start there);
-        # records below what we already applied are skipped by Ingest.apply_events.
+        # records below what we already applied are skipped by Ingest.apply_events. Except
+        # (--distributed) where the group went back to older checkpoints: GroupRewind.
         self.metrics.ready = True
         if partitions:
             self.checkpointer.note_assigned()
+        if self.rewind is not None:  # --distributed, after a rank went back: some are read again
+            self.rewind.hold(self.consumers.events, partitions)
         log.info("assigned %s", partitions)
 
     def on_revoked(self, partitions: list[tuple[str, int]]) -> None:

@@ -1,0 +1,117 @@
+"""``--distributed``: which checkpoint the group resumes from, and reading again what it gave up.
+
+A rank killed while writing its checkpoint of version v keeps v-1 (checkpoint
+folders are atomic) while the others hold v. On the restart torchrun's elastic
+agent makes, every rank lists the versions it has complete, the lists are
+gathered, and each rank loads the newest version all of them have, so the
+group resumes as one model. A rank that goes back past checkpoints it had
+committed must read its partitions again from the older checkpoint's offsets:
+the group's commits are ahead of them. ``GroupRewind`` seeks there, once per
+partition, and only while the commit is still the one seen at start (another
+rank may have read the partition since, and committed).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from learners.errors import RecstreamError
+from stream.kafka.errors import BrokerError
+
+log = logging.getLogger("stream.worker")
+
+Partition = tuple[str, int]
+
+
+class RanksDisagree(RecstreamError):
+    """``--distributed``: the ranks' checkpoints hold different models; the message says how to line them up."""
+
+
+def common_version(per_rank: list[list[int]], state_dirs: str = "rank-*") -> Optional[int]:
+    """The newest model version every rank has a complete checkpoint of; None when no rank has any.
+
+    ``RanksDisagree`` when some rank has checkpoints but no version is common to all."""
+    if not any(per_rank):
+        return None
+    common = set(per_rank[0]).intersection(*map(set, per_rank[1:]))
+    if not common:
+        held = "; ".join(f"rank {rank}: {sorted(versions) or 'none'}" for rank, versions in enumerate(per_rank))
+        raise RanksDisagree(
+            f"the ranks hold no checkpoint of one model version in common ({state_dirs}; versions {held}): start "
+            "every rank from checkpoints of the same model version (copy a version's ckpt-<version>-* folders into "
+            "the rank folders lacking it), or remove every rank's folder to start the group over")
+    return max(common)
+
+
+def group_offsets(per_rank: list[dict[Partition, int]]) -> dict[Partition, int]:
+    """Per partition, the offset the group's restored model holds events up to (the highest a rank's
+    checkpoint has: a partition that moved is further on at its last owner)."""
+    out: dict[Partition, int] = {}
+    for offsets in per_rank:
+        for tp, offset in offsets.items():
+            out[tp] = max(offset, out.get(tp, offset))
+    return out
+
+
+class GroupRewind:
+    """Partitions whose committed offset is ahead of the group's restored checkpoints, and where the
+    group's model starts on every partition (``start``), which each rank's checkpoints carry on."""
+
+    def __init__(self, offsets: dict[Partition, int]) -> None:
+        self.offsets = offsets
+        self.targets: dict[Partition, tuple[int, int]] = {}  # partition: (checkpoint's offset, commit at start)
+        self.held: set[Partition] = set()
+        self.start: dict[Partition, int] = {}
+
+    def snapshot(self, events, topic: str) -> None:
+        """At start, before anything is read: the commits the restored checkpoints are behind, and
+        where the model starts on each partition (the checkpoints' offset, else the commit, else 0:
+        the consumer reads an uncommitted partition from its beginning). Every partition is named,
+        so a later start knows the model had nothing of one that was committed only since."""
+        self.targets, self.start = {}, dict(self.offsets)
+        for partition in events.partitions(topic):
+            tp = (topic, partition)
+            committed = events.committed(*tp)
+            if tp not in self.offsets:
+                self.start[tp] = committed if committed is not None else 0
+            elif committed is not None and committed > self.offsets[tp]:
+                self.targets[tp] = (self.offsets[tp], committed)
+        if self.targets:
+            log.info("the group resumes from checkpoints behind its commits: %s are read again from %s",
+                     sorted(self.targets), {tp: o for tp, (o, _) in sorted(self.targets.items())})
+
+    def covered(self, applied: dict[Partition, int]) -> dict[Partition, int]:
+        """Per partition, the offset the group's model holds events up to as this rank knows it: where
+        it started, or further where this rank applied more. Kept in each checkpoint, so a later start
+        knows it for partitions this rank has read nothing of (a rank's own offsets name only those)."""
+        out = dict(self.start)
+        for tp, offset in applied.items():
+            out[tp] = max(offset, out.get(tp, offset))
+        return out
+
+    def hold(self, events, partitions: list[Partition]) -> None:
+        """Rebalance callback (no I/O there): fetch nothing of these yet, the loop settles them."""
+        held = [tp for tp in partitions if tp in self.targets]
+        if held:
+            events.hold(held)
+            self.held.update(held)
+
+    def settle(self, events) -> None:
+        """Loop thread, after the poll: seek each held partition back if its commit has not moved."""
+        assigned = set(events.assignment())
+        for tp in sorted(self.held & assigned):
+            offset, at_start = self.targets[tp]
+            try:
+                committed = events.committed(*tp)
+            except BrokerError as exc:
+                log.warning("%s: cannot read its committed offset (%s); held until the next turn", tp, exc)
+                continue
+            del self.targets[tp]
+            if committed == at_start:
+                events.seek(*tp, offset)
+                log.info("%s[%d]: reading again from offset %d, where the group's checkpoints hold it up to "
+                         "(it was committed up to %d)", tp[0], tp[1], offset, at_start)
+        settled = sorted(tp for tp in self.held if tp not in self.targets or tp not in assigned)
+        events.release(settled)
+        self.held.difference_update(settled)

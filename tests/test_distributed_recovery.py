@@ -1,0 +1,218 @@
+"""A rank SIGKILLed mid-stream: torchrun restarts the group, which resumes as one model by itself.
+
+Two ranks under ``torchrun --max-restarts 2`` on the embedded broker. Rank 1's worker is killed
+twice while events stream in; before the second restart its newest checkpoint version is removed
+too (what a kill mid-write leaves: the others hold a version it lacks), so rank 0 must go back to
+the newest version both hold and the partitions it had committed further are read again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from learners.checkpoint import CheckpointStore, checkpoint_version
+from learners.synthetic import SyntheticWorld
+from stream.kafka.broker import log_end_offsets, read_topic
+from worker_harness import WorkerProcess, make_topics, produce_events, produce_items
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RANKS = 2
+
+
+def _rank_pids(torchrun_pid: int) -> dict[int, int]:
+    """RANK -> pid of torchrun's worker processes (its children with RANK in their environment)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != torchrun_pid:
+                continue
+            env = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
+        except (OSError, IndexError, ValueError):
+            continue
+        if "RANK" in env:
+            out[int(env["RANK"])] = int(entry.name)
+    return out
+
+
+def _metrics(worker: WorkerProcess) -> list[dict[str, float]]:
+    return [worker.metrics(port_offset=r) for r in range(RANKS)]
+
+
+def _wait(worker: WorkerProcess, predicate, timeout_s: float, what: str) -> list[dict[str, float]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.proc.poll() is not None:
+            raise AssertionError(f"torchrun exited ({worker.proc.returncode}) waiting for {what}:\n{worker.tail(80)}")
+        ranks = _metrics(worker)
+        if all(ranks) and predicate(ranks):
+            return ranks
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last metrics {_metrics(worker)}\n{worker.tail(80)}")
+
+
+def _total(ranks, name: str) -> float:
+    return sum(m.get(name, 0.0) for m in ranks)
+
+
+def _versions(state: Path, rank: int) -> list[int]:
+    return CheckpointStore(state / f"rank-{rank}").complete_versions()
+
+
+def _wait_for_versions(worker, state: Path, count: int, timeout_s: float) -> None:
+    """Until both ranks hold ``count`` complete checkpoint versions in common."""
+    deadline = time.monotonic() + timeout_s
+    while len(set(_versions(state, 0)) & set(_versions(state, 1))) < count:
+        assert time.monotonic() < deadline, f"checkpoints {_versions(state, 0)} / {_versions(state, 1)}"
+        assert worker.proc.poll() is None, worker.tail(80)
+        time.sleep(0.3)
+
+
+def _event_offsets(path: Path) -> list:
+    return json.loads((path / "extra.json").read_text())["event_offsets"]
+
+
+def _wait_for_a_step_back(worker, state: Path, timeout_s: float) -> list[Path]:
+    """Rank 1's newest checkpoints down to one holding fewer events, at a version rank 0 has too:
+    without them rank 0 must go back, and the partitions committed past it are read again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert worker.proc.poll() is None, worker.tail(80)
+        paths = CheckpointStore(state / "rank-1").checkpoints()
+        try:
+            older = [i for i, p in enumerate(paths) if _event_offsets(p) != _event_offsets(paths[0])]
+            if older and checkpoint_version(paths[older[0]]) in _versions(state, 0) \
+                    and checkpoint_version(paths[older[0]]) < checkpoint_version(paths[0]):
+                return paths[:older[0]]
+        except (OSError, IndexError, ValueError):
+            pass  # a folder pruned while read
+        assert time.monotonic() < deadline, f"checkpoints {_versions(state, 0)} / {_versions(state, 1)}"
+        time.sleep(0.2)
+
+
+def _final_extra(state: Path, rank: int) -> dict:
+    return CheckpointStore(state / f"rank-{rank}").latest_extra()
+
+
+def _kill_rank_1(worker: WorkerProcess) -> int:
+    pids = _rank_pids(worker.proc.pid)
+    assert sorted(pids) == [0, 1], pids
+    os.kill(pids[1], signal.SIGKILL)
+    return pids[1]
+
+
+def _wait_for_restart(worker: WorkerProcess, killed: int, timeout_s: float) -> None:
+    """Until torchrun runs a fresh pair of ranks (the killed pid gone) and both serve metrics."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert worker.proc.poll() is None, f"torchrun exited ({worker.proc.returncode}):\n{worker.tail(80)}"
+        pids = _rank_pids(worker.proc.pid)
+        if sorted(pids) == [0, 1] and killed not in pids.values() and all(_metrics(worker)):
+            return
+        assert time.monotonic() < deadline, f"no restart; ranks {pids}\n{worker.tail(80)}"
+        time.sleep(0.3)
+
+
+def _committed(bootstrap: str, topics) -> dict[int, int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=topics.group, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topics.events, p)) for p in range(4)}
+    finally:
+        consumer.close()
+
+
+def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_itself(broker, unique_topic, tmp_path):
+    topics = make_topics(broker.bootstrap, unique_topic, partitions=4)
+    world = SyntheticWorld(n_items=120, n_users=80, seed=9)
+    produce_items(broker.bootstrap, topics.items, world.items())
+    events = list(world.events(3000, id_prefix=f"k-{uuid.uuid4().hex[:6]}"))
+    chunks = [events[:1000], events[1000:2200], events[2200:]]
+    state = tmp_path / "state"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
+                "--max-restarts=2", "--monitor-interval=0.5", "-m", "stream.cli", "worker", "--distributed", "true"]
+    worker = WorkerProcess(broker.bootstrap, topics, state, tmp_path / "group.log", command=torchrun,
+                           experience_size=200, max_experience_wait_s=1, checkpoint_interval_s=1,
+                           first_checkpoint_s=0.5, batch_size=64, negatives=32, torch_threads=1,
+                           progress_interval_s=5)
+    try:
+        _wait(worker, lambda ranks: all(m.get("recstream_partitions_assigned") == 2 for m in ranks), 120,
+              "both ranks in the group with two partitions each")
+        produce_events(broker.bootstrap, topics.events, chunks[0])
+        _wait(worker, lambda ranks: _total(ranks, "recstream_events_consumed_total") >= 500, 60, "events flowing")
+        _wait_for_versions(worker, state, 2, 60)
+        killed = _kill_rank_1(worker)  # mid-stream: the rest of the chunk still waits
+        _wait_for_restart(worker, killed, 90)
+
+        produce_events(broker.bootstrap, topics.events, chunks[1])
+        # (counters count this attempt's records: a restarted rank's start at 0)
+        _wait(worker, lambda ranks: _total(ranks, "recstream_events_consumed_total") >= 300, 90,
+              "events flowing after the first restart")
+        _wait_for_a_step_back(worker, state, 60)
+        killed = _kill_rank_1(worker)
+        # What a kill mid-write leaves: rank 1 lacks the newest version rank 0 holds.
+        for path in _wait_for_a_step_back(worker, state, 5):
+            shutil.rmtree(path)
+        _wait_for_restart(worker, killed, 90)
+
+        produce_events(broker.bootstrap, topics.events, chunks[2])
+        ends = log_end_offsets(broker.bootstrap, topics.events)
+        deadline = time.monotonic() + 120
+        while _committed(broker.bootstrap, topics) != ends:  # lag 0: the group committed every event
+            assert time.monotonic() < deadline, f"committed {_committed(broker.bootstrap, topics)} != {ends}"
+            assert worker.proc.poll() is None, worker.tail(80)
+            time.sleep(0.5)
+        ranks = _wait(worker, lambda ranks: all(m.get("recstream_pending_events", 1) == 0 for m in ranks), 60,
+                      "everything trained")  # these ranks' counters: of this last attempt
+        assert worker.proc.poll() is None  # torchrun still runs the group
+        worker.terminate(timeout_s=90)
+    except BaseException:
+        for pid in _rank_pids(worker.proc.pid).values():  # killing torchrun alone would orphan them
+            os.kill(pid, signal.SIGKILL)
+        worker.kill()
+        raise
+    log_text = (tmp_path / "group.log").read_text(errors="replace")
+
+    # Nothing applied twice to a rank's state (its de-duplication would have counted it), and the
+    # group's last checkpoints hold every partition to its end.
+    assert sum(_final_extra(state, r)["totals"]["duplicates"] for r in range(RANKS)) == 0
+    covered = [dict(((t, p), o) for t, p, o in _final_extra(state, r)["group_offsets"]) for r in range(RANKS)]
+    assert {p: max(c.get((topics.events, p), 0) for c in covered) for p in ends} == ends
+    assert sum(ends.values()) == len(events)
+    # Rank 0 went back to the version both held, said so and counted it.
+    assert re.search(r"going back to checkpoint ckpt-\d+-\d+ \(model version \d+\), the newest every rank has "
+                     r"complete", log_text), log_text[-6000:]
+    assert re.search(r"reading again from offset \d+", log_text), log_text[-6000:]
+    assert _total(ranks, "recstream_checkpoint_restore_rollbacks_total") == 1  # rank 0, once
+    assert "RanksDisagree" not in log_text and "the ranks restored different models" not in log_text
+
+    # The same weights on both ranks at the end, bit for bit.
+    digests = re.findall(r"rank (\d) of 2: model v(\d+), weights sha256 (\w+), the same on every rank", log_text)
+    last = {rank: (version, digest) for rank, version, digest in digests}
+    assert sorted(last) == ["0", "1"] and len(set(last.values())) == 1, log_text[-4000:]
+    assert "weights differ across ranks" not in log_text
+
+    # model_version never goes back: per key (one key, one partition, in order), and every user has a vector.
+    seen: dict[bytes, int] = defaultdict(int)
+    for record in read_topic(broker.bootstrap, topics.vectors):
+        if record.value is None:
+            continue
+        version = json.loads(record.value)["payload"]["model_version"]
+        assert version >= seen[record.key], (record.key, version, seen[record.key])
+        seen[record.key] = version
+    assert {key.decode()[5:] for key in seen if key.startswith(b"user:")} == {e.user_id for e in events}
