@@ -47,7 +47,9 @@ class LearnerConfig:
     max_text_tokens: int = setting(32, "tokens of item text the encoder reads", ge=4)
     vector_dim: int = setting(
         192, "size of published vectors: the learned model's part plus --item-item-dims", ge=8)
-    history_length: int = setting(64, "events kept per user for the user vector", ge=1)
+    history_length: int = setting(
+        256, "events kept per user: the user tower reads them, and the item-item fit learns from them "
+             "which items go together (memory: about 16 bytes an event per user)", ge=1)
 
     # --- training ------------------------------------------------------------
     learning_rate: float = setting(2e-3, "Adam learning rate", gt=0)
@@ -96,6 +98,10 @@ class LearnerConfig:
     item_item_weight: float = setting(
         0.2, "starting weight of the item-item scores beside the model's cosine, relative to their spread; "
              "from then on chosen at each refit by how well each weight ranked the newest events", ge=0)
+    item_item_recency: float = setting(
+        0.995, "the item-item fit weighs each older event of a user this much less (counted in the user's "
+               "own events): a longer memory than the user tower's --recency-decay, as which items go "
+               "together changes more slowly than what one user wants next", gt=0, le=1)
     item_item_max_items: int = setting(
         4096, "the most active items that take part in the item-item fit (its cost grows with their number "
               "cubed; the rest rank by the model alone)", ge=2)

@@ -10,9 +10,10 @@ Fit, every time the stream has shown a tenth of the catalogue size in new
 events (a cadence relative to the stream, not a time scale of one data set),
 and no more often than lets fits take a fifth of the wall time:
 
-- X: every user's history ring (``learners.users``) with the weights the user
-  tower reads (event type times recency, counted in the user's own events, so
-  no global half-life), each user's largest rescaled to 1.
+- X: every user's history ring (``learners.users``): event type times the
+  head's own recency (``recency`` per newer event of the same user, so no
+  global half-life; slower than the user tower's, since what goes with what
+  holds longer than what a user wants next), each user's largest rescaled to 1.
   Only the ``max_items`` rows with the most events in the rings take part
   (the fit costs their number cubed); others get no item-item part.
 - B = I - P / diag(P), P = (X^T X + l2 I)^-1, the diagonal of B zero;
@@ -77,13 +78,17 @@ class Factors:
 
 class ItemItemHead:
     def __init__(self, dims: int, weight: float, l2: float = 200.0, max_items: int = 4096,
-                 seed: int = 0, refit: float = 0.1, time_share: float = 0.2) -> None:
+                 seed: int = 0, refit: float = 0.1, time_share: float = 0.2,
+                 recency: float = 1.0, history_recency: float = 1.0) -> None:
+        """``history_recency``: the per-event decay the histories' weights carry (the user
+        tower's); the fit re-bases them to ``recency``."""
         if dims < 2:
             raise ValueError("the item-item head needs at least 2 coordinates (rank 1 plus the top-up)")
         self.dims, self.rank = dims, dims - 1
         self.weight, self.l2, self.max_items = weight, l2, max_items
         self.seed, self.refit = seed, refit
         self.time_share = time_share
+        self.recency, self.history_recency = recency, history_recency
         self.evidence = np.zeros(len(WEIGHT_GRID))  # decayed NDCG@10 sums per weight of WEIGHT_GRID
         self.factors: Optional[Factors] = None
         self.events_at_fit = 0
@@ -228,11 +233,14 @@ class ItemItemHead:
             torch.from_numpy(rows), self._user_table,
             per_sample_weights=torch.from_numpy(np.ascontiguousarray(weights, np.float32)), mode="sum").numpy()
 
-    @staticmethod
-    def _entries(weights: np.ndarray) -> np.ndarray:
-        """A history's entries as the fit counts them: the history's weights (event type times
-        recency) rescaled so that each user's largest is 1, 0 on empty places."""
+    def _entries(self, weights: np.ndarray) -> np.ndarray:
+        """A history's entries as the fit counts them: event type times ``recency`` per newer
+        event (the histories' weights, newest first, re-based from ``history_recency``),
+        rescaled so that each user's largest is 1, 0 on empty places."""
         weights = np.asarray(weights, np.float32)
+        if weights.size and self.recency != self.history_recency:
+            age = np.arange(weights.shape[-1], dtype=np.float64)
+            weights = weights * (self.recency / self.history_recency) ** age.astype(np.float32)
         top = weights.max(axis=-1, keepdims=True) if weights.size else np.ones(weights.shape[:-1] + (1,), np.float32)
         return np.divide(weights, top, out=np.zeros_like(weights), where=top > 0)
 

@@ -69,7 +69,9 @@ class ContinualRecommender:
         self.item_item = ItemItemHead(dims, config.item_item_weight, max_items=config.item_item_max_items,
                                       seed=config.seed,
                                       refit=config.item_item_refit,
-                                      time_share=config.item_item_time_share) if dims else None
+                                      time_share=config.item_item_time_share,
+                                      recency=config.item_item_recency,
+                                      history_recency=config.recency_decay) if dims else None
         self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim - dims,
                               config.negatives, config.temperature, self.device,
                               text_batch=config.text_batch, popularity_weight=config.popularity_weight,

@@ -198,18 +198,18 @@ class UserHistories:
             return np.zeros((0, self.length), np.int64), np.zeros((0, self.length), np.float32)
         valid_slot = slots >= 0
         safe = np.where(valid_slot, slots, 0)
-        rows = self._rows[safe]
-        seq = self._seq[safe]
-        weights = self._weights[safe].copy()
-        keep = (seq >= 0) & valid_slot[:, None]
+        count = np.where(valid_slot, self._count[safe], 0)
+        # The ring is written at count % length, so newest first is a walk back from the last
+        # write: no sort. Events at or after ``before_seq`` are the newest ones, skipped.
+        skip = np.zeros(n, np.int64)
         if before_seq is not None:
-            keep &= seq < np.asarray(before_seq, dtype=np.int64)[:, None]
-        # Age rank: 0 for the newest kept event of each user.
-        order = np.argsort(np.where(keep, -seq, np.iinfo(np.int64).max), axis=1, kind="stable")
-        keep = np.take_along_axis(keep, order, axis=1)
-        rows = np.take_along_axis(rows, order, axis=1)
-        weights = np.take_along_axis(weights, order, axis=1)
+            seq = self._seq[safe]
+            skip = ((seq >= np.asarray(before_seq, dtype=np.int64)[:, None]) & (seq >= 0)).sum(axis=1)
         rank = np.arange(self.length)[None, :]
+        keep = rank < (np.minimum(count, self.length) - skip)[:, None]
+        places = (count[:, None] - 1 - skip[:, None] - rank) % self.length
+        rows = self._rows[safe[:, None], places]
+        weights = self._weights[safe[:, None], places]
         weights = np.where(keep, weights * self.recency_decay ** rank, 0.0).astype(np.float32)
         total = weights.sum(axis=1, keepdims=True)
         weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)

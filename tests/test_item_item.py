@@ -132,3 +132,19 @@ def test_the_weight_follows_what_ranks_the_newest_events_best():
     for _ in range(5):
         head.weigh(model_items[wrong], model_items, hist, hist_w, wrong)
     assert head.weight < max(WEIGHT_GRID) and head.evidence[0] > head.evidence[-1]
+
+
+def test_the_fit_weighs_older_events_by_its_own_recency():
+    # Histories as the user store gives them: event type times 0.9 per newer event, normalised.
+    types = np.array([[2.0, 1.0, 1.0, 2.0], [1.0, 1.0, 0.0, 0.0]], np.float32)
+    filled = types > 0
+    weights = types * 0.9 ** np.arange(4, dtype=np.float32)
+    weights /= weights.sum(1, keepdims=True)
+    flat = ItemItemHead(dims=4, weight=0.2, recency=1.0, history_recency=0.9)
+    np.testing.assert_allclose(flat._entries(weights), types / types.max(1, keepdims=True), rtol=1e-5)
+    slow = ItemItemHead(dims=4, weight=0.2, recency=0.5, history_recency=0.9)
+    expected = types * 0.5 ** np.arange(4)
+    np.testing.assert_allclose(slow._entries(weights), expected / expected.max(1, keepdims=True), rtol=1e-5)
+    same = ItemItemHead(dims=4, weight=0.2, recency=0.9, history_recency=0.9)
+    np.testing.assert_allclose(same._entries(weights), weights / weights.max(1, keepdims=True), rtol=1e-6)
+    assert (flat._entries(weights)[~filled] == 0).all()  # empty places stay empty

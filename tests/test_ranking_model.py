@@ -73,6 +73,39 @@ def test_histories_come_newest_first_with_empty_places_last():
     assert rows[1, 0] == 3 and weights[1, 0] == pytest.approx(1.0) and not weights[1, 1:].any()
 
 
+def test_histories_match_a_sort_by_sequence_number_before_any_cut():
+    """The ring walk equals sorting each user's kept events by sequence number, newest first,
+    with and without ``before_seq``, after wraps, batched appends and an erasure."""
+    rng = np.random.default_rng(3)
+    users = UserHistories(length=5, max_users=50, recency_decay=0.8)
+    log: dict[str, list[tuple[int, int, float]]] = {}  # user -> (seq, row, weight)
+    seq = 0
+    for _ in range(40):
+        batch = [f"u{int(rng.integers(0, 6))}" for _ in range(int(rng.integers(1, 9)))]
+        rows_in = [int(rng.integers(0, 30)) for _ in batch]
+        weights_in = [float(rng.choice([1.0, 2.0, 3.0])) for _ in batch]
+        users.append_many(batch, rows_in, weights_in, seq)
+        for i, (u, r, w) in enumerate(zip(batch, rows_in, weights_in)):
+            log.setdefault(u, []).append((seq + i, r, w))
+        seq += len(batch)
+    users.remove("u2")
+    log.pop("u2", None)
+    names = [f"u{i}" for i in range(7)]  # u6 never seen, u2 erased
+    slots = np.array([users.slot_of(u) for u in names])
+    for cut in (None, np.full(len(names), seq - 4), np.full(len(names), seq // 2)):
+        rows, weights = users.histories(slots, before_seq=cut)
+        for i, u in enumerate(names):
+            kept = log.get(u, [])[-5:]  # what the ring still holds
+            if cut is not None:
+                kept = [e for e in kept if e[0] < cut[i]]
+            kept = kept[::-1]
+            expected_rows = [r for _, r, _ in kept] + [0] * (5 - len(kept))
+            raw = np.array([w * 0.8 ** k for k, (_, _, w) in enumerate(kept)] + [0.0] * (5 - len(kept)))
+            expected = raw / raw.sum() if raw.sum() else raw
+            assert rows[i].tolist() == expected_rows, (u, cut)
+            np.testing.assert_allclose(weights[i], expected, rtol=1e-5, atol=1e-7)
+
+
 def test_log_q_term_is_the_expected_count_among_the_negatives():
     freq = torch.tensor([0.0, 0.1, 0.5])
     # 4 uniform negatives over 8 items, 16 in-batch ones drawn by frequency.
