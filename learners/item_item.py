@@ -238,11 +238,16 @@ class ItemItemHead:
         event (the histories' weights, newest first, re-based from ``history_recency``),
         rescaled so that each user's largest is 1, 0 on empty places."""
         weights = np.asarray(weights, np.float32)
-        if weights.size and self.recency != self.history_recency:
-            age = np.arange(weights.shape[-1], dtype=np.float64)
-            weights = weights * (self.recency / self.history_recency) ** age.astype(np.float32)
-        top = weights.max(axis=-1, keepdims=True) if weights.size else np.ones(weights.shape[:-1] + (1,), np.float32)
-        return np.divide(weights, top, out=np.zeros_like(weights), where=top > 0)
+        if not weights.size:
+            return weights.copy()
+        filled = weights > 0
+        # In logs: the re-basing factor grows as fast as the histories' weights shrink.
+        logs = np.log(np.where(filled, weights, 1.0).astype(np.float64))
+        logs += np.arange(weights.shape[-1]) * math.log(self.recency / self.history_recency)
+        logs = np.where(filled, logs, -np.inf)
+        top = logs.max(axis=-1, keepdims=True)
+        entries = np.exp(logs - np.where(np.isfinite(top), top, 0.0))
+        return np.where(filled, entries, 0.0).astype(np.float32)
 
     @staticmethod
     def _rows(table: np.ndarray, rows: np.ndarray) -> np.ndarray:

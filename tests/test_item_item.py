@@ -148,3 +148,8 @@ def test_the_fit_weighs_older_events_by_its_own_recency():
     same = ItemItemHead(dims=4, weight=0.2, recency=0.9, history_recency=0.9)
     np.testing.assert_allclose(same._entries(weights), weights / weights.max(1, keepdims=True), rtol=1e-6)
     assert (flat._entries(weights)[~filled] == 0).all()  # empty places stay empty
+    # A steep user-tower decay over a long ring: old weights underflow, nothing overflows.
+    steep = 0.05 ** np.arange(64, dtype=np.float64)
+    steep = (steep / steep.sum()).astype(np.float32)[None, :]
+    entries = ItemItemHead(dims=4, weight=0.2, recency=0.995, history_recency=0.05)._entries(steep)
+    assert np.isfinite(entries).all() and entries.max() == 1.0 and entries[0, 1] == pytest.approx(0.995)
