@@ -392,9 +392,9 @@ class ContinualRecommender:
         return self.user_vectors_from(*self.users.histories_of(user_ids))
 
     def user_histories(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """What these users' vectors are made of now: (item rows, weights), [users, length], copies."""
-        rows, weights = self.users.histories_of(user_ids)
-        return rows.copy(), weights.copy()
+        """What these users' vectors are made of now: (item rows, weights), [users, length], arrays
+        of their own (``user_vectors_from`` reads them)."""
+        return self.users.histories_of(user_ids)
 
     def user_vectors_from(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """User vectors of given histories (from ``user_histories``) with the current model."""
