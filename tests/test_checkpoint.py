@@ -429,7 +429,8 @@ def test_checkpoint_of_10k_items_and_1k_users_takes_seconds(tmp_path, encoder):
                               "click", float(k)))
     learner.learn()  # optimizer, EWC and replay state (training itself is not what is measured)
     policy = learner.parts.replay.storage_policy
-    policy.update_from_dataset(make_experience(rng.integers(0, n_items, (20_000, 64)), rng.random((20_000, 64)),
+    width = learner.config.history_length
+    policy.update_from_dataset(make_experience(rng.integers(0, n_items, (20_000, width)), rng.random((20_000, width)),
                                                rng.integers(0, n_items, 20_000), 1).dataset)  # a full buffer
     for k in range(600, 6_000):
         learner.observe(Event(f"e{k}", f"user-{k % n_users}", f"item-{rng.integers(n_items)}", "click", float(k)))

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from learners.errors import RecstreamError
-from learners.explain import heaviest_items
+from learners.explain import top_history_items
 from learners.records import BadRecord
 from stream.config import Settings
 from stream.kafka.clients import DeadLetterSink, SourceRecord, VectorSink, make_producer
@@ -232,10 +232,9 @@ class Publisher:
         # let go: vectors of a newer version (the trainer's items) can never go out ahead of them.
         with self.learner.lock:
             learner = self.learner
-            rows, weights = learner.user_histories(user_ids)  # read once: the vectors and their because
-            vectors = learner.user_vectors_from(rows, weights)
+            vectors = learner.user_vectors(user_ids)
             because = [{"because": [{"item_id": item, "weight": w} for item, w in items]} if items else None
-                       for items in heaviest_items(learner.catalogue.ids, rows, weights)]
+                       for items in top_history_items(learner, user_ids)]
             version = learner.model_version
             records = encode_vectors("user", user_ids, vectors, version, time.time(), because)
             self.version_mark.advance(version)  # durable before any vector of it goes out
