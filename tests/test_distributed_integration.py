@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import sys
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -15,32 +14,11 @@ import pytest
 
 from learners.synthetic import SyntheticWorld
 from stream.kafka.broker import log_end_offsets, read_topic
-from worker_harness import WorkerProcess, make_topics, produce_events, produce_items
+from worker_harness import WorkerProcess, committed_offsets, make_topics, produce_events, produce_items, summed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RANKS = 2
-
-
-def _all_ranks(worker: WorkerProcess) -> list[dict[str, float]]:
-    return [worker.metrics(port_offset=r) for r in range(RANKS)]
-
-
-def _wait(worker: WorkerProcess, predicate, timeout_s: float, what: str) -> list[dict[str, float]]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if worker.proc.poll() is not None:
-            raise AssertionError(f"torchrun exited early ({worker.proc.returncode}) waiting for {what}:\n"
-                                 f"{worker.tail(80)}")
-        ranks = _all_ranks(worker)
-        if all(ranks) and predicate(ranks):
-            return ranks
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last metrics {_all_ranks(worker)}\n{worker.tail(80)}")
-
-
-def _total(ranks, name: str) -> float:
-    return sum(m.get(name, 0.0) for m in ranks)
 
 
 def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
@@ -58,13 +36,15 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
     try:
         # Events only once both ranks hold their partitions: handing over partitions that already
         # have state is the next step (ARCHITECTURE.md), not this test's subject.
-        _wait(worker, lambda ranks: all(m.get("recstream_partitions_assigned") == 4 / RANKS for m in ranks),
-              120, "both ranks in the group with two partitions each")
+        worker.wait_for_ranks(
+            RANKS, lambda ranks: all(m.get("recstream_partitions_assigned") == 4 / RANKS for m in ranks),
+            120, "both ranks in the group with two partitions each")
         produce_events(broker.bootstrap, topics.events, events)
-        ranks = _wait(worker, lambda ranks: _total(ranks, "recstream_events_consumed_total") >= len(events)
-                      and all(m.get("recstream_pending_events", 1) == 0 for m in ranks)
-                      and min(m.get("recstream_model_version", 0) for m in ranks) >= 2, 240,
-                      "all events consumed and trained")
+        ranks = worker.wait_for_ranks(
+            RANKS, lambda ranks: summed(ranks, "recstream_events_consumed_total") >= len(events)
+            and all(m.get("recstream_pending_events", 1) == 0 for m in ranks)
+            and min(m.get("recstream_model_version", 0) for m in ranks) >= 2, 240,
+            "all events consumed and trained")
         worker.terminate(timeout_s=90)  # torchrun hands SIGTERM to every rank: they drain together
     except BaseException:
         worker.kill()
@@ -73,9 +53,9 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
 
     # Each rank consumed its own partitions; together every event once, all trained (none shed).
     assert all(m.get("recstream_events_consumed_total", 0) > 0 for m in ranks), ranks
-    assert _total(ranks, "recstream_events_consumed_total") == len(events)
-    assert _total(ranks, "recstream_events_valid_total") == len(events)
-    assert _total(ranks, "recstream_train_samples_shed_total") == 0
+    assert summed(ranks, "recstream_events_consumed_total") == len(events)
+    assert summed(ranks, "recstream_events_valid_total") == len(events)
+    assert summed(ranks, "recstream_train_samples_shed_total") == 0
     assert "going back to the last checkpoint" not in log_text
     versions = {m["recstream_model_version"] for m in ranks}
     assert len(versions) == 1, ranks  # one model version sequence
@@ -98,14 +78,8 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
     assert items_out >= {i.item_id for i in described}
 
     # The group committed every partition to its end.
-    from kafka import KafkaConsumer, TopicPartition
-
     ends = log_end_offsets(broker.bootstrap, topics.events)
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=topics.group, enable_auto_commit=False)
-    try:
-        committed = {p: consumer.committed(TopicPartition(topics.events, p)) for p in ends}
-    finally:
-        consumer.close()
+    committed = committed_offsets(broker.bootstrap, topics.group, topics.events, ends)
     assert committed == ends and sum(ends.values()) == len(events)
     # Each rank checkpoints into a state dir of its own.
     assert all(any((tmp_path / "state" / f"rank-{r}").glob("ckpt-*")) for r in range(RANKS))

@@ -24,7 +24,7 @@ import pytest
 from learners.checkpoint import CheckpointStore, checkpoint_version
 from learners.synthetic import SyntheticWorld
 from stream.kafka.broker import log_end_offsets, read_topic
-from worker_harness import WorkerProcess, make_topics, produce_events, produce_items
+from worker_harness import WorkerProcess, committed_offsets, make_topics, produce_events, produce_items, summed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,24 +49,8 @@ def _rank_pids(torchrun_pid: int) -> dict[int, int]:
     return out
 
 
-def _metrics(worker: WorkerProcess) -> list[dict[str, float]]:
-    return [worker.metrics(port_offset=r) for r in range(RANKS)]
-
-
 def _wait(worker: WorkerProcess, predicate, timeout_s: float, what: str) -> list[dict[str, float]]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if worker.proc.poll() is not None:
-            raise AssertionError(f"torchrun exited ({worker.proc.returncode}) waiting for {what}:\n{worker.tail(80)}")
-        ranks = _metrics(worker)
-        if all(ranks) and predicate(ranks):
-            return ranks
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last metrics {_metrics(worker)}\n{worker.tail(80)}")
-
-
-def _total(ranks, name: str) -> float:
-    return sum(m.get(name, 0.0) for m in ranks)
+    return worker.wait_for_ranks(RANKS, predicate, timeout_s, what, poll_s=0.3)
 
 
 def _versions(state: Path, rank: int) -> list[int]:
@@ -121,20 +105,14 @@ def _wait_for_restart(worker: WorkerProcess, killed: int, timeout_s: float) -> N
     while True:
         assert worker.proc.poll() is None, f"torchrun exited ({worker.proc.returncode}):\n{worker.tail(80)}"
         pids = _rank_pids(worker.proc.pid)
-        if sorted(pids) == [0, 1] and killed not in pids.values() and all(_metrics(worker)):
+        if sorted(pids) == [0, 1] and killed not in pids.values() and all(worker.rank_metrics(RANKS)):
             return
         assert time.monotonic() < deadline, f"no restart; ranks {pids}\n{worker.tail(80)}"
         time.sleep(0.3)
 
 
 def _committed(bootstrap: str, topics) -> dict[int, int]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=topics.group, enable_auto_commit=False)
-    try:
-        return {p: consumer.committed(TopicPartition(topics.events, p)) for p in range(4)}
-    finally:
-        consumer.close()
+    return committed_offsets(bootstrap, topics.group, topics.events, range(4))
 
 
 def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_itself(broker, unique_topic, tmp_path):
@@ -154,14 +132,14 @@ def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_its
         _wait(worker, lambda ranks: all(m.get("recstream_partitions_assigned") == 2 for m in ranks), 120,
               "both ranks in the group with two partitions each")
         produce_events(broker.bootstrap, topics.events, chunks[0])
-        _wait(worker, lambda ranks: _total(ranks, "recstream_events_consumed_total") >= 500, 60, "events flowing")
+        _wait(worker, lambda ranks: summed(ranks, "recstream_events_consumed_total") >= 500, 60, "events flowing")
         _wait_for_versions(worker, state, 2, 60)
         killed = _kill_rank_1(worker)  # mid-stream: the rest of the chunk still waits
         _wait_for_restart(worker, killed, 90)
 
         produce_events(broker.bootstrap, topics.events, chunks[1])
         # (counters count this attempt's records: a restarted rank's start at 0)
-        _wait(worker, lambda ranks: _total(ranks, "recstream_events_consumed_total") >= 300, 90,
+        _wait(worker, lambda ranks: summed(ranks, "recstream_events_consumed_total") >= 300, 90,
               "events flowing after the first restart")
         _wait_for_a_step_back(worker, state, 60)
         killed = _kill_rank_1(worker)
@@ -198,7 +176,7 @@ def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_its
     assert re.search(r"going back to checkpoint ckpt-\d+-\d+ \(model version \d+\), the newest every rank has "
                      r"complete", log_text), log_text[-6000:]
     assert re.search(r"reading again from offset \d+", log_text), log_text[-6000:]
-    assert _total(ranks, "recstream_checkpoint_restore_rollbacks_total") == 1  # rank 0, once
+    assert summed(ranks, "recstream_checkpoint_restore_rollbacks_total") == 1  # rank 0, once
     assert "RanksDisagree" not in log_text and "the ranks restored different models" not in log_text
 
     # The same weights on both ranks at the end, bit for bit.

@@ -10,7 +10,7 @@ import pytest
 
 from learners.synthetic import SyntheticWorld
 from stream.kafka.broker import log_end_offsets, read_topic
-from worker_harness import WorkerProcess, make_topics, produce, produce_events, produce_items
+from worker_harness import WorkerProcess, committed_offsets, make_topics, produce, produce_events, produce_items
 
 pytestmark = pytest.mark.integration
 
@@ -82,14 +82,8 @@ def test_worker_end_to_end(broker, unique_topic, tmp_path):
     assert max(versions) >= 2  # the model version advanced and vectors carry it
 
     # After SIGTERM the group's committed offsets are at the end of the events log.
-    from kafka import KafkaConsumer, TopicPartition
-
     ends = log_end_offsets(broker.bootstrap, topics.events)
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=topics.group, enable_auto_commit=False)
-    try:
-        committed = {p: consumer.committed(TopicPartition(topics.events, p)) for p in ends}
-    finally:
-        consumer.close()
+    committed = committed_offsets(broker.bootstrap, topics.group, topics.events, ends)
     assert committed == ends
     assert sum(ends.values()) == total
 

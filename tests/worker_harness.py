@@ -59,6 +59,22 @@ def produce_events(bootstrap: str, topic: str, events: list[Event]) -> None:
     produce(bootstrap, topic, [(e.user_id.encode(), event_to_json(e)) for e in events])
 
 
+def summed(ranks: list[dict[str, float]], name: str) -> float:
+    """One metric summed over the ranks' metrics."""
+    return sum(m.get(name, 0.0) for m in ranks)
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions) -> dict[int, int]:
+    """The group's committed offset of each of ``topic``'s ``partitions`` (None: nothing committed)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in partitions}
+    finally:
+        consumer.close()
+
+
 class WorkerProcess:
     """``recstream worker`` in a subprocess with fast-joining group settings."""
 
@@ -107,6 +123,24 @@ class WorkerProcess:
                 return m
             time.sleep(0.5)
         raise AssertionError(f"timed out waiting for {what}; last metrics {self.metrics()}\n{self.tail()}")
+
+    def rank_metrics(self, ranks: int) -> list[dict[str, float]]:
+        """``metrics`` of every rank of a torchrun group (one port each)."""
+        return [self.metrics(port_offset=r) for r in range(ranks)]
+
+    def wait_for_ranks(self, ranks: int, predicate, timeout_s: float, what: str,
+                       poll_s: float = 0.5) -> list[dict[str, float]]:
+        """``wait_for`` over all ranks: ``predicate`` sees every rank's metrics, once all serve."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"torchrun exited early ({self.proc.returncode}) waiting for {what}:\n"
+                                     f"{self.tail(80)}")
+            metrics = self.rank_metrics(ranks)
+            if all(metrics) and predicate(metrics):
+                return metrics
+            time.sleep(poll_s)
+        raise AssertionError(f"timed out waiting for {what}; last metrics {self.rank_metrics(ranks)}\n{self.tail(80)}")
 
     def terminate(self, timeout_s: float = 120.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
