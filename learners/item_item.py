@@ -43,6 +43,7 @@ worker publishes exactly the vectors of the version it restored.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -74,6 +75,40 @@ class Factors:
     max_norm: float
     rms: float
     seconds: float = 0.0  # how long the fit took
+
+
+class SharedFits:
+    """Fits already made, keyed by everything a fit reads, for learners that read one stream.
+
+    A fit depends on the histories and the head's settings, never on the model, so the
+    strategies of one evaluation (``learners.evaluation.strategies``) share each fit instead of
+    making it once per strategy. Keeps only the fitted rows: a fit leaves all others zero.
+    """
+
+    def __init__(self) -> None:
+        self._fits: dict[bytes, tuple] = {}
+        self.hits = 0
+
+    def fit(self, head: "ItemItemHead", rows: np.ndarray, weights: np.ndarray, n_items: int,
+            events_seen: int) -> Factors:
+        rows = np.ascontiguousarray(rows, np.int64)
+        weights = np.ascontiguousarray(weights, np.float32)
+        key = hashlib.blake2b(repr((head.rank, head.l2, head.max_items, head.seed, head.recency,
+                                    head.history_recency, n_items, rows.shape)).encode()
+                              + rows.tobytes() + weights.tobytes(), digest_size=16).digest()
+        kept = self._fits.get(key)
+        if kept is None:
+            factors = head.fit(rows, weights, n_items, events_seen)
+            fitted = np.flatnonzero(factors.user.any(1) | factors.item.any(1))
+            self._fits[key] = (fitted, factors.user[fitted], factors.item[fitted],
+                               factors.max_norm, factors.rms, factors.seconds)
+            return factors
+        self.hits += 1
+        fitted, user_rows, item_rows, max_norm, rms, seconds = kept
+        user = np.zeros((n_items, head.rank), np.float32)
+        item = np.zeros((n_items, head.rank), np.float32)
+        user[fitted], item[fitted] = user_rows, item_rows
+        return Factors(user, item, max_norm, rms, seconds)
 
 
 class ItemItemHead:

@@ -25,7 +25,7 @@ from learners.encoder import TextEncoder, resolve_device
 from learners.experience import make_experience
 from learners.features import ItemFeatures
 from learners.hooks import StepCallbackPlugin
-from learners.item_item import VALIDATION_SAMPLES, ItemItemHead, head_dims
+from learners.item_item import VALIDATION_SAMPLES, ItemItemHead, SharedFits, head_dims
 from learners.model import TwoTower
 from learners.records import EVENT_TYPE_OF, EVENT_WEIGHTS, ITEM_ID_OF, USER_ID_OF, Event, Item, encoder_text
 from learners.row_agreement import RowAgreement
@@ -50,8 +50,10 @@ class LearnReport:
 
 
 class ContinualRecommender:
-    def __init__(self, config: LearnerConfig, encoder: Optional[TextEncoder] = None, collective=None) -> None:
-        """``collective``: a ``learners.distributed.Collective`` to train one model across ranks."""
+    def __init__(self, config: LearnerConfig, encoder: Optional[TextEncoder] = None, collective=None,
+                 shared_fits: Optional[SharedFits] = None) -> None:
+        """``collective``: a ``learners.distributed.Collective`` to train one model across ranks.
+        ``shared_fits``: item-item fits shared with other learners that read the same stream."""
         torch.manual_seed(config.seed)
         self.config = config
         self.device = resolve_device(config.device)
@@ -72,6 +74,7 @@ class ContinualRecommender:
                                       time_share=config.item_item_time_share,
                                       recency=config.item_item_recency,
                                       history_recency=config.recency_decay) if dims else None
+        self._shared_fits = shared_fits
         self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim - dims,
                               config.negatives, config.temperature, self.device,
                               text_batch=config.text_batch, popularity_weight=config.popularity_weight,
@@ -300,7 +303,8 @@ class ContinualRecommender:
             self._refresh_after_update(touched)
             if refit is not None:
                 (rows, weights), n_items, events_seen = refit
-                factors = head.fit(rows, weights, n_items, events_seen)
+                factors = head.fit(rows, weights, n_items, events_seen) if self._shared_fits is None \
+                    else self._shared_fits.fit(head, rows, weights, n_items, events_seen)
             updated = True
         finally:
             with self.lock:  # the update lands: new version, tables rebuilt on next use

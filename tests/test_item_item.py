@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from learners.item_item import WEIGHT_GRID, ItemItemHead, head_dims
+from learners.item_item import WEIGHT_GRID, ItemItemHead, SharedFits, head_dims
 
 
 def _histories(pairs: int, users: int, length: int = 4, seed: int = 0):
@@ -153,3 +153,24 @@ def test_the_fit_weighs_older_events_by_its_own_recency():
     steep = (steep / steep.sum()).astype(np.float32)[None, :]
     entries = ItemItemHead(dims=4, weight=0.2, recency=0.995, history_recency=0.05)._entries(steep)
     assert np.isfinite(entries).all() and entries.max() == 1.0 and entries[0, 1] == pytest.approx(0.995)
+
+
+def test_shared_fits_give_what_a_fit_of_ones_own_gives_and_fit_each_input_once(monkeypatch):
+    rows, weights, n_items = _histories(pairs=6, users=120)
+    head = ItemItemHead(dims=8, weight=1.0, l2=1.0)
+    alone = head.fit(rows, weights, n_items, events_seen=360)
+    shared = SharedFits()
+    made = []
+    fit = ItemItemHead.fit
+    monkeypatch.setattr(ItemItemHead, "fit", lambda self, *args: made.append(args) or fit(self, *args))
+    for _ in range(3):  # three strategies reading the same stream
+        got = shared.fit(ItemItemHead(dims=8, weight=0.3, l2=1.0), rows, weights, n_items, 360)
+        np.testing.assert_array_equal(got.user, alone.user)
+        np.testing.assert_array_equal(got.item, alone.item)
+        assert (got.max_norm, got.rms) == (alone.max_norm, alone.rms)
+    assert len(made) == 1 and shared.hits == 2
+    later = weights.copy()
+    later[0, 0] = 1.0  # one more event: another input, another fit
+    shared.fit(head, rows, later, n_items, 361)
+    shared.fit(ItemItemHead(dims=8, weight=1.0, l2=2.0), rows, weights, n_items, 360)  # another setting
+    assert len(made) == 3

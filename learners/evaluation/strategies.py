@@ -4,7 +4,8 @@ All learner strategies (naive, ewc, replay, ewc_replay, joint) drive
 ``ContinualRecommender`` exactly as the worker does: events are observed in
 time order and trained in experiences of ``experience_size`` events. They
 share one encoder's frozen bottom and one cache of its outputs, so the
-catalogue is encoded once per evaluation, not once per strategy.
+catalogue is encoded once per evaluation, not once per strategy; and one store
+of the item-item head's fits, which depend on the stream alone.
 
 Publishing item vectors from averaged weights (``serving_average``) is one of
 the product's protections against forgetting, so only ``ewc_replay`` (the
@@ -28,6 +29,7 @@ import numpy as np
 from learners.encoder import TextEncoder, resolve_device
 from learners.evaluation.peers import PEERS
 from learners.evaluation.popularity import PopularityRecommender
+from learners.item_item import SharedFits
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import EVENT_WEIGHTS, Event, Item, encoder_text
 
@@ -42,12 +44,13 @@ class LearnerRecommender:
     """A continual strategy: each block is one more stretch of the stream."""
 
     def __init__(self, name: str, config: LearnerConfig, encoder: TextEncoder, frozen_cache: dict,
-                 experience_size: int) -> None:
+                 experience_size: int, shared_fits: Optional[SharedFits] = None) -> None:
         self.name = name
         average = config.serving_average if name in AVERAGED else 0.0
         # Refits of the item-item head by the event count alone: a wall-time budget would make runs differ.
         self.learner = ContinualRecommender(dataclasses.replace(config, strategy=name, serving_average=average,
-                                                                item_item_time_share=0.0), encoder)
+                                                                item_item_time_share=0.0), encoder,
+                                            shared_fits=shared_fits)
         self._frozen_cache = frozen_cache
         self.experience_size = experience_size
         self.train_seconds = 0.0
@@ -174,6 +177,8 @@ def make_factory(config: LearnerConfig, experience_size: int = 512, joint_epochs
     """
     joint_config = dataclasses.replace(config, batch_size=joint_batch_size)
     shared: dict = {}
+    # Every strategy reads the same stream, so the item-item head's fits are the same for all.
+    fits = SharedFits()
 
     def encoder() -> TextEncoder:
         if "encoder" not in shared:
@@ -189,10 +194,10 @@ def make_factory(config: LearnerConfig, experience_size: int = 512, joint_epochs
         if name == "frozen":
             return FrozenTextRecommender(encoder())
         if name in LEARNER_STRATEGIES:
-            return LearnerRecommender(name, config, encoder(), shared["cache"], experience_size)
+            return LearnerRecommender(name, config, encoder(), shared["cache"], experience_size, fits)
         if name == "joint":
             return JointRecommender(
-                lambda: LearnerRecommender("naive", joint_config, encoder(), shared["cache"], experience_size),
+                lambda: LearnerRecommender("naive", joint_config, encoder(), shared["cache"], experience_size, fits),
                 joint_epochs)
         raise KeyError(f"unknown strategy {name!r}; choose from {', '.join(ALL_STRATEGIES)}")
 
