@@ -12,7 +12,6 @@ import copy
 import logging
 import random
 import threading
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
