@@ -52,6 +52,9 @@ class SourceRecord(NamedTuple):
 _CONSUMER_RECORD_FIELDS = attrgetter("topic", "partition", "offset", "key", "value", "timestamp", "headers")
 _new_source_record = partial(tuple.__new__, SourceRecord)
 
+# How long one ``next_batch`` keeps polling while a group join is in flight (see there).
+JOIN_POLL_S = 1.0
+
 
 def _pairs(partitions: Iterable[TopicPartition]) -> list[Partition]:
     return sorted((tp.topic, tp.partition) for tp in partitions)
@@ -89,7 +92,7 @@ class KafkaSource:
     def __init__(self, consumer: Union[KafkaConsumer, Callable[[], KafkaConsumer]], *,
                  on_error: Optional[ErrorCallback] = None,
                  backoff_initial_s: float = 0.1, backoff_max_s: float = 5.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, join_poll_s: float = JOIN_POLL_S):
         if callable(consumer) and not hasattr(consumer, "poll"):
             try:
                 consumer = consumer()
@@ -100,6 +103,7 @@ class KafkaSource:
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._sleep = sleep
+        self._join_poll_s = join_poll_s
         self._failures = 0
         self._paused = False
         self._held: set[TopicPartition] = set()  # kept paused until released (stream/worker/group_restore.py)
@@ -131,6 +135,14 @@ class KafkaSource:
         except Exception:  # noqa: BLE001 - a client without these internals: no early warning, callbacks still run
             return False
 
+    def joining(self) -> bool:
+        """True from this member's JoinGroup until its assignment is taken in (a rebalance in flight)."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        try:
+            return bool(coordinator is not None and coordinator.rejoining)
+        except Exception:  # noqa: BLE001 - a client without these internals: polls as usual
+            return False
+
     def topic_exists(self, topic: str) -> Optional[bool]:
         """Whether the cluster knows ``topic`` (fresh metadata); None when it cannot be asked."""
         try:
@@ -142,9 +154,17 @@ class KafkaSource:
 
     # --- reading --------------------------------------------------------------
     def next_batch(self, timeout_ms: int = 1000) -> list[SourceRecord]:
-        """One poll, flattened in (topic, partition, offset) order; [] on broker trouble."""
+        """One poll, flattened in (topic, partition, offset) order; [] on broker trouble.
+
+        While a group join is in flight it goes on polling, up to ``join_poll_s``: kafka-python
+        (3.0.x) drops a JoinGroup/SyncGroup round that completes outside ``poll()`` and sends a
+        new JoinGroup, so a caller that works between short polls can rejoin forever where
+        joins take seconds (a group waiting for its members, a broker that delays joins)."""
         try:
             polled = self._consumer.poll(timeout_ms=timeout_ms)
+            deadline = time.monotonic() + self._join_poll_s
+            while not polled and self.joining() and (left := deadline - time.monotonic()) > 0:
+                polled = self._consumer.poll(timeout_ms=max(1, int(left * 1000)))
         except FencedInstanceIdError as exc:
             raise _fenced(exc) from exc
         except (KafkaError, OSError) as exc:

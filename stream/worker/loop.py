@@ -278,9 +278,12 @@ class Worker:
         trainer, checkpointer = self.trainer, self.checkpointer
         trainer.collect()
         checkpointer.collect()
-        if not self._busy and ingest.read_items():  # add_items runs the model: never while it trains
-            checkpointer.note_items()  # or is being prepared
-        if not self._busy:  # erasing changes what training and a checkpoint's prepare read
+        # While a group join is in flight, nothing slow between polls: the client drops a join
+        # that completes outside poll() (KafkaSource.next_batch).
+        joining = events.joining()
+        if not self._busy and not joining and ingest.read_items():  # add_items runs the model: never
+            checkpointer.note_items()  # while it trains or is being prepared
+        if not self._busy and not joining:  # erasing changes what training and a checkpoint's prepare read
             self.forgetting.apply()
         if events.rejoin_pending() and events.assignment():
             self.membership.before_rebalance()
