@@ -73,8 +73,8 @@ class KafkaSettings(BaseSettings):
                           "worker gets its partitions back at once instead of waiting --session-timeout-ms for "
                           "its killed predecessor to expire. A static member that stops for good keeps its "
                           "partitions until its session expires. Two live workers never share one: the newer "
-                          "fences the older. For Kafka 2.3+ and compatible brokers, not the embedded demo "
-                          "broker. Empty = dynamic membership")
+                          "fences the older. For Kafka 2.3+ and compatible brokers (the embedded demo broker "
+                          "never expires a static member that is gone). Empty = dynamic membership")
     events_topic: str = Field("events", description="topic of click/favourite/purchase events")
     items_topic: str = Field("items", description="topic of item texts (compacted)")
     vectors_topic: str = Field("vectors", description="topic the user and item vectors go to")
