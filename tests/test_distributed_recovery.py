@@ -70,22 +70,26 @@ def _event_offsets(path: Path) -> list:
     return json.loads((path / "extra.json").read_text())["event_offsets"]
 
 
-def _wait_for_a_step_back(worker, state: Path, timeout_s: float) -> list[Path]:
-    """Rank 1's newest checkpoints down to one holding fewer events, at a version rank 0 has too:
-    without them rank 0 must go back, and the partitions committed past it are read again."""
+def _wait_for_a_step_back(worker, state: Path, timeout_s: float, committed) -> Path:
+    """A checkpoint of rank 1 that holds fewer events than its newest, at a version rank 0 has too,
+    once rank 1's partitions are committed past it (``committed()``: partition -> offset): without
+    the newer ones rank 0 must go back to it, and the partitions committed past it are read again."""
     deadline = time.monotonic() + timeout_s
     while True:
         assert worker.proc.poll() is None, worker.tail(80)
         paths = CheckpointStore(state / "rank-1").checkpoints()
         try:
-            older = [i for i, p in enumerate(paths) if _event_offsets(p) != _event_offsets(paths[0])]
-            if older and checkpoint_version(paths[older[0]]) in _versions(state, 0) \
-                    and checkpoint_version(paths[older[0]]) < checkpoint_version(paths[0]):
-                return paths[:older[0]]
+            older = [p for p in paths if _event_offsets(p) != _event_offsets(paths[0])]
+            if older and checkpoint_version(older[0]) in _versions(state, 0) \
+                    and checkpoint_version(older[0]) < checkpoint_version(paths[0]):
+                held = {p: o for _, p, o in _event_offsets(older[0])}
+                commits = committed()
+                if any((commits.get(p) or 0) > held.get(p, 0) for _, p, _ in _event_offsets(paths[0])):
+                    return older[0]
         except (OSError, IndexError, ValueError):
             pass  # a folder pruned while read
         assert time.monotonic() < deadline, f"checkpoints {_versions(state, 0)} / {_versions(state, 1)}"
-        time.sleep(0.2)
+        time.sleep(0.3)
 
 
 def _final_extra(state: Path, rank: int) -> dict:
@@ -139,12 +143,14 @@ def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_its
 
         produce_events(broker.bootstrap, topics.events, chunks[1])
         # (counters count this attempt's records: a restarted rank's start at 0)
-        _wait(worker, lambda ranks: summed(ranks, "recstream_events_consumed_total") >= 300, 90,
-              "events flowing after the first restart")
-        _wait_for_a_step_back(worker, state, 60)
+        _wait(worker, lambda ranks: all(m.get("recstream_events_consumed_total", 0) >= 100 for m in ranks), 90,
+              "events flowing to both ranks after the first restart")
+        step_back = _wait_for_a_step_back(worker, state, 60, lambda: _committed(broker.bootstrap, topics))
         killed = _kill_rank_1(worker)
         # What a kill mid-write leaves: rank 1 lacks the newest version rank 0 holds.
-        for path in _wait_for_a_step_back(worker, state, 5):
+        paths = CheckpointStore(state / "rank-1").checkpoints()
+        assert step_back in paths, (step_back, paths)
+        for path in paths[:paths.index(step_back)]:
             shutil.rmtree(path)
         _wait_for_restart(worker, killed, 90)
 
