@@ -3,9 +3,10 @@
 A user vector is read from the user's history rows and weights
 (``ContinualRecommender.user_histories``: recency and event type folded in,
 summing to 1 per user). An item's share of the weight of the user's newest
-events, summed over its events, says how much it shaped the vector; the largest few go out with the
-vector (the ``because`` payload field, docs/formats.md) so a reader can say
-which of them a recommendation is closest to. Vectorised over the batch of
+events, summed over its events, says how much it shaped the vector; the
+largest few go out with the vector (the ``because`` payload field,
+docs/formats.md) so a reader can say which of them a recommendation is
+closest to. Vectorised over the batch of
 users a publish window sends: one ``np.unique`` and one sort, no per-event work.
 """
 

@@ -137,11 +137,8 @@ class KafkaSource:
 
     def joining(self) -> bool:
         """True from this member's JoinGroup until its assignment is taken in (a rebalance in flight)."""
-        coordinator = getattr(self._consumer, "_coordinator", None)
-        try:
-            return bool(coordinator is not None and coordinator.rejoining)
-        except Exception:  # noqa: BLE001 - a client without these internals: polls as usual
-            return False
+        # A client without these internals: never joining, so it polls as usual.
+        return bool(getattr(getattr(self._consumer, "_coordinator", None), "rejoining", False))
 
     def topic_exists(self, topic: str) -> Optional[bool]:
         """Whether the cluster knows ``topic`` (fresh metadata); None when it cannot be asked."""
