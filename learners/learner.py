@@ -202,6 +202,36 @@ class ContinualRecommender:
             self.observe_many(events)
         return list(dict.fromkeys(map(USER_ID_OF, events)))
 
+    # -- users moving between learners (their events partition changed owner) ---
+    def export_histories(self, user_ids: Iterable[str]) -> dict[str, tuple[list[str], list[float]]]:
+        """Each held user's history as item ids and event weights, oldest first: what another
+        learner needs to carry on with them (``adopt_histories``). Users not held are left out."""
+        ids = self.catalogue.ids
+        out: dict[str, tuple[list[str], list[float]]] = {}
+        with self.lock:
+            for user_id in user_ids:
+                rows, weights = self.users.ring_of(user_id)
+                if len(rows):
+                    out[user_id] = ([ids[row] for row in rows.tolist()], weights.tolist())
+        return out
+
+    def adopt_histories(self, histories: dict[str, tuple[Sequence[str], Sequence[float]]]) -> int:
+        """Start these users' histories over from the given ones (another learner's
+        ``export_histories``). They queue no training samples: those events were trained on
+        where they were applied. With a collective, items without an agreed row are left out
+        (rows are only handed out in rounds). Returns how many users were adopted."""
+        with self.lock:
+            for user_id, (item_ids, weights) in histories.items():
+                if self.rows is None:
+                    rows = [self.catalogue.row(item_id) for item_id in item_ids]
+                else:
+                    kept = [(self.catalogue.existing_row(i), w) for i, w in zip(item_ids, weights)]
+                    kept = [(row, w) for row, w in kept if row is not None]
+                    rows, weights = [row for row, _ in kept], [w for _, w in kept]
+                self.users.replace(user_id, rows, weights, self._seq)
+                self._seq += len(rows)
+        return len(histories)
+
     @property
     def rows_waiting(self) -> bool:
         """Ids wait for an ``agree_rows`` round (always False without a collective)."""

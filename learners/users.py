@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -145,6 +145,16 @@ class UserHistories:
                 self._pweights[slot, keep] = weight
         return slot
 
+    def replace(self, user_id: str, item_rows: Sequence[int], weights: Sequence[float], first_seq: int) -> int:
+        """Start the user's history over from these events (oldest first, sequence numbers from
+        ``first_seq``), in the slot they hold (training samples queued for it stay theirs)."""
+        slot = self._slot(user_id)
+        self._clear(slot)
+        self._tags[slot] = owner_tag(user_id)
+        for i, (row, weight) in enumerate(zip(item_rows, weights)):
+            self.append(user_id, int(row), float(weight), first_seq + i)
+        return slot
+
     def append_many(self, user_ids: list[str], item_rows: list[int], weights: list[float], first_seq: int) -> list[int]:
         """``append`` for a batch of events in order (sequence numbers from ``first_seq``): the
         same state as one by one, with the ring writes done as one vectorised store each
@@ -230,6 +240,17 @@ class UserHistories:
         total = weights.sum(axis=1, keepdims=True)
         weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
         return np.where(keep, self._prows[safe], 0).astype(np.int64), weights
+
+    def ring_of(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The user's ring as it was written: item rows and raw event weights, oldest first
+        (empty when not held). Appending them in this order to an empty history rebuilds it."""
+        slot = self._slot_of.get(user_id)
+        if slot is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        count = int(self._count[slot])
+        kept = min(count, self.length)
+        places = (count - kept + np.arange(kept)) % self.length
+        return self._rows[slot, places].astype(np.int64), self._weights[slot, places].copy()
 
     def item_rows_of(self, user_id: str) -> np.ndarray:
         slot = self._slot_of.get(user_id)

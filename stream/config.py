@@ -82,6 +82,11 @@ class KafkaSettings(BaseSettings):
     forget_topic: str = Field(
         "forget", description="topic of erasure requests keyed by user id (`recstream forget`): the worker erases "
                               "what it holds of that user and publishes a tombstone for the user's vector")
+    changelog_topic: str = Field(
+        "events.changelog", description="compacted topic with as many partitions as the events topic: each user's "
+                                        "history, written at every checkpoint, so a worker newly assigned an "
+                                        "events partition carries on with its users' histories. Missing: "
+                                        "histories stay with the worker that built them (said at start)")
     client_id: str = Field("recstream-worker", description="Kafka client id")
     security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
     sasl_mechanism: Optional[str] = Field(None, description="e.g. PLAIN, SCRAM-SHA-512")

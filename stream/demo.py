@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 def create_topics(bootstrap: str, settings, partitions: int = 3) -> None:
     ensure_topics(bootstrap, {settings.events_topic: partitions, settings.items_topic: 1,
-                              settings.vectors_topic: partitions, settings.dlq_topic: 1, settings.forget_topic: 1},
-                  compacted={settings.items_topic, settings.vectors_topic})
+                              settings.vectors_topic: partitions, settings.dlq_topic: 1, settings.forget_topic: 1,
+                              settings.changelog_topic: partitions},
+                  compacted={settings.items_topic, settings.vectors_topic, settings.changelog_topic})
 
 
 class DemoFeeder(threading.Thread):

@@ -23,7 +23,7 @@ _FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 
 _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The ``operation`` label of recstream_broker_errors_total (stream/worker/, stream/kafka/clients.py, stream/kafka/items.py).
 BROKER_OPERATIONS = ("connect", "dlq_scan", "poll", "produce", "commit", "metadata", "items_metadata", "items_poll",
-                     "forget_metadata", "forget_poll")
+                     "forget_metadata", "forget_poll", "changelog")
 # The ``stage`` label of recstream_record_failures_total (stream/worker/isolation.py).
 RECORD_FAILURE_STAGES = ("events", "items", "user_vectors", "item_vectors")
 
@@ -81,6 +81,12 @@ class WorkerMetrics:
             "(--distributed)", registry=r)
         self.last_checkpoint = Gauge("recstream_last_checkpoint_timestamp_seconds",
                                      "Wall-clock time of the last checkpoint", registry=r)
+        self.changelog_records = Counter(
+            "recstream_changelog_records_total",
+            "User histories written to the changelog topic at checkpoints", registry=r)
+        self.users_adopted = Counter(
+            "recstream_users_adopted_total",
+            "User histories read from the changelog for partitions newly assigned to this worker", registry=r)
         self.heartbeat = Gauge("recstream_heartbeat_timestamp_seconds", "Last turn of the worker loop", registry=r)
         self.partitions = Gauge("recstream_partitions_assigned", "Partitions assigned to this worker", registry=r)
         self.rebalances = Counter("recstream_rebalances_total", "Partition revocations and assignments", registry=r)

@@ -324,7 +324,8 @@ def test_worker_waits_for_the_broker_without_spinning_and_recovers(unique_topic,
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
     topics = Topics(unique_topic("events"), unique_topic("items"), unique_topic("vectors"),
-                    unique_topic("dlq"), unique_topic("group"), unique_topic("forget"))  # forget: never created
+                    unique_topic("dlq"), unique_topic("group"), unique_topic("forget"),
+                    unique_topic("changelog"))  # forget and changelog: never created
     world = SyntheticWorld(n_items=60, n_users=40, seed=9)
     first = list(world.events(600, id_prefix=f"up-{uuid.uuid4().hex[:6]}"))
     bad = [malformed(i) for i in range(6)]

@@ -57,7 +57,7 @@ def test_every_dashboard_and_alert_expression_returns_worker_data(tmp_path, prom
 
 
 def _run_against(broker, tmp_path, prometheus):
-    names = iter(["events", "items", "vectors", "events.dlq", "recstream", "forget"])
+    names = iter(["events", "items", "vectors", "events.dlq", "recstream", "forget", "events.changelog"])
     topics = make_topics(broker.bootstrap, lambda _prefix: next(names))
     world = SyntheticWorld(n_items=80, n_users=40, seed=5)
     produce_items(broker.bootstrap, topics.items, world.items())

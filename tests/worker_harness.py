@@ -33,13 +33,15 @@ class Topics:
     dlq: str
     group: str
     forget: str
+    changelog: str
 
 
 def make_topics(bootstrap: str, unique, partitions: int = 3) -> Topics:
     t = Topics(unique("events"), unique("items"), unique("vectors"), unique("dlq"), unique("group"),
-               unique("forget"))
-    ensure_topics(bootstrap, {t.events: partitions, t.items: 1, t.vectors: partitions, t.dlq: 1, t.forget: 1},
-                  compacted={t.items, t.vectors})
+               unique("forget"), unique("changelog"))
+    ensure_topics(bootstrap, {t.events: partitions, t.items: 1, t.vectors: partitions, t.dlq: 1, t.forget: 1,
+                              t.changelog: partitions},
+                  compacted={t.items, t.vectors, t.changelog})
     return t
 
 
@@ -87,7 +89,7 @@ class WorkerProcess:
             "RECSTREAM_BOOTSTRAP_SERVERS": bootstrap, "RECSTREAM_GROUP_ID": topics.group,
             "RECSTREAM_EVENTS_TOPIC": topics.events, "RECSTREAM_ITEMS_TOPIC": topics.items,
             "RECSTREAM_VECTORS_TOPIC": topics.vectors, "RECSTREAM_DLQ_TOPIC": topics.dlq,
-            "RECSTREAM_FORGET_TOPIC": topics.forget,
+            "RECSTREAM_FORGET_TOPIC": topics.forget, "RECSTREAM_CHANGELOG_TOPIC": topics.changelog,
             "RECSTREAM_STATE_DIR": str(state_dir), "RECSTREAM_METRICS_PORT": str(self.port),
             "RECSTREAM_MAX_POLL_INTERVAL_MS": "5000", "RECSTREAM_SESSION_TIMEOUT_MS": "6000",
             "RECSTREAM_DEVICE": "cpu",

@@ -112,11 +112,13 @@ class Cluster:
 
         stem = f"recstream-bench-{self.run_id}-{phase}"
         names = {"events_topic": f"{stem}-events", "items_topic": f"{stem}-items",
-                 "vectors_topic": f"{stem}-vectors", "dlq_topic": f"{stem}-dlq", "forget_topic": f"{stem}-forget"}
+                 "vectors_topic": f"{stem}-vectors", "dlq_topic": f"{stem}-dlq", "forget_topic": f"{stem}-forget",
+                 "changelog_topic": f"{stem}-changelog"}
         ensure_topics(self.bootstrap, {names["events_topic"]: partitions, names["items_topic"]: 1,
                                        names["vectors_topic"]: partitions, names["dlq_topic"]: 1,
-                                       names["forget_topic"]: 1},
-                      compacted={names["items_topic"], names["vectors_topic"]}, **self.client_kwargs())
+                                       names["forget_topic"]: 1, names["changelog_topic"]: partitions},
+                      compacted={names["items_topic"], names["vectors_topic"], names["changelog_topic"]},
+                      **self.client_kwargs())
         self._created.extend(names.values())
         return self.settings.model_copy(update={**names, "group_id": f"{stem}-{uuid.uuid4().hex[:6]}"})
 

@@ -259,6 +259,14 @@ class KafkaSource:
 
         self._consumer.commit_async(offsets=payload, callback=done)
 
+    def position(self, topic: str, partition: int, timeout_ms: int = 5000) -> Optional[int]:
+        """The next offset this member reads of an assigned partition (its commit, or where it was
+        sought to); None when Kafka did not say within ``timeout_ms``."""
+        try:
+            return self._consumer.position(TopicPartition(topic, partition), timeout_ms=timeout_ms)
+        except KafkaError as exc:
+            raise BrokerError(f"could not read the position of {topic}[{partition}]: {exc}") from exc
+
     def committed(self, topic: str, partition: int) -> Optional[int]:
         try:
             return self._consumer.committed(TopicPartition(topic, partition))
@@ -323,7 +331,7 @@ class _ProducerSink:
         self._producer = producer
         self.topic = topic
         self._lock = threading.Lock()  # errbacks run on the producer's I/O thread
-        self._failed: list[tuple] = []  # (key, value, headers, exception): not delivered, not yet reported
+        self._failed: list[tuple] = []  # (key, value, headers, partition, exception): not delivered, not reported
         self._parked: list[tuple] = []  # reported by flush, waiting for resend
         self._queued = 0  # records handed to the producer ...
         self._settled = 0  # ... and of those, acknowledged or failed
@@ -332,24 +340,27 @@ class _ProducerSink:
         """Send through ``producer`` from now on (the old one was given up)."""
         self._producer = producer
 
-    def _send_all(self, records: Iterable[tuple[Optional[bytes], bytes, Optional[list]]]) -> None:
+    def _send_all(self, records: Iterable[tuple[Optional[bytes], Optional[bytes], Optional[list], Optional[int]]]
+                  ) -> None:
+        """Records as (key, value, headers, partition); partition None: the producer's partitioner."""
         refused: Optional[BaseException] = None
         queued = 0
-        for key, value, headers in records:
+        for key, value, headers, partition in records:
             if refused is None:
                 try:
-                    future = self._producer.send(self.topic, key=key, value=value, headers=headers)
+                    chosen = {} if partition is None else {"partition": partition}
+                    future = self._producer.send(self.topic, key=key, value=value, headers=headers, **chosen)
                 except KafkaError as exc:
                     # Refused before queueing (e.g. no metadata): park the rest rather than block per record.
                     refused = exc
                 else:
                     future.add_callback(self._delivered)
-                    future.add_errback(self._record_error, (key, value, headers))
+                    future.add_errback(self._record_error, (key, value, headers, partition))
                     future.add_both(self._settle)
                     queued += 1
                     continue
             with self._lock:
-                self._failed.append((key, value, headers, refused))
+                self._failed.append((key, value, headers, partition, refused))
         with self._lock:
             self._queued += queued
 
@@ -380,7 +391,7 @@ class _ProducerSink:
             failed, self._failed = self._failed, []
             self._parked.extend(failed)
         if failed:
-            first = failed[0][3]
+            first = failed[0][-1]
             raise BrokerError(f"{len(failed)} record(s) to {self.topic} failed after the producer's "
                               f"retries (kept for resending); first: {type(first).__name__}: {first}")
 
@@ -394,13 +405,13 @@ class _ProducerSink:
         """Send the parked records again; returns how many."""
         with self._lock:
             parked, self._parked = self._parked, []
-        self._send_all((key, value, headers) for key, value, headers, _ in parked)
+        self._send_all(record[:4] for record in parked)
         return len(parked)
 
 
 class VectorSink(_ProducerSink):
     def write_batch(self, records: list[tuple[bytes, bytes]]) -> None:
-        self._send_all((key, value, None) for key, value in records)
+        self._send_all((key, value, None, None) for key, value in records)
 
 
 class DeadLetterSink(_ProducerSink):
@@ -427,8 +438,24 @@ class DeadLetterSink(_ProducerSink):
                 ("source_offset", str(source.offset).encode()),
             ]
             # The original bytes, untouched, so the record can be replayed after a fix.
-            records.append((source.key, source.value if source.value is not None else b"", headers))
+            records.append((source.key, source.value if source.value is not None else b"", headers, None))
         self._send_all(records)
+
+
+class ChangelogSink(_ProducerSink):
+    """The partition-state changelog (stream/kafka/changelog.py): records go to the partition of
+    the same number as the events partition their state belongs to."""
+
+    def __init__(self, producer: KafkaProducer, topic: str, partitions: int):
+        super().__init__(producer, topic)
+        self.partitions = partitions
+
+    def write_batch(self, partition: int, records: list[tuple[bytes, bytes]]) -> None:
+        self._send_all((key, value, None, partition) for key, value in records)
+
+    def tombstone(self, key: bytes) -> None:
+        """Delete ``key`` wherever it may be: every partition gets a record with no value."""
+        self._send_all((key, None, None, partition) for partition in range(self.partitions))
 
 
 class KeyCachingPartitioner(DefaultPartitioner):

@@ -39,6 +39,7 @@ from stream.worker.checkpoint_writer import CheckpointJob, CheckpointWriter
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.forgetting import Forgetting
+from stream.worker.handover import PartitionHandover
 from stream.worker.ingest import Ingest
 from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, Publisher
 from stream.worker.totals import Totals
@@ -50,7 +51,7 @@ log = logging.getLogger("stream.worker")
 class Checkpointer:
     def __init__(self, settings: Settings, learner, metrics: WorkerMetrics, totals: Totals,
                  consumers: Consumers, ingest: Ingest, publisher: Publisher, trainer: Trainer,
-                 dead_letter_book: DeadLetterBook, forgetting: Forgetting) -> None:
+                 dead_letter_book: DeadLetterBook, forgetting: Forgetting, handover: PartitionHandover) -> None:
         self.settings = settings
         self.learner = learner
         self.metrics = metrics
@@ -61,6 +62,7 @@ class Checkpointer:
         self.trainer = trainer
         self.book = dead_letter_book
         self.forgetting = forgetting
+        self.handover = handover
         self.store = CheckpointStore(settings.state_dir)
         # Checkpoints are prepared on the trainer thread (on the writer's without background
         # training) and written on the writer's: see stream/worker/checkpoint_writer.py.
@@ -300,9 +302,10 @@ class Checkpointer:
         if self._rollback_reason:
             return False  # this state holds records of partitions given up uncommitted: never save it
         self.publisher.publish_queued_users(force=True)
+        applied = self.ingest.applied
+        self.handover.write(applied)  # the histories of these offsets, for the next owners of their partitions
         self.publisher.deliver()  # what the checkpoint covers is in Kafka before its offsets are committed
         self.book.advance(self.publisher.dead_letter_ends())
-        applied = self.ingest.applied
         items = self.consumers.items
         extra = {
             "event_offsets": [[t, p, o] for (t, p), o in sorted(applied.items())],
@@ -403,6 +406,7 @@ class Checkpointer:
                             "removing it", path.name)
                 shutil.rmtree(path, ignore_errors=True)
         self._rollback_reason = None  # a callback during that wait changes nothing: we go back anyway
+        self.handover.forget_changes()  # the records after the checkpoint are read, and noted, again
         log.warning("%s: going back to the last checkpoint (records after it are read again; "
                     "nothing is applied twice)", reason)
         if not self.restore():

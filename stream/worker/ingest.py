@@ -22,6 +22,7 @@ from stream.metrics import WorkerMetrics
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.dedup import EventLedger, LedgerSnapshot
+from stream.worker.handover import PartitionHandover
 from stream.worker.isolation import apply_isolated, failure_detail
 from stream.worker.publisher import Publisher
 from stream.worker.totals import Totals
@@ -30,6 +31,7 @@ log = logging.getLogger("stream.worker")
 
 # Record field readers for the ingest path (event ones: learners.records).
 _PARTITION_OF = attrgetter("topic", "partition")
+_PARTITION_NUMBER_OF = attrgetter("partition")
 _VALUE_OF = attrgetter("value")
 
 Partition = tuple[str, int]
@@ -38,7 +40,7 @@ Partition = tuple[str, int]
 class Ingest:
     def __init__(self, settings: Settings, learner, metrics: WorkerMetrics, totals: Totals,
                  consumers: Consumers, publisher: Publisher, dead_letter_book: DeadLetterBook,
-                 fresh_broker: bool = False) -> None:
+                 handover: PartitionHandover, fresh_broker: bool = False) -> None:
         self.settings = settings
         # The demo's embedded broker starts empty on every run, so a restored checkpoint's offsets
         # always lie above its new logs: expected there, said once at INFO instead of an ERROR each.
@@ -50,6 +52,7 @@ class Ingest:
         self.consumers = consumers
         self.publisher = publisher
         self.book = dead_letter_book
+        self.handover = handover
         self._applied: dict[Partition, int] = {}  # next event offset per partition, applied to state
         self._item_start: dict[int, int] = {}  # where the items topic is read from (the checkpoint's)
         self._ledger = EventLedger(settings.dedup_window)
@@ -199,7 +202,9 @@ class Ingest:
             if failed:
                 events, sources = self._set_aside_failed(events, sources, failed, bad)
             valid_by_type.update(map(EVENT_TYPE_OF, events))
-            self.publisher.queue_users(list(map(USER_ID_OF, events)), sources)  # sent once the window is over
+            users = list(map(USER_ID_OF, events))
+            self.publisher.queue_users(users, sources)  # sent once the window is over
+            self.handover.note(users, list(map(_PARTITION_NUMBER_OF, sources)))
         self.publisher.dead_letter(bad)
         valid = sum(valid_by_type.values())
         consumed = len(records) - redelivered

@@ -45,6 +45,7 @@ from stream.worker.checkpointer import Checkpointer
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.forgetting import Forgetting
+from stream.worker.handover import PartitionHandover
 from stream.worker.group_restore import GroupRewind, RanksDisagree, common_version, group_offsets
 from stream.worker.ingest import Ingest
 from stream.worker.lifecycle import Lifecycle
@@ -79,18 +80,19 @@ class Worker:
         self.dead_letter_book = DeadLetterBook()
         parts = (settings, self.learner, self.metrics)
         self.publisher = Publisher(*parts, self.totals, self.dead_letter_book, self.lifecycle)
+        self.handover = PartitionHandover(*parts, self.publisher)
         self.ingest = Ingest(*parts, self.totals, self.consumers, self.publisher, self.dead_letter_book,
-                             fresh_broker=fresh_broker)
+                             self.handover, fresh_broker=fresh_broker)
         self.trainer = Trainer(*parts, self.consumers, self.ingest, self.publisher,
                                on_trained=self._on_trained)
         self.forgetting = Forgetting(*parts, self.consumers, self.publisher, on_erased=self._on_erased)
         self.checkpointer = Checkpointer(*parts, self.totals, self.consumers, self.ingest, self.publisher,
-                                         self.trainer, self.dead_letter_book, self.forgetting)
+                                         self.trainer, self.dead_letter_book, self.forgetting, self.handover)
         if group is not None:  # item vectors go out from the agreed turns, rank 0's only
             self.publisher.publishes_items = group.publishes_items
             self.ingest.defer_item_vectors = True
         self.membership = Membership(self.metrics, self.consumers, self.trainer, self.checkpointer,
-                                     self.lifecycle)
+                                     self.lifecycle, self.handover)
         self.connected = False
         self._idle_since: Optional[float] = None
         self._last_topic_check = 0.0
@@ -197,13 +199,14 @@ class Worker:
         self.consumers.forget = ItemsFollower(forget_consumer, s.forget_topic, self.forgetting.start,
                                               on_error=self.metrics.broker_error, retry_s=_FORGET_RETRY_S,
                                               name="forget", warn_s=_FORGET_WARN_S)
+        self.handover.open(events)
         self.checkpointer.origin = StreamOrigin.of(s, fetch_cluster_id(s, BOOTSTRAP_TIMEOUT_MS))
         if self.rewind is not None:  # before anything is read: the commits at start
             self.rewind.snapshot(events, s.events_topic)
         log.info("connected to Kafka at %s (cluster %s)", s.bootstrap_servers, self.checkpointer.origin.cluster_id)
 
     def _close_clients(self) -> None:
-        for part in (self.consumers.events, self.consumers.items, self.consumers.forget):
+        for part in (self.consumers.events, self.consumers.items, self.consumers.forget, self.handover):
             if part is not None:
                 try:
                     part.close()
@@ -258,7 +261,7 @@ class Worker:
         self.trainer.shutdown()  # an experience in flight finishes first
         self.checkpointer.shutdown()  # and a checkpoint write in flight
         heap.thaw()
-        for part in (self.consumers.events, self.consumers.items, self.consumers.forget):
+        for part in (self.consumers.events, self.consumers.items, self.consumers.forget, self.handover):
             if part is not None:
                 part.close()
         try:
@@ -291,6 +294,8 @@ class Worker:
         records = ingest.poll(timeout)
         if self.rewind is not None and self.rewind.held:  # assigned in that poll: seek before reading them
             self.rewind.settle(events)
+        if self.handover.holding:  # assigned in that poll: their users' histories before their events
+            self.handover.settle(events, ingest.applied, frozenset(self.rewind.held if self.rewind else ()))
         checkpointer.note_poll(len(records) >= self.settings.max_poll_records)
         if checkpointer.rollback_reason:  # set by a rebalance callback inside that poll
             self._roll_back()

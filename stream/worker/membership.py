@@ -14,6 +14,7 @@ import logging
 from stream.metrics import WorkerMetrics
 from stream.worker.checkpointer import Checkpointer
 from stream.worker.consumers import Consumers
+from stream.worker.handover import PartitionHandover
 from stream.worker.lifecycle import Lifecycle
 from stream.worker.publisher import Undelivered
 from stream.worker.trainer import Trainer
@@ -23,12 +24,13 @@ log = logging.getLogger("stream.worker")
 
 class Membership:
     def __init__(self, metrics: WorkerMetrics, consumers: Consumers, trainer: Trainer,
-                 checkpointer: Checkpointer, lifecycle: Lifecycle) -> None:
+                 checkpointer: Checkpointer, lifecycle: Lifecycle, handover: PartitionHandover) -> None:
         self.metrics = metrics
         self.consumers = consumers
         self.trainer = trainer
         self.checkpointer = checkpointer
         self.lifecycle = lifecycle
+        self.handover = handover
         self.rewind = None  # --distributed: a stream.worker.group_restore.GroupRewind
 
     def before_rebalance(self) -> None:
@@ -53,6 +55,7 @@ class Membership:
             self.checkpointer.note_assigned()
         if self.rewind is not None:  # --distributed, after a rank went back: some are read again
             self.rewind.hold(self.consumers.events, partitions)
+        self.handover.hold(self.consumers.events, partitions)  # their users' histories are read first
         log.info("assigned %s", partitions)
 
     def on_revoked(self, partitions: list[tuple[str, int]]) -> None:

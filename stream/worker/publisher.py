@@ -21,7 +21,7 @@ from learners.errors import RecstreamError
 from learners.explain import top_history_items
 from learners.records import BadRecord
 from stream.config import Settings
-from stream.kafka.clients import DeadLetterSink, SourceRecord, VectorSink, make_producer
+from stream.kafka.clients import ChangelogSink, DeadLetterSink, SourceRecord, VectorSink, make_producer
 from stream.kafka.errors import BrokerError
 from stream.kafka.messages import encode_vectors
 from stream.kafka.recovery import PublishedVersionMark
@@ -54,7 +54,8 @@ class Undelivered(RecstreamError):
 
 
 class Publisher:
-    """Owns the producer and its two sinks, the user publish window and the published versions."""
+    """Owns the producer and its sinks (vectors, dead letters and, once opened, the partition-state
+    changelog), the user publish window and the published versions."""
 
     def __init__(self, settings: Settings, learner, metrics: WorkerMetrics, totals: Totals,
                  dead_letter_book: DeadLetterBook, lifecycle: Lifecycle) -> None:
@@ -67,6 +68,7 @@ class Publisher:
         self.producer = None
         self.vectors: Optional[VectorSink] = None
         self.dead_letters: Optional[DeadLetterSink] = None
+        self.changelog: Optional[ChangelogSink] = None  # stream/worker/handover.py opens it
         self._producer_lock = threading.Lock()  # renew_producer from the loop or the trainer thread
         self._queued: dict[str, SourceRecord] = {}  # users whose vectors wait for the window, in order
         self._queued_stamps: list[int] = []  # their events' Kafka timestamps (ms)
@@ -79,10 +81,19 @@ class Publisher:
         """Send through ``producer`` from now on (None: connection given up)."""
         self.producer = producer
         if producer is None:
-            self.vectors = self.dead_letters = None
+            self.vectors = self.dead_letters = self.changelog = None
         else:
             self.vectors = VectorSink(producer, self.settings.vectors_topic)
             self.dead_letters = DeadLetterSink(producer, self.settings.dlq_topic)
+
+    def open_changelog(self, partitions: int) -> ChangelogSink:
+        """Send partition state to the changelog topic, which has ``partitions`` partitions."""
+        self.changelog = ChangelogSink(self.producer, self.settings.changelog_topic, partitions)
+        return self.changelog
+
+    @property
+    def _sinks(self) -> tuple:
+        return tuple(sink for sink in (self.vectors, self.dead_letters, self.changelog) if sink is not None)
 
     def close(self, timeout: float) -> None:
         producer, self.producer = self.producer, None
@@ -116,14 +127,14 @@ class Publisher:
         return self.dead_letters.next_offsets
 
     def deliver(self, *sinks) -> None:
-        """Wait until everything sent to ``sinks`` (default: vectors and dead letters) is in Kafka.
+        """Wait until everything sent to ``sinks`` (default: all of them) is in Kafka.
 
         Nothing is dropped: records the producer gave up on are sent again, with a
         growing pause, for as long as the broker refuses them; a checkpoint (and so a
         commit) never happens before this returns. Asked to stop meanwhile, it raises
         ``Undelivered`` and the worker exits without a final checkpoint.
         """
-        sinks = sinks or (self.vectors, self.dead_letters)
+        sinks = sinks or self._sinks
         delay = RETRY_FIRST_S
         attempts = 0
         while True:
@@ -167,7 +178,7 @@ class Publisher:
                 return
             log.warning("Kafka keeps refusing our output: replaced the producer; records the old one had not "
                         "delivered are sent again through the new one")
-            for sink in (self.vectors, self.dead_letters):
+            for sink in self._sinks:
                 sink.use_producer(fresh)
             self.producer = fresh
         try:
@@ -191,9 +202,12 @@ class Publisher:
 
     def forget_user(self, user_id: str) -> None:
         """An erased user: their queued vector is not sent, and a tombstone (key ``user:<id>``, no
-        value) deletes the published one downstream; a later event of theirs publishes a new one."""
+        value) deletes the published one downstream, and their history in the changelog; a later
+        event of theirs publishes a new one."""
         self._queued.pop(user_id, None)
         self.vectors.write_batch([(f"user:{user_id}".encode(), None)])
+        if self.changelog is not None:
+            self.changelog.tombstone(user_id.encode())
 
     def drop_queued_users(self) -> None:
         """Forget the queued users (going back to a checkpoint: their events are read again)."""

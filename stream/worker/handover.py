@@ -1,0 +1,169 @@
+"""User histories that follow their events partition from worker to worker (stream/kafka/changelog.py).
+
+Owns which users changed since the last checkpoint, per events partition,
+and the partitions newly assigned whose users' histories are still to be
+read. At every checkpoint, before its commit, the changed users' histories go
+to the changelog (``write``); the publisher's ``deliver`` then waits for them
+with the rest. A partition assigned to this worker is held (nothing fetched)
+until ``settle`` has read its changelog partition and adopted its users'
+histories as of the offset this worker starts reading from, unless this
+worker's own state already ends exactly there (it owned the partition last,
+or restarted from its own checkpoint): then there is nothing to read.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from kafka import KafkaConsumer
+
+from stream.config import Settings
+from stream.kafka.changelog import choose, encode_user_state, read_partition
+from stream.kafka.clients import KafkaSource
+from stream.kafka.errors import BrokerError
+from stream.metrics import WorkerMetrics
+from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, Publisher
+
+log = logging.getLogger("stream.worker")
+
+Partition = tuple[str, int]
+
+
+class PartitionHandover:
+    def __init__(self, settings: Settings, learner, metrics: WorkerMetrics, publisher: Publisher) -> None:
+        self.settings = settings
+        self.learner = learner
+        self.metrics = metrics
+        self.publisher = publisher
+        self._partitions = 0  # the changelog's partition count; 0: no changelog, nothing moves
+        self._changed: dict[int, set[str]] = {}  # events partition -> users whose history changed
+        self._to_adopt: set[Partition] = set()
+        self._reader: Optional[KafkaConsumer] = None
+        self._too_few_told = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._partitions > 0
+
+    def open(self, events: KafkaSource) -> None:
+        """Once connected: use the changelog topic if it exists (said either way)."""
+        topic = self.settings.changelog_topic
+        partitions = len(events.partitions(topic)) if topic else 0
+        self._partitions = partitions
+        if partitions:
+            self.publisher.open_changelog(partitions)
+            log.info("user histories follow their events partitions through %r (%d partitions)", topic, partitions)
+        else:
+            log.warning("changelog topic %r does not exist: user histories stay with the worker that built them, so "
+                        "a partition that moves to another worker starts there with none. Create it compacted, with "
+                        "as many partitions as %r", topic, self.settings.events_topic)
+
+    def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close(autocommit=False)
+
+    # -- this worker's users, out --
+
+    def note(self, user_ids: list[str], partitions: list[int]) -> None:
+        """These users' histories changed through events of these events partitions (ingest path)."""
+        if not self._partitions:
+            return
+        changed = self._changed
+        for user_id, partition in zip(user_ids, partitions):
+            users = changed.get(partition)
+            if users is None:
+                users = changed[partition] = set()
+            users.add(user_id)
+
+    def forget_changes(self) -> None:
+        """Going back to a checkpoint: the changes after it are read again and noted again."""
+        self._changed = {}
+
+    def write(self, applied: dict[Partition, int]) -> int:
+        """Send the changed users' histories, each as of its partition's applied offset; returns how many.
+        The caller delivers them before committing those offsets."""
+        changed, self._changed = self._changed, {}
+        sink = self.publisher.changelog
+        if sink is None or not changed:
+            return 0
+        topic, written = self.settings.events_topic, 0
+        for partition, users in sorted(changed.items()):
+            through = applied.get((topic, partition))
+            if through is None:
+                continue
+            if partition >= sink.partitions:
+                self._say_too_few(partition + 1)
+                continue
+            histories = self.learner.export_histories(users)
+            sink.write_batch(partition, [(user_id.encode(), encode_user_state(through, items, weights))
+                                         for user_id, (items, weights) in histories.items()])
+            written += len(histories)
+        self.metrics.changelog_records.inc(written)
+        return written
+
+    def _say_too_few(self, needed: int) -> None:
+        if not self._too_few_told:
+            self._too_few_told = True
+            log.error("changelog topic %r has fewer partitions than %r (needs at least %d): the histories of the "
+                      "partitions past its last do not follow them; give it as many partitions as the events topic",
+                      self.settings.changelog_topic, self.settings.events_topic, needed)
+
+    # -- users of newly assigned partitions, in --
+
+    def hold(self, events: KafkaSource, partitions: list[Partition]) -> None:
+        """Rebalance callback (no I/O there): fetch nothing of these until ``settle`` adopted their users."""
+        if not self._partitions:
+            return
+        mine = [tp for tp in partitions if tp[0] == self.settings.events_topic]
+        if mine:
+            events.hold(mine)
+            self._to_adopt.update(mine)
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._to_adopt)
+
+    def settle(self, events: KafkaSource, applied: dict[Partition, int], not_yet: frozenset = frozenset()) -> None:
+        """Loop thread, after the poll: adopt the users of each held partition, then release it.
+        ``not_yet``: partitions another part still holds (their start offset may yet move)."""
+        assigned = set(events.assignment())
+        settled, waiting = [], []
+        for tp in sorted(self._to_adopt - not_yet):
+            if tp in assigned:
+                try:
+                    start = events.position(*tp)
+                    if start is None:
+                        waiting.append(tp)  # Kafka did not say yet: held until the next turn
+                        continue
+                    if applied.get(tp) != start:  # this worker's state does not end exactly there
+                        self._adopt(tp[1], start)
+                except BrokerError as exc:
+                    self.metrics.broker_error("changelog", exc)
+                    log.warning("%s[%d]: could not read its users' histories (%s); held until the next turn",
+                                tp[0], tp[1], exc)
+                    waiting.append(tp)
+                    continue
+            settled.append(tp)
+        self._to_adopt.difference_update(settled)
+        events.release(settled)
+        if waiting:
+            events.hold(waiting)  # still held, whatever another part released in this turn
+
+    def _adopt(self, partition: int, start: int) -> None:
+        if partition >= self._partitions:
+            self._say_too_few(partition + 1)
+            return
+        if self._reader is None:
+            self._reader = KafkaConsumer(**self.settings.reader_kwargs("changelog"),
+                                         bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
+        chosen = choose(read_partition(self._reader, self.settings.changelog_topic, partition), start)
+        adopted = self.learner.adopt_histories({user_id: (state.items, state.weights)
+                                                for user_id, state in chosen.users.items()})
+        self.metrics.users_adopted.inc(adopted)
+        log.info("%s[%d] starts at offset %d here: adopted %d user histories from %r%s%s",
+                 self.settings.events_topic, partition, start, adopted, self.settings.changelog_topic,
+                 f"; {chosen.ahead} written past that offset and not committed are rebuilt from the events read "
+                 "again" if chosen.ahead else "",
+                 f"; {chosen.unreadable} unreadable record(s) skipped" if chosen.unreadable else "")
