@@ -20,6 +20,9 @@ all-reduce).
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 import torch.distributed as dist
 from avalanche.training.plugins import SupervisedPlugin
@@ -27,35 +30,54 @@ from avalanche.training.plugins import SupervisedPlugin
 from learners.optim import gradient_rows
 
 
+def _timed(method):
+    """Add the call's wall time to ``Collective.seconds`` (waiting for the slowest rank included)."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+    return timed
+
+
 class Collective:
-    """The collectives of a training round over the default process group."""
+    """The collectives of a training round over the default process group. ``seconds``: the wall
+    time spent in them so far, waits for slower ranks included (what the rounds cost this rank)."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.seconds = 0.0
 
+    @_timed
     def max_int(self, value: int) -> int:
         t = torch.tensor([int(value)], dtype=torch.long, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    @_timed
     def max_ints(self, values: list[int]) -> list[int]:
         """Element-wise MAX of a few integers over the ranks, in one all-reduce."""
         t = torch.tensor([int(v) for v in values], dtype=torch.long, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [int(v) for v in t.tolist()]
 
+    @_timed
     def gather_objects(self, obj) -> list:
         """Every rank's picklable ``obj``, in rank order (small objects: ids, digests)."""
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
+    @_timed
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    @_timed
     def gather_rows(self, rows: torch.Tensor, values: torch.Tensor | None = None):
         """Every rank's ``rows`` (and ``values`` rows) concatenated in rank order."""
         count = torch.tensor([len(rows)], dtype=torch.long, device=self.device)

@@ -86,10 +86,11 @@ def test_compose_parses_and_has_the_stack():
     assert worker["environment"]["RECSTREAM_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert worker["depends_on"]["topics"]["condition"] == "service_completed_successfully"
     script = services["topics"]["command"][0]
-    for topic in ("events", "items", "vectors", "events.dlq"):
+    for topic in ("events", "items", "vectors", "events.dlq", "events.changelog"):
         assert f"--topic {topic} " in script
     assert "--topic events     --partitions 6" in script
-    assert script.count("cleanup.policy=compact") == 2
+    assert "--topic events.changelog --partitions 6 --config cleanup.policy=compact" in script
+    assert script.count("cleanup.policy=compact") == 3
     assert services["kafka-exporter"]["image"].startswith("danielqsj/kafka-exporter")
     assert services["prometheus"]["image"].startswith("prom/prometheus")
     assert services["grafana"]["image"].startswith("grafana/grafana")

@@ -14,7 +14,8 @@ import pytest
 
 from learners.synthetic import SyntheticWorld
 from stream.kafka.broker import log_end_offsets, read_topic
-from worker_harness import WorkerProcess, committed_offsets, make_topics, produce_events, produce_items, summed
+from worker_harness import (WorkerProcess, changelog_histories, committed_offsets, make_topics, produce_events,
+                            produce_items, summed)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,7 +36,7 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
                            negatives=64, torch_threads=1, progress_interval_s=5)
     try:
         # Events only once both ranks hold their partitions: handing over partitions that already
-        # have state is the next step (ARCHITECTURE.md), not this test's subject.
+        # have state is tests/test_partition_handover.py's subject.
         worker.wait_for_ranks(
             RANKS, lambda ranks: all(m.get("recstream_partitions_assigned") == 4 / RANKS for m in ranks),
             120, "both ranks in the group with two partitions each")
@@ -76,6 +77,12 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
     assert item_versions and max(item_versions.values()) == 1, item_versions.most_common(3)
     items_out = {key[5:] for key, _ in item_versions}
     assert items_out >= {i.item_id for i in described}
+
+    # Every user's history is in the changelog as their events came, for a partition's next owner.
+    history: dict[str, list[str]] = {}
+    for event in events:
+        history.setdefault(event.user_id, []).append(event.item_id)
+    assert changelog_histories(broker.bootstrap, topics.changelog) == {u: tuple(h[-256:]) for u, h in history.items()}
 
     # The group committed every partition to its end.
     ends = log_end_offsets(broker.bootstrap, topics.events)

@@ -24,7 +24,8 @@ import pytest
 from learners.checkpoint import CheckpointStore, checkpoint_version
 from learners.synthetic import SyntheticWorld
 from stream.kafka.broker import log_end_offsets, read_topic
-from worker_harness import WorkerProcess, committed_offsets, make_topics, produce_events, produce_items, summed
+from worker_harness import (WorkerProcess, changelog_histories, committed_offsets, make_topics, produce_events,
+                            produce_items, summed)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -200,3 +201,10 @@ def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_its
         assert version >= seen[record.key], (record.key, version, seen[record.key])
         seen[record.key] = version
     assert {key.decode()[5:] for key in seen if key.startswith(b"user:")} == {e.user_id for e in events}
+
+    # Whichever rank held a user's partition last, and however often it moved or went back, the
+    # user's history is all their events, each once, in order: what one process would hold.
+    history: dict[str, list[str]] = defaultdict(list)
+    for event in events:
+        history[event.user_id].append(event.item_id)
+    assert changelog_histories(broker.bootstrap, topics.changelog) == {u: tuple(h[-256:]) for u, h in history.items()}

@@ -16,12 +16,13 @@ from learners.synthetic import SyntheticWorld
 from learners.users import UserHistories
 from stream.config import default_model_path
 from stream.kafka.broker import read_topic
-from stream.kafka.changelog import choose, decode_user_state, encode_user_state
+from stream.kafka.changelog import LEDGER_KEY, choose, decode_user_state, encode_ledger, encode_user_state
 from stream.kafka.clients import KafkaSource
 from stream.metrics import WorkerMetrics
-from stream.worker.handover import PartitionHandover
+from stream.worker.handover import PartitionHandover, RecentIds
 from fake_kafka import FakeConsumer
-from worker_harness import WorkerProcess, committed_offsets, make_topics, produce_events, produce_items
+from worker_harness import (WorkerProcess, changelog_histories, committed_offsets, make_topics, produce_events,
+                            produce_items)
 
 
 def record(user: str, through: int, items: list[str]) -> tuple[bytes, bytes]:
@@ -40,13 +41,15 @@ def test_a_state_round_trips_and_foreign_values_are_refused():
 
 
 def test_choose_takes_the_newest_state_at_or_below_the_start():
-    records = [record("u1", 5, ["a"]), record("u1", 10, ["a", "b"]), record("u1", 14, ["a", "b", "c"]),
+    records = [(LEDGER_KEY, encode_ledger(4, np.array([1, 2]))), (LEDGER_KEY, encode_ledger(9, np.array([2, 3]))),
+               (LEDGER_KEY, encode_ledger(14, np.array([3, 4]))),
+               record("u1", 5, ["a"]), record("u1", 10, ["a", "b"]), record("u1", 14, ["a", "b", "c"]),
                record("u2", 12, ["x"]),  # written past the start only: a worker died before committing it
                record("u3", 3, ["y"]), (b"u3", None),  # erased
                (None, b"no key"), (b"u4", b"garbage")]
     chosen = choose(records, start=10)
     assert {user: state.items for user, state in chosen.users.items()} == {"u1": ("a", "b")}
-    assert (chosen.ahead, chosen.unreadable) == (1, 2)
+    assert (chosen.ahead, chosen.unreadable) == (1, 2) and chosen.ledger.tolist() == [2, 3]
     assert choose(records, start=20).users["u1"].items == ("a", "b", "c")
 
 
@@ -89,6 +92,16 @@ def test_a_learner_adopts_what_another_exported_and_publishes_the_same_user_vect
 
 # -- the worker part, on fakes -----------------------------------------------------------
 
+def test_recent_ids_keep_the_newest_in_order():
+    recent = RecentIds(capacity=4)
+    recent.extend(np.array([1, 2, 3]))
+    assert recent.oldest_first().tolist() == [1, 2, 3]
+    recent.extend(np.array([4, 5, 6]))
+    assert recent.oldest_first().tolist() == [3, 4, 5, 6]
+    recent.extend(np.arange(10, 20))
+    assert recent.oldest_first().tolist() == [16, 17, 18, 19]
+
+
 class _Learner:
     def __init__(self):
         self.adopted = []
@@ -107,28 +120,21 @@ def test_a_partition_whose_state_this_worker_holds_is_released_without_reading_t
     handover = PartitionHandover(settings, _Learner(), WorkerMetrics(), publisher=None)
     handover._partitions = 2  # noqa: SLF001 - as ``open`` leaves it when the changelog exists
     read = []
-    handover._adopt = lambda partition, start: read.append((partition, start))  # noqa: SLF001
+    handover._adopt = lambda partition, start, remember: read.append((partition, start))  # noqa: SLF001
     from kafka import TopicPartition
 
     consumer.assigned = {TopicPartition("events", 0), TopicPartition("events", 1)}
     consumer.positions = {TopicPartition("events", 0): 40, TopicPartition("events", 1): 25}
     handover.hold(events, [("events", 0), ("events", 1)])
     assert consumer.paused() == consumer.assigned  # nothing fetched before the histories are in
-    handover.settle(events, applied={("events", 0): 40, ("events", 1): 10}, not_yet=frozenset({("events", 1)}))
+    applied = {("events", 0): 40, ("events", 1): 10}
+    handover.settle(events, applied, remember_ids=None, not_yet=frozenset({("events", 1)}))
     assert read == [] and consumer.paused() == {TopicPartition("events", 1)}  # its state ends at 40: nothing to read
-    handover.settle(events, applied={("events", 0): 40, ("events", 1): 10})
+    handover.settle(events, applied, remember_ids=None)
     assert read == [(1, 25)] and not consumer.paused() and not handover.holding
 
 
 # -- the real worker, twice, on the embedded broker --------------------------------------------
-
-def _changelog_items(bootstrap: str, topic: str) -> dict[str, tuple[str, ...]]:
-    latest = {}
-    for rec in read_topic(bootstrap, topic):
-        state = decode_user_state(rec.key, rec.value) if rec.value is not None else None
-        latest[rec.key.decode()] = state.items if state else ()
-    return latest
-
 
 @pytest.mark.integration
 def test_a_new_worker_carries_on_with_the_histories_of_the_partitions_it_is_given(broker, unique_topic, tmp_path):
@@ -149,26 +155,30 @@ def test_a_new_worker_carries_on_with_the_histories_of_the_partitions_it_is_give
         first.kill()
         raise
     # What the first worker held of every user is in the changelog, as its events were, oldest first.
-    assert _changelog_items(broker.bootstrap, topics.changelog) == {u: tuple(h) for u, h in history.items()}
+    assert changelog_histories(broker.bootstrap, topics.changelog) == {u: tuple(h) for u, h in history.items()}
 
     extra = Event(f"{events[-1].event_id}-next", users[0], "item-3", "purchase", events[-1].ts + 1.0)
     second = WorkerProcess(broker.bootstrap, topics, tmp_path / "b", tmp_path / "b.log", **fast)  # no state of its own
     try:
         m = second.wait_for(lambda m: m.get("recstream_users_adopted_total", 0) >= len(users), 300, "histories adopted")
-        produce_events(broker.bootstrap, topics.events, [extra])
-        second.wait_for(lambda m: m.get("recstream_events_consumed_total", 0) >= 1
-                        and m.get("recstream_checkpoints_total", 0) >= 2, 120, "the new event checkpointed")
+        # A new event, and a repeat delivery of one the first worker applied: its ledger came along.
+        produce_events(broker.bootstrap, topics.events, [extra, events[-1]])
+        done = second.wait_for(lambda m: m.get("recstream_events_consumed_total", 0) >= 2
+                               and m.get("recstream_checkpoints_total", 0) >= 2, 120, "the new events checkpointed")
         assert second.terminate() == 0, second.tail()
     except BaseException:
         second.kill()
         raise
     assert m["recstream_users_adopted_total"] == len(users)
+    assert done["recstream_events_duplicate_total"] == 1 and done["recstream_events_valid_total"] == 1
     # The second worker's history of that user is the first one's plus the new event: it carried on.
     carried_on = tuple((history[users[0]] + ["item-3"])[-64:])
-    assert _changelog_items(broker.bootstrap, topics.changelog)[users[0]] == carried_on
+    assert changelog_histories(broker.bootstrap, topics.changelog)[users[0]] == carried_on
     key = f"user:{users[0]}".encode()
     vectors = [json.loads(r.value) for r in read_topic(broker.bootstrap, topics.vectors) if r.key == key]
     because = {b["item_id"] for b in vectors[-1]["payload"].get("because", [])}
     assert len(because) > 1 and because <= set(carried_on)  # explained by what it did on the first worker too
     ends = committed_offsets(broker.bootstrap, topics.group, topics.events, range(4))
-    assert sum(ends.values()) == len(events) + 1
+    assert sum(ends.values()) == len(events) + 2
+    assert changelog_histories(broker.bootstrap, topics.changelog)[events[-1].user_id] == \
+        tuple((history[events[-1].user_id] + (["item-3"] if events[-1].user_id == users[0] else []))[-64:])

@@ -61,6 +61,21 @@ def produce_events(bootstrap: str, topic: str, events: list[Event]) -> None:
     produce(bootstrap, topic, [(e.user_id.encode(), event_to_json(e)) for e in events])
 
 
+def changelog_histories(bootstrap: str, topic: str) -> dict[str, tuple[str, ...]]:
+    """Each user's newest history in the changelog topic (item ids, oldest first; erased users left out)."""
+    from stream.kafka.broker import read_topic
+    from stream.kafka.changelog import decode_user_state
+
+    latest: dict[str, tuple[str, ...]] = {}
+    for record in read_topic(bootstrap, topic):
+        state = decode_user_state(record.key, record.value) if record.value is not None else None
+        if state is None:
+            latest.pop(record.key.decode(), None)
+        else:
+            latest[state.user_id] = state.items
+    return latest
+
+
 def summed(ranks: list[dict[str, float]], name: str) -> float:
     """One metric summed over the ranks' metrics."""
     return sum(m.get(name, 0.0) for m in ranks)

@@ -51,6 +51,8 @@ def _rank_main(rank: int, world_size: int, init_file: str, config, items, rounds
         learner.learn()
         if k == 0:
             started = time.perf_counter()  # after the warm-up experience
+            if collective is not None:
+                collective.seconds = 0.0
         else:
             trained += len(mine)
     if collective is not None:
@@ -58,10 +60,11 @@ def _rank_main(rank: int, world_size: int, init_file: str, config, items, rounds
 
         dist.barrier()  # the clock stops when the last rank is done
     seconds = time.perf_counter() - started
+    in_collectives = collective.seconds if collective is not None else 0.0
     if collective is not None:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as out:
-        json.dump({"seconds": seconds, "events": trained}, out)
+        json.dump({"seconds": seconds, "events": trained, "collective_seconds": in_collectives}, out)
 
 
 def _measure(world_size: int, config, items, rounds) -> dict:
@@ -73,8 +76,11 @@ def _measure(world_size: int, config, items, rounds) -> dict:
         ranks = [json.load(open(os.path.join(tmp, f"rank{r}.json"), encoding="utf-8")) for r in range(world_size)]
     seconds = max(r["seconds"] for r in ranks)
     events = sum(r["events"] for r in ranks)
+    # Per rank, the share of its timed wall time spent in collectives (waiting for the other included).
+    shares = [r["collective_seconds"] / r["seconds"] for r in ranks if r["seconds"] > 0]
     return {"ranks": world_size, "events": events, "seconds": round(seconds, 3),
-            "events_per_s": round(events / seconds, 1) if seconds > 0 else None}
+            "events_per_s": round(events / seconds, 1) if seconds > 0 else None,
+            "collective_share": round(sum(shares) / len(shares), 3) if shares else None}
 
 
 def run(factory: LearnerFactory, world: BenchWorld, *, experiences: int, progress: Progress) -> dict:
@@ -88,7 +94,8 @@ def run(factory: LearnerFactory, world: BenchWorld, *, experiences: int, progres
     one = _measure(1, config, items, rounds)
     progress(f"distributed: one process {one['events_per_s']} events/s")
     two = _measure(2, config, items, rounds)
-    progress(f"distributed: two ranks {two['events_per_s']} events/s")
+    progress(f"distributed: two ranks {two['events_per_s']} events/s, {two['collective_share']:.0%} of their "
+             "time in collectives")
     cores = os.cpu_count() or 1
     return {"one_rank": one, "two_ranks": two, "speedup": ratio(two["events_per_s"], one["events_per_s"]),
             "experience_size": size, "experiences": experiences, "cores": cores,

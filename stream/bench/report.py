@@ -63,6 +63,8 @@ def markdown_table(results: dict) -> str:
             f"training, stream events/s: two gloo ranks vs one process ({dist['experiences']} experiences of "
             f"{dist['experience_size']}; {dist['note']})", _num(dist["two_ranks"]["events_per_s"], 1),
             f"{_num(dist['one_rank']['events_per_s'], 1)} (one process)", _num(dist["speedup"], 2)))
+        rows.append(_reported_row("two gloo ranks: share of their wall time in collectives (waits for the other "
+                                  "rank included)", _num(dist["two_ranks"]["collective_share"], 3), "", ""))
     fresh = results.get("freshness")
     if fresh:
         vis, inproc = fresh["event_to_vector"]["visible"], fresh["event_to_vector"]["in_process"]

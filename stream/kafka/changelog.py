@@ -13,16 +13,21 @@ it starts reading from (``choose``): what the previous owner had at its commit.
 An erased user gets a tombstone (no value) in every partition.
 
 Value: UTF-8 JSON ``{"v": 1, "through": 1234, "items": ["i1", ...], "weights": [1.0, ...]}``,
-items and event weights oldest first.
+items and event weights oldest first. Each partition also holds one record under
+``LEDGER_KEY``: the newest event ids applied from it, as the de-duplication
+ledger's hashes (``{"v": 1, "through": 1234, "ledger": "<base64 of little-endian int64>"}``),
+so a repeat delivery that straddles the handover is still recognised.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+import numpy as np
 import orjson
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
@@ -32,6 +37,7 @@ from stream.kafka.errors import BrokerError
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+LEDGER_KEY = b"\x00recstream-ledger"  # a NUL byte: no user id a producer keys events by
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,22 @@ class UserState:
 
 def encode_user_state(through: int, items: list[str], weights: list[float]) -> bytes:
     return orjson.dumps({"v": FORMAT, "through": int(through), "items": items, "weights": weights})
+
+
+def encode_ledger(through: int, hashes: np.ndarray) -> bytes:
+    packed = base64.b64encode(np.asarray(hashes, dtype="<i8").tobytes()).decode("ascii")
+    return orjson.dumps({"v": FORMAT, "through": int(through), "ledger": packed})
+
+
+def decode_ledger(value: Optional[bytes]) -> Optional[tuple[int, np.ndarray]]:
+    """(through, hashes) of a ledger record; None for anything else."""
+    try:
+        data = orjson.loads(value)
+        if data.get("v") != FORMAT:
+            return None
+        return int(data["through"]), np.frombuffer(base64.b64decode(data["ledger"]), dtype="<i8").astype(np.int64)
+    except (AttributeError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def decode_user_state(key: Optional[bytes], value: Optional[bytes]) -> Optional[UserState]:
@@ -65,12 +87,14 @@ def decode_user_state(key: Optional[bytes], value: Optional[bytes]) -> Optional[
 class Chosen:
     """What ``choose`` found in one changelog partition."""
     users: dict[str, UserState]
+    ledger: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # event id hashes
     ahead: int = 0  # users with states past the start only: left out (see ``choose``)
     unreadable: int = 0
 
 
 def choose(records: Iterable[tuple[Optional[bytes], Optional[bytes]]], start: int) -> Chosen:
-    """Per user, the newest state holding nothing at or past ``start`` (records in log order).
+    """Per user, the newest state holding nothing at or past ``start`` (records in log order),
+    and likewise the partition's newest ledger record.
 
     A tombstone forgets what came before it. States past ``start`` were written
     by a worker that died before committing them: the records behind them are
@@ -81,10 +105,18 @@ def choose(records: Iterable[tuple[Optional[bytes], Optional[bytes]]], start: in
     """
     exact: dict[str, UserState] = {}
     past: set[str] = set()
+    ledger = np.zeros(0, np.int64)
     unreadable = 0
     for key, value in records:
         if key is None:
             unreadable += 1
+            continue
+        if key == LEDGER_KEY:
+            decoded = decode_ledger(value)
+            if decoded is None:
+                unreadable += 1
+            elif decoded[0] <= start:
+                ledger = decoded[1]
             continue
         if value is None:
             user_id = key.decode("utf-8", "replace")
@@ -98,7 +130,7 @@ def choose(records: Iterable[tuple[Optional[bytes], Optional[bytes]]], start: in
             exact[state.user_id] = state
         else:
             past.add(state.user_id)
-    return Chosen(exact, len(past - exact.keys()), unreadable)
+    return Chosen(exact, ledger, len(past - exact.keys()), unreadable)
 
 
 def read_partition(consumer: KafkaConsumer, topic: str, partition: int, timeout_s: float = 60.0) \

@@ -36,11 +36,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-STATE_FORMAT = "hash64-v1"  # hash_ids below; a new hash needs a new name
+log = logging.getLogger("stream.worker")
+
+STATE_FORMAT = "hash64-v2"  # hash_ids below; a new hash needs a new name
+# Windows saved with an earlier hash_ids, whose hashes cannot be recomputed: a restore starts empty.
+_OLD_FORMATS = ("hash64-v1",)
 _GENERATIONS = 16  # the newest generation, a dict, holds at most 1/16 of the window
 _MAX_GENERATION = 1 << 17
 
@@ -57,8 +62,9 @@ def hash_ids(event_ids: Sequence[str]) -> np.ndarray:
     Ids are read as little-endian 64-bit words of their UTF-8 bytes, folded with a
     multiply-xorshift and finished with MurmurHash3's fmix64, the length mixed into
     the seed; for a whole batch at once in numpy (a few numpy operations per 8 bytes
-    of the longest id). Ids over 64 bytes use BLAKE2b instead. Checkpoints store
-    these values: changing this function forgets every saved window.
+    of the longest id). Each id folds its own words only, so its hash does not depend
+    on the other ids of the batch. Ids over 64 bytes use BLAKE2b instead. Checkpoints
+    store these values: changing this function forgets every saved window.
     """
     encoded = [e.encode("utf-8", "surrogatepass") for e in event_ids]
     n = len(encoded)
@@ -77,10 +83,11 @@ def hash_ids(event_ids: Sequence[str]) -> np.ndarray:
         width = max(8, -(-int(lengths.max()) // 8) * 8)
         words = np.array(encoded, dtype=f"S{width}").view("<u8").reshape(len(encoded), width // 8)
         h = lengths.astype(np.uint64) * _M2 + _M1
+        own_words = np.maximum(1, -(-lengths // 8))  # the zero padding after an id is not part of it
         for column in range(words.shape[1]):
-            h ^= words[:, column]
-            h *= _M1
-            h ^= h >> np.uint64(29)
+            folded = (h ^ words[:, column]) * _M1
+            folded ^= folded >> np.uint64(29)
+            h = np.where(column < own_words, folded, h)
         h ^= h >> np.uint64(33)
         h *= _M2
         h ^= h >> np.uint64(33)
@@ -131,9 +138,10 @@ class EventLedger:
         A repeat inside the same call is a duplicate too. One vectorised hash and
         one ``searchsorted`` for the whole batch, then a dict lookup per id.
         """
-        return self._add_hashes(hash_ids(event_ids)) if len(event_ids) else []
+        return self.add_hashes(hash_ids(event_ids)) if len(event_ids) else []
 
-    def _add_hashes(self, array: np.ndarray) -> list[bool]:
+    def add_hashes(self, array: np.ndarray) -> list[bool]:
+        """``add_many`` for ids already hashed (``hash_ids``)."""
         older = self._lookup(array)
         current, capacity = self._current, self.capacity
         fresh = []
@@ -202,6 +210,11 @@ class EventLedger:
         if not state:
             return ledger
         if isinstance(state, dict):
+            if state.get("format") in _OLD_FORMATS:
+                log.warning("the checkpoint's de-duplication window was saved with an earlier id hash: starting "
+                            "with an empty one (records below the checkpoint's offsets are still skipped; a "
+                            "repeat delivery of an event applied before it is not recognised)")
+                return ledger
             if state.get("format") != STATE_FORMAT:
                 raise ValueError(f"unknown de-duplication ledger format {state.get('format')!r}")
             hashes = np.frombuffer(base64.b64decode(state["hashes"]), dtype="<i8").astype(np.int64)

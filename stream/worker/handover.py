@@ -1,8 +1,8 @@
 """User histories that follow their events partition from worker to worker (stream/kafka/changelog.py).
 
 Owns which users changed since the last checkpoint, per events partition,
-and the partitions newly assigned whose users' histories are still to be
-read. At every checkpoint, before its commit, the changed users' histories go
+the newest event ids applied from each partition (``RecentIds``), and the
+partitions newly assigned whose users' histories are still to be read. At every checkpoint, before its commit, the changed users' histories go
 to the changelog (``write``); the publisher's ``deliver`` then waits for them
 with the rest. A partition assigned to this worker is held (nothing fetched)
 until ``settle`` has read its changelog partition and adopted its users'
@@ -14,12 +14,13 @@ or restarted from its own checkpoint): then there is nothing to read.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 from kafka import KafkaConsumer
 
 from stream.config import Settings
-from stream.kafka.changelog import choose, encode_user_state, read_partition
+from stream.kafka.changelog import LEDGER_KEY, choose, encode_ledger, encode_user_state, read_partition
 from stream.kafka.clients import KafkaSource
 from stream.kafka.errors import BrokerError
 from stream.metrics import WorkerMetrics
@@ -28,6 +29,30 @@ from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, Publisher
 log = logging.getLogger("stream.worker")
 
 Partition = tuple[str, int]
+
+# Event ids of a partition handed over with it: a repeat delivery (a producer retry) comes
+# within seconds of the original, far fewer events than this apart on one partition.
+RECENT_IDS = 16_384
+
+
+class RecentIds:
+    """The newest ``capacity`` event id hashes of one partition, in a ring."""
+
+    def __init__(self, capacity: int = RECENT_IDS) -> None:
+        self._ring = np.zeros(capacity, np.int64)
+        self._written = 0
+
+    def extend(self, hashes: np.ndarray) -> None:
+        capacity = len(self._ring)
+        hashes = hashes[-capacity:]
+        places = (self._written + np.arange(len(hashes))) % capacity
+        self._ring[places] = hashes
+        self._written += len(hashes)
+
+    def oldest_first(self) -> np.ndarray:
+        capacity = len(self._ring)
+        kept = min(self._written, capacity)
+        return self._ring[(self._written - kept + np.arange(kept)) % capacity]
 
 
 class PartitionHandover:
@@ -38,6 +63,8 @@ class PartitionHandover:
         self.publisher = publisher
         self._partitions = 0  # the changelog's partition count; 0: no changelog, nothing moves
         self._changed: dict[int, set[str]] = {}  # events partition -> users whose history changed
+        self._recent: dict[int, RecentIds] = {}  # events partition -> its newest event ids
+        self._recent_changed: set[int] = set()
         self._to_adopt: set[Partition] = set()
         self._reader: Optional[KafkaConsumer] = None
         self._too_few_told = False
@@ -77,28 +104,46 @@ class PartitionHandover:
                 users = changed[partition] = set()
             users.add(user_id)
 
+    def note_ids(self, hashes: np.ndarray, partitions: list[int], fresh: list[bool]) -> None:
+        """The event ids (``hash_ids``) the ledger took as new, by the partition they came from."""
+        if not self._partitions or not len(hashes):
+            return
+        keep = np.asarray(fresh, bool)
+        parts, hashes = np.asarray(partitions, np.int64)[keep], hashes[keep]
+        for partition in np.unique(parts).tolist():
+            recent = self._recent.get(partition)
+            if recent is None:
+                recent = self._recent[partition] = RecentIds()
+            recent.extend(hashes[parts == partition])
+            self._recent_changed.add(partition)
+
     def forget_changes(self) -> None:
-        """Going back to a checkpoint: the changes after it are read again and noted again."""
+        """Going back to a checkpoint: the changes after it are read again and noted again (the
+        recent ids stay: the ledger, restored too, would take their repeats as duplicates)."""
         self._changed = {}
 
     def write(self, applied: dict[Partition, int]) -> int:
         """Send the changed users' histories, each as of its partition's applied offset; returns how many.
         The caller delivers them before committing those offsets."""
         changed, self._changed = self._changed, {}
+        ids_changed, self._recent_changed = self._recent_changed, set()
         sink = self.publisher.changelog
-        if sink is None or not changed:
+        if sink is None:
             return 0
         topic, written = self.settings.events_topic, 0
-        for partition, users in sorted(changed.items()):
+        for partition in sorted(changed.keys() | ids_changed):
             through = applied.get((topic, partition))
             if through is None:
                 continue
             if partition >= sink.partitions:
                 self._say_too_few(partition + 1)
                 continue
-            histories = self.learner.export_histories(users)
-            sink.write_batch(partition, [(user_id.encode(), encode_user_state(through, items, weights))
-                                         for user_id, (items, weights) in histories.items()])
+            histories = self.learner.export_histories(changed.get(partition, ()))
+            records = [(user_id.encode(), encode_user_state(through, items, weights))
+                       for user_id, (items, weights) in histories.items()]
+            if partition in ids_changed:
+                records.append((LEDGER_KEY, encode_ledger(through, self._recent[partition].oldest_first())))
+            sink.write_batch(partition, records)
             written += len(histories)
         self.metrics.changelog_records.inc(written)
         return written
@@ -125,8 +170,10 @@ class PartitionHandover:
     def holding(self) -> bool:
         return bool(self._to_adopt)
 
-    def settle(self, events: KafkaSource, applied: dict[Partition, int], not_yet: frozenset = frozenset()) -> None:
-        """Loop thread, after the poll: adopt the users of each held partition, then release it.
+    def settle(self, events: KafkaSource, applied: dict[Partition, int], remember_ids: Callable[[np.ndarray], None],
+               not_yet: frozenset = frozenset()) -> None:
+        """Loop thread, after the poll: adopt the users of each held partition, and hand its recent
+        event ids to ``remember_ids`` (the de-duplication ledger), then release it.
         ``not_yet``: partitions another part still holds (their start offset may yet move)."""
         assigned = set(events.assignment())
         settled, waiting = [], []
@@ -138,7 +185,7 @@ class PartitionHandover:
                         waiting.append(tp)  # Kafka did not say yet: held until the next turn
                         continue
                     if applied.get(tp) != start:  # this worker's state does not end exactly there
-                        self._adopt(tp[1], start)
+                        self._adopt(tp[1], start, remember_ids)
                 except BrokerError as exc:
                     self.metrics.broker_error("changelog", exc)
                     log.warning("%s[%d]: could not read its users' histories (%s); held until the next turn",
@@ -151,7 +198,7 @@ class PartitionHandover:
         if waiting:
             events.hold(waiting)  # still held, whatever another part released in this turn
 
-    def _adopt(self, partition: int, start: int) -> None:
+    def _adopt(self, partition: int, start: int, remember_ids: Callable[[np.ndarray], None]) -> None:
         if partition >= self._partitions:
             self._say_too_few(partition + 1)
             return
@@ -161,9 +208,13 @@ class PartitionHandover:
         chosen = choose(read_partition(self._reader, self.settings.changelog_topic, partition), start)
         adopted = self.learner.adopt_histories({user_id: (state.items, state.weights)
                                                 for user_id, state in chosen.users.items()})
+        remember_ids(chosen.ledger)
+        recent = self._recent[partition] = RecentIds()  # its next checkpoint hands these on in turn
+        recent.extend(chosen.ledger)
         self.metrics.users_adopted.inc(adopted)
-        log.info("%s[%d] starts at offset %d here: adopted %d user histories from %r%s%s",
-                 self.settings.events_topic, partition, start, adopted, self.settings.changelog_topic,
+        log.info("%s[%d] starts at offset %d here: adopted %d user histories and %d recent event ids from %r%s%s",
+                 self.settings.events_topic, partition, start, adopted, len(chosen.ledger),
+                 self.settings.changelog_topic,
                  f"; {chosen.ahead} written past that offset and not committed are rebuilt from the events read "
                  "again" if chosen.ahead else "",
                  f"; {chosen.unreadable} unreadable record(s) skipped" if chosen.unreadable else "")

@@ -21,7 +21,7 @@ from stream.kafka.clients import SourceRecord
 from stream.metrics import WorkerMetrics
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
-from stream.worker.dedup import EventLedger, LedgerSnapshot
+from stream.worker.dedup import EventLedger, LedgerSnapshot, hash_ids
 from stream.worker.handover import PartitionHandover
 from stream.worker.isolation import apply_isolated, failure_detail
 from stream.worker.publisher import Publisher
@@ -80,6 +80,10 @@ class Ingest:
 
     def ledger_snapshot(self) -> LedgerSnapshot:
         return self._ledger.snapshot()
+
+    def remember_ids(self, hashes) -> None:
+        """Event ids (``hash_ids``) another worker applied: a repeat of one is a duplicate here too."""
+        self._ledger.add_hashes(hashes)
 
     @property
     def ledger_size(self) -> int:
@@ -191,7 +195,9 @@ class Ingest:
                     events.append(event)
                     sources.append(record)
             applied[tp] = run[-1].offset + 1
-        fresh = self._ledger.add_many(list(map(EVENT_ID_OF, events)))  # one vectorised lookup
+        hashes = hash_ids(list(map(EVENT_ID_OF, events)))
+        fresh = self._ledger.add_hashes(hashes)  # one vectorised lookup
+        self.handover.note_ids(hashes, list(map(_PARTITION_NUMBER_OF, sources)), fresh)
         valid_by_type: Counter = Counter()
         duplicates = len(events) - sum(fresh)
         if len(events) > duplicates:

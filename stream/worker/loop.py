@@ -295,7 +295,8 @@ class Worker:
         if self.rewind is not None and self.rewind.held:  # assigned in that poll: seek before reading them
             self.rewind.settle(events)
         if self.handover.holding:  # assigned in that poll: their users' histories before their events
-            self.handover.settle(events, ingest.applied, frozenset(self.rewind.held if self.rewind else ()))
+            self.handover.settle(events, ingest.applied, ingest.remember_ids,
+                                 frozenset(self.rewind.held if self.rewind else ()))
         checkpointer.note_poll(len(records) >= self.settings.max_poll_records)
         if checkpointer.rollback_reason:  # set by a rebalance callback inside that poll
             self._roll_back()
