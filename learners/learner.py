@@ -31,7 +31,7 @@ from learners.row_agreement import RowAgreement
 from learners.serving_average import ServingAverage
 from learners.strategy import build_strategy
 from learners.stream_state import StreamState
-from learners.users import UserHistories
+from learners.users import UserHistories, histories_by_id
 
 log = logging.getLogger(__name__)
 
@@ -206,14 +206,8 @@ class ContinualRecommender:
     def export_histories(self, user_ids: Iterable[str]) -> dict[str, tuple[list[str], list[float]]]:
         """Each held user's history as item ids and event weights, oldest first: what another
         learner needs to carry on with them (``adopt_histories``). Users not held are left out."""
-        ids = self.catalogue.ids
-        out: dict[str, tuple[list[str], list[float]]] = {}
         with self.lock:
-            for user_id in user_ids:
-                rows, weights = self.users.ring_of(user_id)
-                if len(rows):
-                    out[user_id] = ([ids[row] for row in rows.tolist()], weights.tolist())
-        return out
+            return histories_by_id(self.users.state(), self.catalogue.ids, user_ids)
 
     def adopt_histories(self, histories: dict[str, tuple[Sequence[str], Sequence[float]]]) -> int:
         """Start these users' histories over from the given ones (another learner's

@@ -241,17 +241,6 @@ class UserHistories:
         weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
         return np.where(keep, self._prows[safe], 0).astype(np.int64), weights
 
-    def ring_of(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """The user's ring as it was written: item rows and raw event weights, oldest first
-        (empty when not held). Appending them in this order to an empty history rebuilds it."""
-        slot = self._slot_of.get(user_id)
-        if slot is None:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        count = int(self._count[slot])
-        kept = min(count, self.length)
-        places = (count - kept + np.arange(kept)) % self.length
-        return self._rows[slot, places].astype(np.int64), self._weights[slot, places].copy()
-
     def item_rows_of(self, user_id: str) -> np.ndarray:
         slot = self._slot_of.get(user_id)
         if slot is None:
@@ -293,3 +282,33 @@ class UserHistories:
                 take = min(self.length, self.profile_length)
                 self._prows[:, :take] = np.take_along_axis(self._rows, order, axis=1)[:, :take]
                 self._pweights[:, :take] = np.take_along_axis(self._weights, order, axis=1)[:, :take]
+
+
+def rings(state: dict, user_ids: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each user's ring as it was written, read from a ``UserHistories.state()`` (a live one or a
+    checkpoint's copy): item rows and raw event weights, oldest first. Users not held (or with no
+    event) are left out. Appending them in this order to an empty history (``replace``) rebuilds it."""
+    slot_of = dict(zip(state["user_ids"], np.asarray(state["slots"]).tolist()))
+    users = [user_id for user_id in dict.fromkeys(user_ids) if user_id in slot_of]
+    if not users:
+        return {}
+    length = int(state["length"])
+    slots = np.fromiter((slot_of[u] for u in users), np.int64, len(users))
+    count = np.asarray(state["count"])[slots]
+    kept = np.minimum(count, length)
+    # The ring is written at count % length: its oldest kept event sits ``kept`` writes back.
+    places = (count[:, None] - kept[:, None] + np.arange(length)[None, :]) % length
+    rows = np.asarray(state["rows"])[slots[:, None], places]
+    weights = np.asarray(state["weights"])[slots[:, None], places]
+    return {user: (rows[i, :k], weights[i, :k]) for i, (user, k) in enumerate(zip(users, kept.tolist())) if k}
+
+
+def histories_by_id(state: dict, item_ids: Sequence[str], user_ids: Iterable[str]) \
+        -> dict[str, tuple[list[str], list[float]]]:
+    """``rings`` with item ids for rows (``item_ids``: the catalogue's ids by row): a history another
+    learner, with rows of its own, can adopt."""
+    found = rings(state, user_ids)
+    if not found:
+        return {}
+    ids = np.asarray(item_ids, dtype=object)
+    return {user: (ids[rows].tolist(), weights.tolist()) for user, (rows, weights) in found.items()}

@@ -13,7 +13,7 @@ from learners.encoder import TextEncoder
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import Event
 from learners.synthetic import SyntheticWorld
-from learners.users import UserHistories
+from learners.users import UserHistories, histories_by_id, rings
 from stream.config import default_model_path
 from stream.kafka.broker import read_topic
 from stream.kafka.changelog import LEDGER_KEY, choose, decode_user_state, encode_ledger, encode_user_state
@@ -55,20 +55,23 @@ def test_choose_takes_the_newest_state_at_or_below_the_start():
 
 # -- the history ring ---------------------------------------------------------------
 
-def test_ring_of_gives_the_kept_events_oldest_first_and_replace_rebuilds_them():
+def test_rings_give_the_kept_events_oldest_first_and_replace_rebuilds_them():
     users = UserHistories(length=4, max_users=10)
     for seq, row in enumerate([1, 2, 3, 4, 5, 6]):
         users.append("u", row, float(row), seq)
-    rows, weights = users.ring_of("u")
-    assert rows.tolist() == [3, 4, 5, 6] and weights.tolist() == [3.0, 4.0, 5.0, 6.0]
+    users.append("v", 7, 2.0, 6)
+    found = rings(users.state(), ["u", "v", "nobody"])
+    assert {k: (r.tolist(), w.tolist()) for k, (r, w) in found.items()} == \
+        {"u": ([3, 4, 5, 6], [3.0, 4.0, 5.0, 6.0]), "v": ([7], [2.0])}
+    rows, weights = found["u"]
     other = UserHistories(length=4, max_users=10)
     other.append("u", 9, 1.0, 0)  # what the new owner held of the user before: replaced
     other.replace("u", rows, weights, first_seq=100)
-    assert [a.tolist() for a in other.ring_of("u")] == [rows.tolist(), weights.tolist()]
+    assert [a.tolist() for a in rings(other.state(), ["u"])["u"]] == [rows.tolist(), weights.tolist()]
     slots = np.array([users.slot_of("u")]), np.array([other.slot_of("u")])
     for got, want in zip(other.histories(slots[1]), users.histories(slots[0])):
         np.testing.assert_array_equal(got, want)
-    assert users.ring_of("nobody")[0].size == 0
+    assert histories_by_id(users.state(), [f"i{r}" for r in range(8)], ["v"]) == {"v": (["i7"], [2.0])}
 
 
 @pytest.mark.integration

@@ -47,7 +47,7 @@ TARGET_ITEM_P99_S = 5.0
 TARGET_GROWTH = 0.05
 
 
-class _Matcher:
+class Matcher:
     """Per-user queues of event send times (only events not yet served: bounded by the backlog)."""
 
     def __init__(self) -> None:
@@ -84,8 +84,8 @@ class _Matcher:
             return sum(len(q) for q in self._waiting.values())
 
 
-class _Producer(threading.Thread):
-    def __init__(self, settings, world: BenchWorld, rate: float, matcher: _Matcher, client_kwargs: dict,
+class EventProducer(threading.Thread):
+    def __init__(self, settings, world: BenchWorld, rate: float, matcher: Matcher, client_kwargs: dict,
                  id_prefix: str, linger_ms: int) -> None:
         super().__init__(name="bench-producer", daemon=True)
         from kafka import KafkaProducer
@@ -124,8 +124,8 @@ class _Producer(threading.Thread):
             self._producer.close()
 
 
-class _Reader(threading.Thread):
-    def __init__(self, settings, matcher: _Matcher, client_kwargs: dict) -> None:
+class VectorReader(threading.Thread):
+    def __init__(self, settings, matcher: Matcher, client_kwargs: dict) -> None:
         super().__init__(name="bench-reader", daemon=True)
         from kafka import KafkaConsumer, TopicPartition
 
@@ -219,11 +219,11 @@ def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, lin
         progress(f"{phase}: worker pid {proc.pid} ready in {time.monotonic() - t_spawn:.0f}s "
                  f"({len(items)} item texts, {world.n_users} users, {world.n_items} items); "
                  f"{rate:.0f} events/s for {seconds:.0f}s")
-        matcher = _Matcher()
-        reader = _Reader(settings, matcher, client_kwargs)
+        matcher = Matcher()
+        reader = VectorReader(settings, matcher, client_kwargs)
         reader.start()
-        producer = _Producer(settings, world, rate, matcher, client_kwargs, id_prefix=f"{phase}-{cluster.run_id}",
-                             linger_ms=linger_ms)
+        producer = EventProducer(settings, world, rate, matcher, client_kwargs,
+                                 id_prefix=f"{phase}-{cluster.run_id}", linger_ms=linger_ms)
         started = time.monotonic()
         matcher.started_ms = int(time.time() * 1000)
         producer.start()

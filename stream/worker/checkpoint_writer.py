@@ -30,7 +30,7 @@ import time
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -96,6 +96,7 @@ class CheckpointJob:
     extra: dict                   # the worker's bookkeeping, the ledger added when written
     snapshot_s: float             # loop time spent taking the snapshot
     started: float = field(default_factory=time.monotonic)
+    changelog: Any = None               # the partition state it sends (stream/worker/handover.py)
     prepared: Optional[Future] = None   # -> PreparedCheckpoint, once the learner is free again
     future: Optional[Future] = None     # -> the checkpoint folder, once durable
     path: Optional[Path] = None
@@ -125,8 +126,11 @@ class CheckpointWriter:
         self.prepare_on = prepare_on
         self.write_on = write_on
 
-    def start(self, offsets: dict, extra: dict, ledger: LedgerSnapshot) -> CheckpointJob:
-        """Snapshot now (loop thread, learner idle) and hand the rest to the background threads."""
+    def start(self, offsets: dict, extra: dict, ledger: LedgerSnapshot,
+              before_write: Optional[Callable[[LearnerSnapshot], Any]] = None) -> CheckpointJob:
+        """Snapshot now (loop thread, learner idle) and hand the rest to the background threads.
+        ``before_write(snapshot)`` runs on the write thread before the files are written (what must
+        reach Kafka before the checkpoint is committed); what it raises fails the checkpoint."""
         began = time.perf_counter()
         learner = self.learner
         if len(learner.catalogue):
@@ -141,7 +145,7 @@ class CheckpointWriter:
             self._release()
             raise
         # With one executor for both (no background training) the prepare, queued first, runs first.
-        job.future = self.write_on.submit(self._write, job)
+        job.future = self.write_on.submit(self._write, job, snapshot, before_write)
         return job
 
     def _prepare(self, job: CheckpointJob, snapshot: LearnerSnapshot, ledger: LedgerSnapshot) -> PreparedCheckpoint:
@@ -150,7 +154,10 @@ class CheckpointWriter:
         finally:
             self._release()
 
-    def _write(self, job: CheckpointJob) -> Path:
+    def _write(self, job: CheckpointJob, snapshot: LearnerSnapshot,
+               before_write: Optional[Callable[[LearnerSnapshot], Any]]) -> Path:
+        if before_write is not None:
+            before_write(snapshot)  # beside the prepare: it reads the snapshot's copies only
         prepared = job.prepared.result()  # raises what the prepare raised
         began = time.perf_counter()
         try:

@@ -25,6 +25,7 @@ import logging
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Optional
 
 from kafka import KafkaConsumer
@@ -302,9 +303,8 @@ class Checkpointer:
         if self._rollback_reason:
             return False  # this state holds records of partitions given up uncommitted: never save it
         self.publisher.publish_queued_users(force=True)
-        applied = self.ingest.applied
-        self.handover.write(applied)  # the histories of these offsets, for the next owners of their partitions
         self.publisher.deliver()  # what the checkpoint covers is in Kafka before its offsets are committed
+        applied = self.ingest.applied
         self.book.advance(self.publisher.dead_letter_ends())
         items = self.consumers.items
         extra = {
@@ -321,7 +321,12 @@ class Checkpointer:
         }  # + "ledger", encoded on the writer thread from this snapshot of it
         if self.rewind is not None:  # --distributed: where the group's model is on every partition
             extra["group_offsets"] = [[t, p, o] for (t, p), o in sorted(self.rewind.covered(applied).items())]
-        self._job = self.writer().start(applied, extra, self.ingest.ledger_snapshot())
+        # The users' histories as of these offsets, for the next owners of their partitions: sent and
+        # waited for on the write thread, before the checkpoint (and so its commit) can be durable.
+        changelog = self.handover.take(applied)
+        send = None if changelog is None else partial(self.handover.send_from, changelog)
+        self._job = self.writer().start(applied, extra, self.ingest.ledger_snapshot(), before_write=send)
+        self._job.changelog = changelog
         self._dirty = False
         self._job_erases, self._erasure_unsaved = self._erasure_unsaved, False
         if self._assigned_events:  # this one holds the assignment's first events
@@ -347,6 +352,7 @@ class Checkpointer:
             self.metrics.checkpoint_failures.inc()
             self._dirty = True  # what it held is still to be saved
             self._erasure_unsaved |= erases
+            self.handover.give_back(job.changelog)
             log.error("checkpoint failed, offsets stay uncommitted: %s", exc)
             return False
         if erases and path is not None:

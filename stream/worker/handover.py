@@ -2,26 +2,31 @@
 
 Owns which users changed since the last checkpoint, per events partition,
 the newest event ids applied from each partition (``RecentIds``), and the
-partitions newly assigned whose users' histories are still to be read. At every checkpoint, before its commit, the changed users' histories go
-to the changelog (``write``); the publisher's ``deliver`` then waits for them
-with the rest. A partition assigned to this worker is held (nothing fetched)
-until ``settle`` has read its changelog partition and adopted its users'
-histories as of the offset this worker starts reading from, unless this
-worker's own state already ends exactly there (it owned the partition last,
-or restarted from its own checkpoint): then there is nothing to read.
+partitions newly assigned whose users' histories are still to be read. At
+every checkpoint the changes are taken with its snapshot (``take``); the
+checkpoint writer thread sends the changed users' histories, read from the
+snapshot's copy of the histories, and waits for Kafka to take them before the
+checkpoint can be committed (``send``), while the loop goes on. A partition
+assigned to this worker is held (nothing fetched) until ``settle`` has read
+its changelog partition and adopted its users' histories as of the offset
+this worker starts reading from, unless this worker's own state already ends
+exactly there (it owned the partition last, or restarted from its own
+checkpoint): then there is nothing to read.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 from kafka import KafkaConsumer
 
+from learners.users import histories_by_id
 from stream.config import Settings
 from stream.kafka.changelog import LEDGER_KEY, choose, encode_ledger, encode_user_state, read_partition
-from stream.kafka.clients import KafkaSource
+from stream.kafka.clients import ChangelogSink, KafkaSource
 from stream.kafka.errors import BrokerError
 from stream.metrics import WorkerMetrics
 from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, Publisher
@@ -53,6 +58,16 @@ class RecentIds:
         capacity = len(self._ring)
         kept = min(self._written, capacity)
         return self._ring[(self._written - kept + np.arange(kept)) % capacity]
+
+
+@dataclass
+class ChangelogBatch:
+    """What one checkpoint writes to the changelog, per events partition: the offset its states hold
+    events up to, the users whose history changed, and the recent event ids (where new ones came)."""
+    sink: ChangelogSink
+    through: dict[int, int] = field(default_factory=dict)
+    users: dict[int, set[str]] = field(default_factory=dict)
+    ids: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class PartitionHandover:
@@ -122,15 +137,16 @@ class PartitionHandover:
         recent ids stay: the ledger, restored too, would take their repeats as duplicates)."""
         self._changed = {}
 
-    def write(self, applied: dict[Partition, int]) -> int:
-        """Send the changed users' histories, each as of its partition's applied offset; returns how many.
-        The caller delivers them before committing those offsets."""
+    def take(self, applied: dict[Partition, int]) -> Optional[ChangelogBatch]:
+        """Loop thread, at a checkpoint's snapshot: what changed since the last one, as of these
+        applied offsets (None: nothing to write). ``send`` writes it off the loop."""
         changed, self._changed = self._changed, {}
         ids_changed, self._recent_changed = self._recent_changed, set()
         sink = self.publisher.changelog
-        if sink is None:
-            return 0
-        topic, written = self.settings.events_topic, 0
+        if sink is None or not (changed or ids_changed):
+            return None
+        topic = self.settings.events_topic
+        batch = ChangelogBatch(sink)
         for partition in sorted(changed.keys() | ids_changed):
             through = applied.get((topic, partition))
             if through is None:
@@ -138,15 +154,40 @@ class PartitionHandover:
             if partition >= sink.partitions:
                 self._say_too_few(partition + 1)
                 continue
-            histories = self.learner.export_histories(changed.get(partition, ()))
+            batch.through[partition] = through
+            batch.users[partition] = changed.get(partition, set())
+            if partition in ids_changed:
+                batch.ids[partition] = self._recent[partition].oldest_first()
+        return batch
+
+    def send(self, batch: ChangelogBatch, users_state: dict, item_ids: list) -> int:
+        """Checkpoint writer thread: the batch's histories, read from the checkpoint's copy of the
+        user histories (``users_state``, ``item_ids``), to the changelog, waited for. Raises
+        ``BrokerError`` when Kafka did not take them all (the checkpoint fails, ``give_back``)."""
+        written = 0
+        for partition, through in batch.through.items():
+            histories = histories_by_id(users_state, item_ids, batch.users[partition])
             records = [(user_id.encode(), encode_user_state(through, items, weights))
                        for user_id, (items, weights) in histories.items()]
-            if partition in ids_changed:
-                records.append((LEDGER_KEY, encode_ledger(through, self._recent[partition].oldest_first())))
-            sink.write_batch(partition, records)
+            if partition in batch.ids:
+                records.append((LEDGER_KEY, encode_ledger(through, batch.ids[partition])))
+            batch.sink.write_batch(partition, records)
             written += len(histories)
+        batch.sink.flush(timeout=60.0)
         self.metrics.changelog_records.inc(written)
         return written
+
+    def send_from(self, batch: ChangelogBatch, snapshot) -> int:
+        """``send`` reading a checkpoint's ``LearnerSnapshot`` (its copies of the histories and ids)."""
+        return self.send(batch, snapshot.users.state(), snapshot.catalogue.state()["ids"])
+
+    def give_back(self, batch: Optional[ChangelogBatch]) -> None:
+        """The checkpoint that was to carry ``batch`` failed: its changes go into the next one."""
+        if batch is None:
+            return
+        for partition, users in batch.users.items():
+            self._changed.setdefault(partition, set()).update(users)
+        self._recent_changed.update(batch.ids)
 
     def _say_too_few(self, needed: int) -> None:
         if not self._too_few_told:
