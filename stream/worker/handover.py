@@ -84,10 +84,6 @@ class PartitionHandover:
         self._reader: Optional[KafkaConsumer] = None
         self._too_few_told = False
 
-    @property
-    def enabled(self) -> bool:
-        return self._partitions > 0
-
     def open(self, events: KafkaSource) -> None:
         """Once connected: use the changelog topic if it exists (said either way)."""
         topic = self.settings.changelog_topic
