@@ -94,3 +94,17 @@ def test_rows_are_agreed_but_nothing_trains_while_a_rank_waits_to_rejoin(tmp_pat
     rejoin[0] = False
     worker._group_turn(checkpoint_due=False)  # noqa: SLF001
     assert learner.agreed == 2 and learner.pending == 0 and learner.model_version == 1
+
+
+def test_a_rank_that_must_go_back_alone_exits_for_the_group_to_restart_together(tmp_path):
+    """Revoked mid-experience (or forced out of the group), one rank going back to its checkpoint
+    alone would train on with weights behind the others': it exits instead, saying why."""
+    from worker_fakes import make_worker
+
+    from stream.worker.group_restore import RankMustRestart
+
+    worker, _, _ = make_worker(tmp_path)
+    worker.group = _OneRank()
+    worker.checkpointer.request_rollback("partitions [('events', 0)] revoked mid-experience")
+    with pytest.raises(RankMustRestart, match="revoked mid-experience.*--max-restarts"):
+        worker.turn()

@@ -28,6 +28,11 @@ class RanksDisagree(RecstreamError):
     """``--distributed``: the ranks' checkpoints hold different models; the message says how to line them up."""
 
 
+class RankMustRestart(RecstreamError):
+    """``--distributed``: this rank's state would go back to its checkpoint alone, leaving its weights
+    behind the group's; it exits so that torchrun restarts the group from the version every rank has."""
+
+
 def common_version(per_rank: list[list[int]], state_dirs: str = "rank-*") -> Optional[int]:
     """The newest model version every rank has a complete checkpoint of; None when no rank has any.
 

@@ -221,7 +221,9 @@ class PartitionHandover:
                     if start is None:
                         waiting.append(tp)  # Kafka did not say yet: held until the next turn
                         continue
-                    if applied.get(tp) != start:  # this worker's state does not end exactly there
+                    # Nothing to read where this worker's state ends exactly there, or at offset 0
+                    # (no state holds events below it).
+                    if start > 0 and applied.get(tp) != start:
                         self._adopt(tp[1], start, remember_ids)
                 except BrokerError as exc:
                     self.metrics.broker_error("changelog", exc)

@@ -46,7 +46,7 @@ from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.forgetting import Forgetting
 from stream.worker.handover import PartitionHandover
-from stream.worker.group_restore import GroupRewind, RanksDisagree, common_version, group_offsets
+from stream.worker.group_restore import GroupRewind, RankMustRestart, RanksDisagree, common_version, group_offsets
 from stream.worker.ingest import Ingest
 from stream.worker.lifecycle import Lifecycle
 from stream.worker.membership import Membership
@@ -363,6 +363,14 @@ class Worker:
         """Go back to the last checkpoint (see ``Checkpointer.roll_back``): no experience may be in
         flight meanwhile, and the users queued for publishing have their events read again."""
         reason = self.checkpointer.take_rollback_reason()
+        if self.group is not None:
+            # One rank going back alone would leave its weights behind the group's: the group goes
+            # back together instead, as after a killed rank (stream/worker/group_restore.py).
+            raise RankMustRestart(
+                f"{reason}: this rank's state holds records it gave up uncommitted, and going back to its "
+                "last checkpoint alone would leave its weights behind the other ranks'. Exiting so that "
+                "torchrun restarts every rank from the newest checkpoint they all have (launch it with "
+                "--max-restarts N)")
         self.trainer.collect(wait=True)
         self.checkpointer.roll_back(reason)
         self.publisher.drop_queued_users()
