@@ -304,8 +304,8 @@ class Checkpointer:
             return False  # this state holds records of partitions given up uncommitted: never save it
         self.publisher.publish_queued_users(force=True)
         self.publisher.deliver()  # what the checkpoint covers is in Kafka before its offsets are committed
-        applied = self.ingest.applied
         self.book.advance(self.publisher.dead_letter_ends())
+        applied = self.ingest.applied
         items = self.consumers.items
         extra = {
             "event_offsets": [[t, p, o] for (t, p), o in sorted(applied.items())],

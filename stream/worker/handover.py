@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Callable, Optional
 
 import numpy as np
@@ -26,7 +27,7 @@ from kafka import KafkaConsumer
 from learners.users import histories_by_id
 from stream.config import Settings
 from stream.kafka.changelog import LEDGER_KEY, choose, encode_ledger, encode_user_state, read_partition
-from stream.kafka.clients import ChangelogSink, KafkaSource
+from stream.kafka.clients import ChangelogSink, KafkaSource, SourceRecord
 from stream.kafka.errors import BrokerError
 from stream.metrics import WorkerMetrics
 from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, Publisher
@@ -34,6 +35,7 @@ from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, Publisher
 log = logging.getLogger("stream.worker")
 
 Partition = tuple[str, int]
+_PARTITION_OF = attrgetter("partition")
 
 # Event ids of a partition handed over with it: a repeat delivery (a producer retry) comes
 # within seconds of the original, far fewer events than this apart on one partition.
@@ -104,23 +106,24 @@ class PartitionHandover:
 
     # -- this worker's users, out --
 
-    def note(self, user_ids: list[str], partitions: list[int]) -> None:
-        """These users' histories changed through events of these events partitions (ingest path)."""
+    def note(self, user_ids: list[str], sources: list[SourceRecord]) -> None:
+        """These users' histories changed through the events of these records (ingest path)."""
         if not self._partitions:
             return
         changed = self._changed
-        for user_id, partition in zip(user_ids, partitions):
+        for user_id, partition in zip(user_ids, map(_PARTITION_OF, sources)):
             users = changed.get(partition)
             if users is None:
                 users = changed[partition] = set()
             users.add(user_id)
 
-    def note_ids(self, hashes: np.ndarray, partitions: list[int], fresh: list[bool]) -> None:
-        """The event ids (``hash_ids``) the ledger took as new, by the partition they came from."""
+    def note_ids(self, hashes: np.ndarray, sources: list[SourceRecord], fresh: list[bool]) -> None:
+        """The event ids (``hash_ids``) of these records that the ledger took as new."""
         if not self._partitions or not len(hashes):
             return
         keep = np.asarray(fresh, bool)
-        parts, hashes = np.asarray(partitions, np.int64)[keep], hashes[keep]
+        parts = np.fromiter(map(_PARTITION_OF, sources), np.int64, len(sources))[keep]
+        hashes = hashes[keep]
         for partition in np.unique(parts).tolist():
             recent = self._recent.get(partition)
             if recent is None:

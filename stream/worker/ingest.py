@@ -31,7 +31,6 @@ log = logging.getLogger("stream.worker")
 
 # Record field readers for the ingest path (event ones: learners.records).
 _PARTITION_OF = attrgetter("topic", "partition")
-_PARTITION_NUMBER_OF = attrgetter("partition")
 _VALUE_OF = attrgetter("value")
 
 Partition = tuple[str, int]
@@ -197,7 +196,7 @@ class Ingest:
             applied[tp] = run[-1].offset + 1
         hashes = hash_ids(list(map(EVENT_ID_OF, events)))
         fresh = self._ledger.add_hashes(hashes)  # one vectorised lookup
-        self.handover.note_ids(hashes, list(map(_PARTITION_NUMBER_OF, sources)), fresh)
+        self.handover.note_ids(hashes, sources, fresh)
         valid_by_type: Counter = Counter()
         duplicates = len(events) - sum(fresh)
         if len(events) > duplicates:
@@ -210,7 +209,7 @@ class Ingest:
             valid_by_type.update(map(EVENT_TYPE_OF, events))
             users = list(map(USER_ID_OF, events))
             self.publisher.queue_users(users, sources)  # sent once the window is over
-            self.handover.note(users, list(map(_PARTITION_NUMBER_OF, sources)))
+            self.handover.note(users, sources)
         self.publisher.dead_letter(bad)
         valid = sum(valid_by_type.values())
         consumed = len(records) - redelivered

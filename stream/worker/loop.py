@@ -45,8 +45,8 @@ from stream.worker.checkpointer import Checkpointer
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.forgetting import Forgetting
-from stream.worker.handover import PartitionHandover
 from stream.worker.group_restore import GroupRewind, RankMustRestart, RanksDisagree, common_version, group_offsets
+from stream.worker.handover import PartitionHandover
 from stream.worker.ingest import Ingest
 from stream.worker.lifecycle import Lifecycle
 from stream.worker.membership import Membership
