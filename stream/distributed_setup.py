@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from learners.errors import ConfigError
 from stream.config import Settings
@@ -43,6 +44,11 @@ def rank_of_env(env=None) -> Rank:
     return Rank(rank, world, local, backend="")
 
 
+def rank_state_dir(state_dir: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a group started with ``--state-dir state_dir`` keeps its checkpoints."""
+    return state_dir / f"rank-{rank}"
+
+
 def rank_settings(settings: Settings, rank: Rank) -> Settings:
     """Each rank's own state dir and metrics port; training between polls (see ``start_group``)."""
     if settings.bootstrap_servers is None:
@@ -50,7 +56,7 @@ def rank_settings(settings: Settings, rank: Rank) -> Settings:
                           "would be one broker per rank")
     if settings.background_training:
         log.info("--distributed: training between polls (collective rounds run on the loop thread)")
-    update = {"state_dir": settings.state_dir / f"rank-{rank.rank}", "background_training": False}
+    update = {"state_dir": rank_state_dir(settings.state_dir, rank.rank), "background_training": False}
     if settings.metrics_port:
         update["metrics_port"] = settings.metrics_port + rank.local_rank
     return settings.model_copy(update=update)

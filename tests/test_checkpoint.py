@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from learners.checkpoint import MANIFEST, CheckpointStore
 from learners.checkpoint.collect import collect
+from learners.checkpoint.manifest import read_manifest, verify
 from learners.checkpoint.restore import apply, parse
 from learners.encoder import TextEncoder
 from learners.errors import CheckpointError, RecstreamError
@@ -337,6 +338,19 @@ def test_keep_prunes_old_checkpoints(tmp_path, trained):
     assert not paths[0].exists() and not paths[1].exists()
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == sorted(p.name for p in paths[2:])
 
+
+
+def test_what_a_peer_holds_for_the_same_version_is_linked_not_written(tmp_path, trained):
+    """--distributed: rank 1's checkpoint holds rank 0's copy of every file the two share."""
+    theirs = CheckpointStore(tmp_path / "rank-0").save(trained, {"rank": 0})
+    store = CheckpointStore(tmp_path / "rank-1", peer=tmp_path / "rank-0")
+    ours = store.write(store.prepare(trained, {"rank": 1}), peer_wait_s=1.0)
+    mine, rank0 = read_manifest(ours), read_manifest(theirs)
+    shared = sorted(name for name, entry in mine.items() if rank0.get(name) == entry)
+    assert "learner.safetensors" in shared and f"model/{TRAINED_SHARD}" in shared and "extra.json" not in shared
+    assert all(os.path.samefile(ours / name, theirs / name) for name in shared)
+    verify(ours)  # complete and intact on its own
+    assert store.last_linked_bytes >= sum(mine[name]["size"] for name in shared)
 
 
 def test_remove_older_keeps_only_the_newest_and_refuses_an_incomplete_one(tmp_path, trained):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from learners.checkpoint.manifest import read_manifest
+from learners.checkpoint.store import checkpoint_folders, checkpoint_version
 from learners.synthetic import SyntheticWorld
 from stream.kafka.broker import log_end_offsets, read_topic
 from worker_harness import (WorkerProcess, changelog_histories, committed_offsets, make_topics, produce_events,
@@ -88,8 +91,20 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
     ends = log_end_offsets(broker.bootstrap, topics.events)
     committed = committed_offsets(broker.bootstrap, topics.group, topics.events, ends)
     assert committed == ends and sum(ends.values()) == len(events)
-    # Each rank checkpoints into a state dir of its own.
+    # Each rank checkpoints into a state dir of its own, and the group's model is stored once a round:
+    # what rank 1's checkpoint holds identically to rank 0's of the same version is rank 0's file.
     assert all(any((tmp_path / "state" / f"rank-{r}").glob("ckpt-*")) for r in range(RANKS))
+    same_version = [(ours, theirs) for ours in checkpoint_folders(tmp_path / "state" / "rank-1")
+                    for theirs in checkpoint_folders(tmp_path / "state" / "rank-0")
+                    if checkpoint_version(ours) == checkpoint_version(theirs)]
+    assert same_version
+    ours, theirs = same_version[0]
+    mine, rank0 = read_manifest(ours), read_manifest(theirs)
+    identical = sorted(name for name, entry in mine.items() if rank0.get(name) == entry)
+    assert {"learner.safetensors", "optimizer.safetensors", "ewc.safetensors"} <= set(identical), identical
+    # Nothing of it written again by rank 1: each is rank 0's file, or rank 1's previous one unchanged.
+    assert all(os.stat(ours / name).st_nlink >= 2 for name in identical), identical
+    assert os.path.samefile(ours / "learner.safetensors", theirs / "learner.safetensors")
 
     # Ranks with no checkpoint version in common refuse to start, saying what to do.
     shutil.rmtree(tmp_path / "state" / "rank-1")

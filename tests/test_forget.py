@@ -78,7 +78,7 @@ def test_forget_offsets_go_into_the_checkpoint_and_a_restart_reads_on_from_them(
     worker, _, producer = make_worker(tmp_path, [{TP0: [consumer_record(0, event_bytes(3))]}])
     saved = []  # the fake learner has no files to save: keep what the checkpoint's extra says
     worker.checkpointer.store.prepare = lambda learner, extra: saved.append(extra)
-    worker.checkpointer.store.write = lambda prepared: None
+    worker.checkpointer.store.write = lambda prepared, **_: None
     worker.consumers.forget = FakeItems([forget_record(0, b"u3"), forget_record(1, b"nobody")])
     worker.turn()
     worker.checkpointer.collect(wait=True)

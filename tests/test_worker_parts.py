@@ -180,7 +180,7 @@ def test_checkpoint_writer_holds_the_model_while_preparing_and_writes_beside_tra
             prepare_gate.wait(5)
             return "prepared"
 
-        def write(self, prepared):
+        def write(self, prepared, **_):
             seen["written"] = prepared
             seen["in_flight_writing"] = learner.training_in_flight
             seen["write_thread"] = threading.current_thread().name
@@ -215,7 +215,7 @@ def test_checkpoint_writer_on_one_thread_prepares_first_and_reports_a_failed_pre
             order.append("prepare")
             raise OSError("disk full")
 
-        def write(self, prepared):
+        def write(self, prepared, **_):
             order.append("write")
 
     with ThreadPoolExecutor(1) as pool:

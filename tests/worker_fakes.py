@@ -165,7 +165,7 @@ class FakeLearner:
 def skip_checkpoint_files(worker: Worker) -> None:
     """The worker's fake learner has nothing to save: checkpoints keep their bookkeeping only."""
     worker.checkpointer.store.prepare = lambda learner, extra: None
-    worker.checkpointer.store.write = lambda prepared: None
+    worker.checkpointer.store.write = lambda prepared, **_: None
 
 
 def make_worker(tmp_path, polls=(), learner=None, fresh_broker=False,

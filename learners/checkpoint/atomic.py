@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 
 def write_file(path: Path, data: bytes, digest: Optional[str] = None) -> dict:
@@ -18,22 +18,33 @@ def write_file(path: Path, data: bytes, digest: Optional[str] = None) -> dict:
     return {"size": len(data), "sha256": digest or hashlib.sha256(data).hexdigest()}
 
 
-def write_or_link(path: Path, data: bytes, unchanged: Optional[tuple[Path, dict]]) -> tuple[dict, bool]:
-    """``write_file``, unless ``unchanged`` (a file of a committed checkpoint and its manifest entry)
-    holds exactly ``data``: then a hard link to it. Committed files are never written again, so
-    sharing them is safe, and a checkpoint taken every few seconds writes only what changed.
+def write_or_link(path: Path, data: bytes, candidates: Sequence[tuple[Path, dict]]) -> tuple[dict, bool]:
+    """``write_file``, unless one of ``candidates`` (files of committed checkpoints and their manifest
+    entries) holds exactly ``data``: then a hard link to it. Committed files are never written again,
+    so sharing them is safe, and a checkpoint taken every few seconds writes only what changed.
     Returns the manifest entry and whether the file was linked."""
     digest = hashlib.sha256(data).hexdigest()
-    if unchanged is not None:
-        source, entry = unchanged
-        if entry.get("size") == len(data) and entry.get("sha256") == digest:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(source, path)
-                return {"size": len(data), "sha256": digest}, True
-            except OSError:  # pruned meanwhile, or a file system without hard links: write it
-                pass
+    for source, entry in candidates:
+        if entry.get("size") == len(data) and entry.get("sha256") == digest and link(source, path):
+            return {"size": len(data), "sha256": digest}, True
     return write_file(path, data, digest), False
+
+
+def link(source: Path, path: Path) -> bool:
+    """Hard-link ``source`` as ``path`` (replacing a file there); False where that cannot be done
+    (pruned meanwhile, another file system, one without hard links): the caller writes instead."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spare = path.with_name(path.name + ".link")
+    try:
+        os.link(source, spare)
+        os.replace(spare, path)
+        return True
+    except OSError:
+        try:
+            os.unlink(spare)
+        except OSError:
+            pass
+        return False
 
 
 def fsync_path(path: Path) -> None:

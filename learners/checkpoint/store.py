@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from learners.checkpoint.atomic import commit_folder, write_or_link
+from learners.checkpoint.atomic import commit_folder, link, write_or_link
 from learners.checkpoint.collect import collect, compact_json, export_hf_model, model_file_entries
 from learners.checkpoint.compatibility import check_config
 from learners.checkpoint.manifest import (FORMAT, MANIFEST, MODEL_DIR, TornCheckpoint, manifest_bytes, quick_check,
@@ -34,7 +34,9 @@ _TMP = re.compile(r"^\.tmp-(\d+)-(\d+)$")
 class CheckpointStore:
     """Saves and restores a ``ContinualRecommender`` plus the caller's ``extra`` dict."""
 
-    def __init__(self, state_dir: os.PathLike | str, keep: int = 3) -> None:
+    def __init__(self, state_dir: os.PathLike | str, keep: int = 3, peer: Optional[os.PathLike | str] = None) -> None:
+        """``peer``: another store's folder whose checkpoints of a model version hold files identical to
+        some of this one's (``--distributed``: rank 0's, with the group's weights); ``write`` links them."""
         if keep < 1:
             raise CheckpointError(f"keep must be at least 1 (got {keep})")
         self.state_dir = Path(state_dir)
@@ -52,18 +54,12 @@ class CheckpointStore:
         self._previous: Optional[tuple[Path, dict[str, dict]]] = None
         self._last_seq = 0
         self._writing: set[Path] = set()  # tmp folders prepared and not yet written: never pruned
+        self.peer = Path(peer) if peer is not None else None
 
     # -- listing ----------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
         """Final-named checkpoint folders, newest first (complete or not)."""
-        if not self.state_dir.is_dir():
-            return []
-        found = []
-        for entry in self.state_dir.iterdir():
-            match = _CKPT.match(entry.name)
-            if match and entry.is_dir():
-                found.append((int(match.group(2)), int(match.group(1)), entry))
-        return [path for *_, path in sorted(found, reverse=True)]
+        return checkpoint_folders(self.state_dir)
 
     def _next_seq(self) -> int:
         seqs = [int(m.group(2)) for p in self.checkpoints() if (m := _CKPT.match(p.name))]
@@ -111,20 +107,30 @@ class CheckpointStore:
                                   seq=seq, blobs=blobs, model_files=model_files, encoder_key=encoder_key,
                                   prepare_s=time.perf_counter() - started)
 
-    def write(self, prepared: PreparedCheckpoint) -> Path:
+    def write(self, prepared: PreparedCheckpoint, peer_wait_s: float = 0.0) -> Path:
         """Second half of a save, on any thread: write, fsync and hash the files, commit the folder
         (the manifest last, then the rename), prune old checkpoints. Reads nothing of the learner.
-        Checkpoints prepared one after another must be written in that order."""
+        Checkpoints prepared one after another must be written in that order.
+
+        Files identical to the previous checkpoint's, or to the peer's newest complete checkpoint of
+        the same model version, are hard-linked, not written; ``peer_wait_s``: how long to wait for
+        the peer's to appear (one the peer writes in the same turn)."""
         started = time.perf_counter()
         tmp, final = prepared.tmp, prepared.final
         try:
             with _errors_said_where(self.state_dir):
+                peer = self._peer_files(prepared.version, peer_wait_s)
                 files, linked = {}, 0
                 for name, data in prepared.blobs.items():
-                    files[name], was_linked = write_or_link(tmp / name, data, self._unchanged(name))
+                    candidates = self._unchanged(name) + peer.get(name, [])
+                    files[name], was_linked = write_or_link(tmp / name, data, candidates)
                     linked += len(data) if was_linked else 0
                 files.update(model_file_entries(tmp, prepared.model_files))
                 linked += sum(entry["size"] for entry in prepared.model_files.values() if entry is not None)
+                for name, entry in files.items():  # the exported model's files, where the peer has them
+                    if prepared.model_files.get(name, entry) is None and any(
+                            e == entry and link(source, tmp / name) for source, e in peer.get(name, [])):
+                        linked += entry["size"]
                 head = {"format": FORMAT, "model_version": prepared.version, "seq": prepared.seq,
                         "created": time.time()}
                 commit_folder(tmp, final, MANIFEST, manifest_bytes(head, files))
@@ -150,11 +156,28 @@ class CheckpointStore:
         shard = f"{MODEL_DIR}/{FROZEN_SHARD}"
         self._frozen_shard = (encoder_key, path / shard, files[shard]) if shard in files else None
 
-    def _unchanged(self, name: str) -> Optional[tuple[Path, dict]]:
+    def _unchanged(self, name: str) -> list[tuple[Path, dict]]:
         """The previous checkpoint's file of this name and its manifest entry, if there is one."""
         if self._previous is None or name not in self._previous[1]:
-            return None
-        return self._previous[0] / name, self._previous[1][name]
+            return []
+        return [(self._previous[0] / name, self._previous[1][name])]
+
+    def _peer_files(self, version: int, wait_s: float) -> dict[str, list[tuple[Path, dict]]]:
+        """The files of the peer's newest complete checkpoint of ``version`` and their manifest
+        entries, waiting up to ``wait_s`` for one; {} without a peer or such a checkpoint."""
+        if self.peer is None:
+            return {}
+        deadline = time.monotonic() + wait_s
+        while True:
+            for path in checkpoint_folders(self.peer):
+                if checkpoint_version(path) == version:
+                    try:
+                        return {name: [(path / name, entry)] for name, entry in read_manifest(path).items()}
+                    except (TornCheckpoint, OSError, CheckpointError):
+                        continue
+            if time.monotonic() >= deadline:
+                return {}
+            time.sleep(0.05)
 
     def _discard(self, tmp: Path) -> None:
         """Forget a temporary folder of this store's, removing what is left of it."""
@@ -285,6 +308,18 @@ class PreparedCheckpoint:
     model_files: dict[str, Optional[dict]]    # exported into tmp; None: to be fsynced and hashed
     encoder_key: tuple
     prepare_s: float                          # time the learner was held
+
+
+def checkpoint_folders(state_dir: Path) -> list[Path]:
+    """Final-named checkpoint folders in ``state_dir``, newest first (complete or not)."""
+    if not state_dir.is_dir():
+        return []
+    found = []
+    for entry in state_dir.iterdir():
+        match = _CKPT.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(2)), int(match.group(1)), entry))
+    return [path for *_, path in sorted(found, reverse=True)]
 
 
 def checkpoint_version(path: Path) -> int:

@@ -82,10 +82,10 @@ def main(argv: list[str]) -> int:
     checkpoints: list[list[float]] = []
     write = app.checkpointer.store.write
 
-    def timed_write(prepared):
+    def timed_write(prepared, **options):
         t0 = time.time()
         try:
-            return write(prepared)
+            return write(prepared, **options)
         finally:
             checkpoints.append([t0 - prepared.prepare_s, prepared.prepare_s, time.time() - t0])
 

@@ -97,6 +97,7 @@ class CheckpointJob:
     snapshot_s: float             # loop time spent taking the snapshot
     started: float = field(default_factory=time.monotonic)
     changelog: Any = None               # the partition state it sends (stream/worker/handover.py)
+    peer_wait_s: float = 0.0            # how long its write waits for the peer store's of its version
     prepared: Optional[Future] = None   # -> PreparedCheckpoint, once the learner is free again
     future: Optional[Future] = None     # -> the checkpoint folder, once durable
     path: Optional[Path] = None
@@ -127,7 +128,8 @@ class CheckpointWriter:
         self.write_on = write_on
 
     def start(self, offsets: dict, extra: dict, ledger: LedgerSnapshot,
-              before_write: Optional[Callable[[LearnerSnapshot], Any]] = None) -> CheckpointJob:
+              before_write: Optional[Callable[[LearnerSnapshot], Any]] = None,
+              peer_wait_s: float = 0.0) -> CheckpointJob:
         """Snapshot now (loop thread, learner idle) and hand the rest to the background threads.
         ``before_write(snapshot)`` runs on the write thread before the files are written (what must
         reach Kafka before the checkpoint is committed); what it raises fails the checkpoint."""
@@ -138,7 +140,8 @@ class CheckpointWriter:
         with learner.lock:
             snapshot = LearnerSnapshot(learner)
             learner.training_in_flight = True  # the model stays as it is until prepared
-        job = CheckpointJob(offsets=dict(offsets), extra=extra, snapshot_s=time.perf_counter() - began)
+        job = CheckpointJob(offsets=dict(offsets), extra=extra, snapshot_s=time.perf_counter() - began,
+                            peer_wait_s=peer_wait_s)
         try:
             job.prepared = self.prepare_on.submit(self._prepare, job, snapshot, ledger)
         except BaseException:
@@ -161,7 +164,7 @@ class CheckpointWriter:
         prepared = job.prepared.result()  # raises what the prepare raised
         began = time.perf_counter()
         try:
-            return self.store.write(prepared)
+            return self.store.write(prepared, peer_wait_s=job.peer_wait_s)
         finally:
             heap.trim()
             job.write_s = time.perf_counter() - began

@@ -48,6 +48,11 @@ from stream.worker.trainer import Trainer
 
 log = logging.getLogger("stream.worker")
 
+# --distributed: a checkpoint every rank takes in the same turn waits on ranks > 0 up to this long
+# for rank 0's of the same model version, to hard-link the group's weights (identical on every
+# rank) from it rather than write them once more; past that it writes them.
+PEER_WAIT_S = 30.0
+
 
 class Checkpointer:
     def __init__(self, settings: Settings, learner, metrics: WorkerMetrics, totals: Totals,
@@ -284,14 +289,16 @@ class Checkpointer:
         self._writer_pool = None
         self._writer = None
 
-    def checkpoint(self, in_rebalance: bool = False, wait: bool = True) -> bool:
+    def checkpoint(self, in_rebalance: bool = False, wait: bool = True, agreed: bool = False) -> bool:
         """Save everything applied so far, then commit exactly those offsets.
 
         The snapshot is taken now; the rest runs on the background threads. With
         ``wait`` (shutdown, rebalances, tools) this returns once the checkpoint is
         durable and committed, False when it could not be written (the last one
         stands). Without, it returns True at once and a later turn commits it
-        (``collect``).
+        (``collect``). ``agreed`` (``--distributed``): every rank takes this one
+        in the same turn, so a store with a peer waits for the peer's to link the
+        group's files from it.
         """
         self._last_checkpoint = time.monotonic()
         if self._job is not None:  # one write at a time, in order
@@ -325,7 +332,9 @@ class Checkpointer:
         # waited for on the write thread, before the checkpoint (and so its commit) can be durable.
         changelog = self.handover.take(applied)
         send = None if changelog is None else partial(self.handover.send_from, changelog)
-        self._job = self.writer().start(applied, extra, self.ingest.ledger_snapshot(), before_write=send)
+        peer_wait_s = PEER_WAIT_S if agreed and self.store.peer is not None else 0.0
+        self._job = self.writer().start(applied, extra, self.ingest.ledger_snapshot(), before_write=send,
+                                        peer_wait_s=peer_wait_s)
         self._job.changelog = changelog
         self._dirty = False
         self._job_erases, self._erasure_unsaved = self._erasure_unsaved, False

@@ -34,6 +34,7 @@ from kafka.errors import KafkaError
 
 from learners.learner import ContinualRecommender
 from stream.config import Settings
+from stream.distributed_setup import rank_state_dir
 from stream.kafka.clients import KafkaSource, make_producer
 from stream.kafka.errors import BrokerError
 from stream.kafka.items import ItemsFollower
@@ -91,6 +92,8 @@ class Worker:
         if group is not None:  # item vectors go out from the agreed turns, rank 0's only
             self.publisher.publishes_items = group.publishes_items
             self.ingest.defer_item_vectors = True
+            if group.rank > 0:  # the group's weights, the same on every rank, are linked from rank 0's
+                self.checkpointer.store.peer = rank_state_dir(settings.state_dir.parent, 0)
         self.membership = Membership(self.metrics, self.consumers, self.trainer, self.checkpointer,
                                      self.lifecycle, self.handover)
         self.connected = False
@@ -131,9 +134,9 @@ class Worker:
         self.consumers.events, self.consumers.items, self.consumers.forget = events, items, forget
         self.publisher.attach(producer)
 
-    def checkpoint(self, in_rebalance: bool = False, wait: bool = True) -> bool:
+    def checkpoint(self, in_rebalance: bool = False, wait: bool = True, agreed: bool = False) -> bool:
         """Save everything applied so far and commit it (see ``Checkpointer.checkpoint``)."""
-        return self.checkpointer.checkpoint(in_rebalance=in_rebalance, wait=wait)
+        return self.checkpointer.checkpoint(in_rebalance=in_rebalance, wait=wait, agreed=agreed)
 
     def _on_trained(self) -> None:
         """An experience changed the model (on either thread): the next checkpoint has it to save."""
@@ -335,7 +338,7 @@ class Worker:
             if train:
                 self.trainer.train()
             if turn.checkpoint:
-                self.checkpointer.checkpoint(wait=False)
+                self.checkpointer.checkpoint(wait=False, agreed=True)
         self.trainer.backpressure()
 
     def _catalogue_round(self, publish_items: bool) -> None:
@@ -390,7 +393,7 @@ class Worker:
             self.trainer.train()
             self.trainer.collect(wait=True)
         self.checkpointer.mark_dirty()
-        self.checkpoint()
+        self.checkpoint(agreed=self.group is not None)  # every rank drains in the same turn
 
     def _watch_idle(self, records: list) -> None:
         """When nothing has arrived for a while, say clearly why (and count it if Kafka does not answer)."""
