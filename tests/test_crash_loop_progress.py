@@ -166,8 +166,9 @@ def test_the_first_events_of_an_assignment_are_checkpointed_before_training_goes
     worker, consumer, _ = make_worker(tmp_path, _batches(2), learner=learner, experience_size=5,
                                       first_checkpoint_s=1000)
     skip_checkpoint_files(worker)
-    consumer.highwaters[TP0], consumer.positions[TP0] = 20, 20  # not behind: no catch-up cadence
+    consumer.positions[TP0] = 0  # read from its start; no highwater yet: not behind, no catch-up cadence
     worker.membership.on_assigned([("events", 0)])
+    worker.turn()  # held until taken over: where it is read from
     worker.turn()  # the assignment's first events: a checkpoint now, no experience before it
     assert learner.model_version == 0
     worker.checkpointer.collect(wait=True)

@@ -178,3 +178,19 @@ def test_a_restarted_worker_checkpoints_soon_after_its_first_records_then_at_the
     assert consumer.commits and consumer.commits[-1][TP0].offset >= 10
     time.sleep(0.1)
     assert not worker.checkpointer.due()  # from now on every checkpoint_interval_s (1000 s here)
+
+
+def test_a_partition_that_comes_back_after_another_member_moved_it_on_is_never_committed_backwards(tmp_path):
+    """This worker applied a partition up to 100 long ago; another member read it on to 500 and
+    committed. Assigned it again, a checkpoint before any of its records arrive (an idle partition)
+    must commit 500, not the 100 of its old state: the group would read 400 events again."""
+    worker, consumer, _ = make_worker(tmp_path, [])
+    skip_checkpoint_files(worker)
+    worker.ingest.apply_offset(("events", 0), 100)
+    consumer.positions[TP0] = 500
+    worker.membership.on_assigned([("events", 0)])
+    worker.turn()  # the poll returns nothing: the partition is idle
+    worker.checkpointer.mark_dirty()
+    worker.checkpoint()
+    committed = [offsets[TP0].offset for offsets in consumer.commits if TP0 in offsets]
+    assert committed and committed[-1] == 500, committed

@@ -7,11 +7,12 @@ every checkpoint the changes are taken with its snapshot (``take``); the
 checkpoint writer thread sends the changed users' histories, read from the
 snapshot's copy of the histories, and waits for Kafka to take them before the
 checkpoint can be committed (``send``), while the loop goes on. A partition
-assigned to this worker is held (nothing fetched) until ``settle`` has read
-its changelog partition and adopted its users' histories as of the offset
-this worker starts reading from, unless this worker's own state already ends
+assigned to this worker is held (nothing fetched) until ``settle`` has learnt
+the offset this worker reads it from and, with a changelog, adopted its users'
+histories as of that offset, unless this worker's own state already ends
 exactly there (it owned the partition last, or restarted from its own
-checkpoint): then there is nothing to read.
+checkpoint): then there is nothing to read. The worker's applied offset moves
+up to that start (``Ingest.taken_over``).
 """
 
 from __future__ import annotations
@@ -195,12 +196,10 @@ class PartitionHandover:
                       "partitions past its last do not follow them; give it as many partitions as the events topic",
                       self.settings.changelog_topic, self.settings.events_topic, needed)
 
-    # -- users of newly assigned partitions, in --
+    # -- newly assigned partitions, in --
 
     def hold(self, events: KafkaSource, partitions: list[Partition]) -> None:
-        """Rebalance callback (no I/O there): fetch nothing of these until ``settle`` adopted their users."""
-        if not self._partitions:
-            return
+        """Rebalance callback (no I/O there): fetch nothing of these until ``settle`` has taken them over."""
         mine = [tp for tp in partitions if tp[0] == self.settings.events_topic]
         if mine:
             events.hold(mine)
@@ -211,11 +210,14 @@ class PartitionHandover:
         return bool(self._to_adopt)
 
     def settle(self, events: KafkaSource, applied: dict[Partition, int], remember_ids: Callable[[np.ndarray], None],
-               not_yet: frozenset = frozenset()) -> None:
-        """Loop thread, after the poll: adopt the users of each held partition, and hand its recent
-        event ids to ``remember_ids`` (the de-duplication ledger), then release it.
-        ``not_yet``: partitions another part still holds (their start offset may yet move)."""
+               not_yet: frozenset = frozenset()) -> dict[Partition, int]:
+        """Loop thread, after the poll: for each held partition, where this worker reads it from;
+        with a changelog, its users' histories adopted as of there and its recent event ids handed
+        to ``remember_ids`` (the de-duplication ledger); then it is released. Returns those start
+        offsets (the caller's state moves up to them). ``not_yet``: partitions another part still
+        holds (their start offset may yet move)."""
         assigned = set(events.assignment())
+        starts: dict[Partition, int] = {}
         settled, waiting = [], []
         for tp in sorted(self._to_adopt - not_yet):
             if tp in assigned:
@@ -226,19 +228,20 @@ class PartitionHandover:
                         continue
                     # Nothing to read where this worker's state ends exactly there, or at offset 0
                     # (no state holds events below it).
-                    if start > 0 and applied.get(tp) != start:
+                    if self._partitions and start > 0 and applied.get(tp) != start:
                         self._adopt(tp[1], start, remember_ids)
                 except BrokerError as exc:
                     self.metrics.broker_error("changelog", exc)
-                    log.warning("%s[%d]: could not read its users' histories (%s); held until the next turn",
-                                tp[0], tp[1], exc)
+                    log.warning("%s[%d]: could not take it over (%s); held until the next turn", tp[0], tp[1], exc)
                     waiting.append(tp)
                     continue
+                starts[tp] = start
             settled.append(tp)
         self._to_adopt.difference_update(settled)
         events.release(settled)
         if waiting:
             events.hold(waiting)  # still held, whatever another part released in this turn
+        return starts
 
     def _adopt(self, partition: int, start: int, remember_ids: Callable[[np.ndarray], None]) -> None:
         if partition >= self._partitions:

@@ -69,6 +69,15 @@ class Ingest:
         """The next event offset per partition applied to state (a copy)."""
         return dict(self._applied)
 
+    def taken_over(self, tp: Partition, offset: int) -> None:
+        """``tp`` was assigned to this worker, which reads it from ``offset``. Where this state's
+        offset lies below (it owned the partition before, and another member has read on since),
+        nothing below ``offset`` is read here again: the state moves up to it, so a checkpoint
+        never commits the old offset and sends the group back. Never down: records this state
+        already applied (a restart, a rewind) are read again and skipped."""
+        if self._applied.get(tp, -1) < offset:
+            self._applied[tp] = offset
+
     def apply_offset(self, tp: Partition, offset: int) -> None:
         """Mark ``tp`` applied up to ``offset``, as if its records below had been (tests, tools)."""
         self._applied[tp] = offset

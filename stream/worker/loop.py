@@ -297,9 +297,11 @@ class Worker:
         records = ingest.poll(timeout)
         if self.rewind is not None and self.rewind.held:  # assigned in that poll: seek before reading them
             self.rewind.settle(events)
-        if self.handover.holding:  # assigned in that poll: their users' histories before their events
-            self.handover.settle(events, ingest.applied, ingest.remember_ids,
-                                 frozenset(self.rewind.held if self.rewind else ()))
+        if self.handover.holding:  # assigned in that poll: where they are read from, their users' histories
+            starts = self.handover.settle(events, ingest.applied, ingest.remember_ids,
+                                          frozenset(self.rewind.held if self.rewind else ()))
+            for tp, start in starts.items():
+                ingest.taken_over(tp, start)
         checkpointer.note_poll(len(records) >= self.settings.max_poll_records)
         if checkpointer.rollback_reason:  # set by a rebalance callback inside that poll
             self._roll_back()

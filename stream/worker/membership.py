@@ -55,7 +55,7 @@ class Membership:
             self.checkpointer.note_assigned()
         if self.rewind is not None:  # --distributed, after a rank went back: some are read again
             self.rewind.hold(self.consumers.events, partitions)
-        self.handover.hold(self.consumers.events, partitions)  # their users' histories are read first
+        self.handover.hold(self.consumers.events, partitions)  # where they start, their users' histories first
         log.info("assigned %s", partitions)
 
     def on_revoked(self, partitions: list[tuple[str, int]]) -> None:
