@@ -118,3 +118,43 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
     text = (tmp_path / "again.log").read_text(errors="replace")
     assert code != 0 and "no checkpoint of one model version in common" in text and "rank-*" in text, text[-3000:]
     assert "rank 1: none" in text, text[-3000:]
+
+
+def _torchrun(ranks: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+            "-m", "stream.cli", "worker", "--distributed", "true"]
+
+
+def test_a_rank_that_joins_a_grown_group_starts_from_rank_0s_model(broker, unique_topic, tmp_path):
+    """One rank, then two: the new rank has no checkpoint and takes rank 0's newest version (the
+    group's checkpoints cover every partition, so nothing is read again), the same weights."""
+    topics = make_topics(broker.bootstrap, unique_topic, partitions=4)
+    world = SyntheticWorld(n_items=60, n_users=30, seed=8)
+    events = list(world.events(400, id_prefix=f"g-{uuid.uuid4().hex[:6]}"))
+    produce_items(broker.bootstrap, topics.items, world.items())
+    fast = dict(experience_size=128, max_experience_wait_s=1, checkpoint_interval_s=3, torch_threads=1)
+    one = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "one.log", command=_torchrun(1),
+                        **fast)
+    try:
+        one.wait_for_ranks(1, lambda r: r[0].get("recstream_partitions_assigned") == 4, 120, "the one rank assigned")
+        produce_events(broker.bootstrap, topics.events, events)
+        one.wait_for_ranks(1, lambda r: r[0].get("recstream_events_consumed_total", 0) >= len(events)
+                           and r[0].get("recstream_pending_events", 1) == 0, 180, "all events trained")
+        one.terminate(timeout_s=90)
+    except BaseException:
+        one.kill()
+        raise
+    two = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "two.log", command=_torchrun(2),
+                        **fast)
+    try:
+        two.wait_for_ranks(RANKS, lambda ranks: all(m.get("recstream_partitions_assigned") == 2 for m in ranks),
+                           120, "both ranks in the group")
+        two.terminate(timeout_s=90)
+    except BaseException:
+        two.kill()
+        raise
+    text = (tmp_path / "two.log").read_text(errors="replace")
+    assert "rank 1 joins a group of 1: starting from rank 0's ckpt-" in text, text[-3000:]
+    assert "behind its commits" not in text and "reading again from offset" not in text, text[-3000:]
+    digests = re.findall(r"rank (\d) of 2: model v(\d+), weights sha256 (\w+), the same on every rank", text)
+    assert sorted({rank for rank, _, _ in digests}) == ["0", "1"] and len({d[1:] for d in digests}) == 1, text[-3000:]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from learners.checkpoint.atomic import commit_folder, link, write_or_link
+from learners.checkpoint.atomic import commit_folder, fsync_path, link, write_or_link
 from learners.checkpoint.collect import collect, compact_json, export_hf_model, model_file_entries
 from learners.checkpoint.compatibility import check_config
 from learners.checkpoint.manifest import (FORMAT, MANIFEST, MODEL_DIR, TornCheckpoint, manifest_bytes, quick_check,
@@ -238,6 +238,25 @@ class CheckpointStore:
             raise CheckpointError(f"no checkpoint of model version {version} in {self.state_dir}")
         return extra
 
+    def peer_checkpoint(self, version: int) -> Optional[Path]:
+        """The peer's newest complete checkpoint of ``version`` (None: no peer, or none such)."""
+        if self.peer is None:
+            return None
+        return next((path for path in checkpoint_folders(self.peer)
+                     if checkpoint_version(path) == int(version) and quick_check(path)), None)
+
+    def copy_in(self, path: Path) -> Path:
+        """Make another store's complete checkpoint ``path`` one of this store's, under its name
+        (files hard-linked, or copied across file systems; the folder appears whole or not at all)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / f".tmp-{_CKPT.match(path.name).group(2)}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(path, tmp, copy_function=_link_or_copy)
+        final = self.state_dir / path.name
+        os.rename(tmp, final)
+        fsync_path(self.state_dir)
+        return final
+
     def complete_versions(self) -> list[int]:
         """Model versions of the complete checkpoints here (the cheap check pruning uses), ascending."""
         return sorted({checkpoint_version(path) for path in self.checkpoints() if quick_check(path)})
@@ -308,6 +327,13 @@ class PreparedCheckpoint:
     model_files: dict[str, Optional[dict]]    # exported into tmp; None: to be fsynced and hashed
     encoder_key: tuple
     prepare_s: float                          # time the learner was held
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def checkpoint_folders(state_dir: Path) -> list[Path]:

@@ -78,6 +78,7 @@ class Checkpointer:
         self._checkpointed: dict[tuple[str, int], int] = {}  # the last durable checkpoint's event offsets
         self._covered: dict[tuple[str, int], int] = {}  # --distributed: the restored one's group offsets
         self.rewind = None  # --distributed: a stream.worker.group_restore.GroupRewind
+        self.world_size = 1  # --distributed: the group's ranks
         self._commit_pending = False  # the last checkpoint's commit was refused: try again
         # Set when this worker's state holds effects of partitions it gave up without a
         # checkpoint (revoked mid-experience, or forced out of the group): the next turn
@@ -328,6 +329,7 @@ class Checkpointer:
         }  # + "ledger", encoded on the writer thread from this snapshot of it
         if self.rewind is not None:  # --distributed: where the group's model is on every partition
             extra["group_offsets"] = [[t, p, o] for (t, p), o in sorted(self.rewind.covered(applied).items())]
+            extra["world_size"] = self.world_size  # which ranks hold the group's offsets (a new rank may join)
         # The users' histories as of these offsets, for the next owners of their partitions: sent and
         # waited for on the write thread, before the checkpoint (and so its commit) can be durable.
         changelog = self.handover.take(applied)

@@ -25,6 +25,7 @@ They share ``totals``, the ``consumers`` and the ``dead_letter_book``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Optional
@@ -92,6 +93,7 @@ class Worker:
         if group is not None:  # item vectors go out from the agreed turns, rank 0's only
             self.publisher.publishes_items = group.publishes_items
             self.ingest.defer_item_vectors = True
+            self.checkpointer.world_size = group.world_size
             if group.rank > 0:  # the group's weights, the same on every rank, are linked from rank 0's
                 self.checkpointer.store.peer = rank_state_dir(settings.state_dir.parent, 0)
         self.membership = Membership(self.metrics, self.consumers, self.trainer, self.checkpointer,
@@ -112,11 +114,36 @@ class Worker:
             return self.checkpointer.restore()
         collective = self.group.collective
         versions = collective.gather_objects(self.checkpointer.store.complete_versions())
+        joined = self._join_group(versions)
+        if joined:  # every rank gathers again, so the collectives meet in one order
+            versions = collective.gather_objects(self.checkpointer.store.complete_versions())
+        else:
+            versions = collective.gather_objects(versions[self.group.rank])
         version = common_version(versions, f"{self.settings.state_dir.parent}/rank-*")
         restored = self.checkpointer.restore(version)
+        if joined:
+            self.totals.load({})  # the counts of the rank it started from are not its own
         self.rewind = GroupRewind(group_offsets(collective.gather_objects(self.checkpointer.covered_offsets)))
         self.membership.rewind = self.checkpointer.rewind = self.rewind
         return restored
+
+    def _join_group(self, versions: list[list[int]]) -> bool:
+        """``--distributed``: a rank beyond the group its checkpoints were written by (the group grew)
+        starts from rank 0's newest version that every rank with checkpoints has, where it can reach
+        rank 0's folder. A rank within it that has none lost its folder: only its checkpoints knew
+        its partitions' offsets, so it is not made up (``common_version`` refuses, saying what to do)."""
+        rank, store = self.group.rank, self.checkpointer.store
+        held = [set(v) for v in versions if v]
+        if versions[rank] or not held or not set.intersection(*held):
+            return False
+        source = store.peer_checkpoint(max(set.intersection(*held)))
+        if source is None:
+            return False
+        world = json.loads((source / "extra.json").read_bytes()).get("world_size")
+        if world is None or rank < int(world):
+            return False
+        log.info("rank %d joins a group of %d: starting from rank 0's %s", rank, world, store.copy_in(source).name)
+        return True
 
     # The clients, as the parts see them.
 
