@@ -157,4 +157,8 @@ def test_a_rank_that_joins_a_grown_group_starts_from_rank_0s_model(broker, uniqu
     assert "rank 1 joins a group of 1: starting from rank 0's ckpt-" in text, text[-3000:]
     assert "behind its commits" not in text and "reading again from offset" not in text, text[-3000:]
     digests = re.findall(r"rank (\d) of 2: model v(\d+), weights sha256 (\w+), the same on every rank", text)
-    assert sorted({rank for rank, _, _ in digests}) == ["0", "1"] and len({d[1:] for d in digests}) == 1, text[-3000:]
+    first, last = {}, {}
+    for rank, version, digest in digests:  # at start, then after the drain
+        first.setdefault(rank, (version, digest))
+        last[rank] = (version, digest)
+    assert sorted(last) == ["0", "1"] and len(set(first.values())) == 1 and len(set(last.values())) == 1, text[-3000:]
