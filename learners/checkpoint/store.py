@@ -330,9 +330,8 @@ class PreparedCheckpoint:
 
 
 def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
+    """``copytree``'s copy function: a hard link where the file system allows it."""
+    if not link(Path(source), Path(target)):
         shutil.copy2(source, target)
 
 
