@@ -162,3 +162,40 @@ def test_a_rank_that_joins_a_grown_group_starts_from_rank_0s_model(broker, uniqu
         first.setdefault(rank, (version, digest))
         last[rank] = (version, digest)
     assert sorted(last) == ["0", "1"] and len(set(first.values())) == 1 and len(set(last.values())) == 1, text[-3000:]
+
+
+def test_a_group_that_shrinks_reads_nothing_again_that_its_model_learned(broker, unique_topic, tmp_path):
+    """Two ranks, then one: the ranks share their offsets whenever all of them checkpoint, so rank 0
+    alone knows that the group's model holds rank 1's partitions up to their commits, and takes
+    its users' histories from the changelog instead of training on their events a second time."""
+    topics = make_topics(broker.bootstrap, unique_topic, partitions=4)
+    world = SyntheticWorld(n_items=60, n_users=30, seed=9)
+    events = list(world.events(400, id_prefix=f"s-{uuid.uuid4().hex[:6]}"))
+    produce_items(broker.bootstrap, topics.items, world.items())
+    fast = dict(experience_size=128, max_experience_wait_s=1, checkpoint_interval_s=3, torch_threads=1)
+    two = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "two.log", command=_torchrun(2),
+                        **fast)
+    try:
+        two.wait_for_ranks(RANKS, lambda ranks: all(m.get("recstream_partitions_assigned") == 2 for m in ranks),
+                           120, "both ranks in the group")
+        produce_events(broker.bootstrap, topics.events, events)
+        two.wait_for_ranks(RANKS, lambda ranks: summed(ranks, "recstream_events_consumed_total") >= len(events)
+                           and all(m.get("recstream_pending_events", 1) == 0 for m in ranks), 180,
+                           "all events trained")
+        two.terminate(timeout_s=90)
+    except BaseException:
+        two.kill()
+        raise
+    one = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "one.log", command=_torchrun(1),
+                        **fast)
+    try:
+        ranks = one.wait_for_ranks(1, lambda r: r[0].get("recstream_partitions_assigned") == 4
+                                   and r[0].get("recstream_users_adopted_total", 0) > 0, 120,
+                                   "rank 0 alone, with rank 1's users adopted")
+        one.terminate(timeout_s=90)
+    except BaseException:
+        one.kill()
+        raise
+    text = (tmp_path / "one.log").read_text(errors="replace")
+    assert "behind its commits" not in text and "reading again from offset" not in text, text[-3000:]
+    assert ranks[0].get("recstream_events_consumed_total", 0) == 0, ranks

@@ -111,3 +111,21 @@ def test_a_partition_committed_only_after_the_restored_checkpoints_is_read_again
     rewind = GroupRewind({("e", 0): 0})
     rewind.snapshot(events, "e")
     assert rewind.targets == {("e", 0): (0, 70)}
+
+
+def test_the_offsets_the_ranks_share_in_an_agreed_turn_go_into_each_ranks_checkpoint():
+    """Rank 0 of two: what rank 1 read of its partitions is in the group's model, so a group that
+    shrinks to rank 0 alone must not read it again."""
+    events = _Events({("e", 0): 0, ("e", 1): 0})
+    rewind = GroupRewind({})
+    rewind.snapshot(events, "e")
+    mine = rewind.covered({("e", 0): 30})
+    assert mine == {("e", 0): 30, ("e", 1): 0}
+    rewind.learn_group([mine, {("e", 0): 0, ("e", 1): 45}])  # rank 1 read e-1 up to 45
+    assert rewind.covered({("e", 0): 31}) == {("e", 0): 31, ("e", 1): 45}
+
+    # Rank 0 alone restarts from that checkpoint, after rank 1 committed e-1 at 45: nothing read again.
+    events.commits = {("e", 0): 31, ("e", 1): 45}
+    alone = GroupRewind(group_offsets([rewind.covered({("e", 0): 31})]))
+    alone.snapshot(events, "e")
+    assert not alone.targets and alone.start == {("e", 0): 31, ("e", 1): 45}

@@ -95,6 +95,14 @@ class GroupRewind:
             out[tp] = max(offset, out.get(tp, offset))
         return out
 
+    def learn_group(self, per_rank: list[dict[Partition, int]]) -> None:
+        """Every rank's ``covered`` offsets, gathered in a turn where all ranks checkpoint: from now
+        on this rank's checkpoints name where the group's model is on every partition, those the
+        other ranks read included. A smaller group restarting from them then reads nothing again
+        that the model already learned from a departed rank."""
+        for tp, offset in group_offsets(per_rank).items():
+            self.start[tp] = max(offset, self.start.get(tp, offset))
+
     def hold(self, events, partitions: list[Partition]) -> None:
         """Rebalance callback (no I/O there): fetch nothing of these yet, the loop settles them."""
         held = [tp for tp in partitions if tp in self.targets]

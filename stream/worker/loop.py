@@ -162,7 +162,13 @@ class Worker:
         self.publisher.attach(producer)
 
     def checkpoint(self, in_rebalance: bool = False, wait: bool = True, agreed: bool = False) -> bool:
-        """Save everything applied so far and commit it (see ``Checkpointer.checkpoint``)."""
+        """Save everything applied so far and commit it (see ``Checkpointer.checkpoint``).
+
+        ``agreed`` (``--distributed``): every rank checkpoints in this turn, so the ranks first share
+        where each is on its partitions, and every rank's checkpoint names the group's offsets."""
+        if agreed and self.group is not None and self.rewind is not None:
+            covered = self.rewind.covered(self.ingest.applied)
+            self.rewind.learn_group(self.group.collective.gather_objects(covered))
         return self.checkpointer.checkpoint(in_rebalance=in_rebalance, wait=wait, agreed=agreed)
 
     def _on_trained(self) -> None:
@@ -367,7 +373,7 @@ class Worker:
             if train:
                 self.trainer.train()
             if turn.checkpoint:
-                self.checkpointer.checkpoint(wait=False, agreed=True)
+                self.checkpoint(wait=False, agreed=True)
         self.trainer.backpressure()
 
     def _catalogue_round(self, publish_items: bool) -> None:
