@@ -29,6 +29,8 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from learners.optim import gradient_rows
 
+_PIECE_BYTES = 32 << 20  # what one broadcast of a file sends at most
+
 
 def _timed(method):
     """Add the call's wall time to ``Collective.seconds`` (waiting for the slowest rank included)."""
@@ -71,6 +73,29 @@ class Collective:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    @_timed
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s picklable ``obj`` on every rank (small objects)."""
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    @_timed
+    def broadcast_bytes(self, data: bytes | None, size: int, src: int = 0) -> bytes:
+        """Rank ``src``'s ``data`` on every rank; ``size``, its length, every rank knows already.
+        Sent in pieces, so a large file costs a piece's memory on the device, not its own."""
+        out = bytearray(size)
+        view = memoryview(out)
+        for start in range(0, size, _PIECE_BYTES):
+            end = min(size, start + _PIECE_BYTES)
+            if self.rank == src:
+                piece = torch.frombuffer(bytearray(data[start:end]), dtype=torch.uint8).to(self.device)
+            else:
+                piece = torch.empty(end - start, dtype=torch.uint8, device=self.device)
+            dist.broadcast(piece, src=src)
+            view[start:end] = piece.cpu().numpy().tobytes()
+        return bytes(out)
 
     @_timed
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
-from learners.checkpoint.atomic import commit_folder, fsync_path, link, write_or_link
+from learners.checkpoint.atomic import commit_folder, fsync_path, fsync_tree, link, write_file, write_or_link
 from learners.checkpoint.collect import collect, compact_json, export_hf_model, model_file_entries
 from learners.checkpoint.compatibility import check_config
 from learners.checkpoint.manifest import (FORMAT, MANIFEST, MODEL_DIR, TornCheckpoint, manifest_bytes, quick_check,
@@ -240,10 +240,35 @@ class CheckpointStore:
 
     def peer_checkpoint(self, version: int) -> Optional[Path]:
         """The peer's newest complete checkpoint of ``version`` (None: no peer, or none such)."""
-        if self.peer is None:
-            return None
-        return next((path for path in checkpoint_folders(self.peer)
-                     if checkpoint_version(path) == int(version) and quick_check(path)), None)
+        return None if self.peer is None else _complete_of(self.peer, version)
+
+    def checkpoint_of(self, version: int) -> Optional[Path]:
+        """This store's newest complete checkpoint of ``version`` (None: none such)."""
+        return _complete_of(self.state_dir, version)
+
+    @staticmethod
+    def files_of(path: Path) -> list[tuple[str, int]]:
+        """(name, size) of every file of the complete checkpoint ``path``, its manifest last: what
+        ``receive`` needs to rebuild it elsewhere."""
+        files = [(name, int(meta["size"])) for name, meta in sorted(read_manifest(path).items())]
+        return files + [(MANIFEST, (path / MANIFEST).stat().st_size)]
+
+    def receive(self, name: str, files: Iterable[tuple[str, bytes]]) -> Path:
+        """Rebuild another store's checkpoint ``name`` here from its files as ``files_of`` lists them
+        (the manifest last, so the folder is complete only once every file is in); it appears whole
+        or not at all, and a restore verifies every file against the manifest."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / f".tmp-{_CKPT.match(name).group(2)}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for relative, data in files:
+            if relative.startswith("/") or ".." in Path(relative).parts:
+                raise CheckpointError(f"a received checkpoint names a path outside its folder: {relative!r}")
+            write_file(tmp / relative, data)
+        final = self.state_dir / name
+        fsync_tree(tmp)
+        os.rename(tmp, final)
+        fsync_path(self.state_dir)
+        return final
 
     def copy_in(self, path: Path) -> Path:
         """Make another store's complete checkpoint ``path`` one of this store's, under its name
@@ -345,6 +370,12 @@ def checkpoint_folders(state_dir: Path) -> list[Path]:
         if match and entry.is_dir():
             found.append((int(match.group(2)), int(match.group(1)), entry))
     return [path for *_, path in sorted(found, reverse=True)]
+
+
+def _complete_of(state_dir: Path, version: int) -> Optional[Path]:
+    """The newest complete checkpoint of model ``version`` in ``state_dir`` (None: none such)."""
+    return next((path for path in checkpoint_folders(state_dir)
+                 if checkpoint_version(path) == int(version) and quick_check(path)), None)
 
 
 def checkpoint_version(path: Path) -> int:

@@ -25,7 +25,6 @@ They share ``totals``, the ``consumers`` and the ``dead_letter_book``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Optional
@@ -47,6 +46,7 @@ from stream.worker.checkpointer import Checkpointer
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.forgetting import Forgetting
+from stream.worker.group_join import join_group
 from stream.worker.group_restore import GroupRewind, RankMustRestart, RanksDisagree, common_version, group_offsets
 from stream.worker.handover import PartitionHandover
 from stream.worker.ingest import Ingest
@@ -114,7 +114,7 @@ class Worker:
             return self.checkpointer.restore()
         collective = self.group.collective
         versions = collective.gather_objects(self.checkpointer.store.complete_versions())
-        joined = self._join_group(versions)
+        joined = join_group(collective, self.checkpointer.store, versions)
         if joined:  # every rank gathers again, so the collectives meet in one order
             versions = collective.gather_objects(self.checkpointer.store.complete_versions())
         else:
@@ -126,24 +126,6 @@ class Worker:
         self.rewind = GroupRewind(group_offsets(collective.gather_objects(self.checkpointer.covered_offsets)))
         self.membership.rewind = self.checkpointer.rewind = self.rewind
         return restored
-
-    def _join_group(self, versions: list[list[int]]) -> bool:
-        """``--distributed``: a rank beyond the group its checkpoints were written by (the group grew)
-        starts from rank 0's newest version that every rank with checkpoints has, where it can reach
-        rank 0's folder. A rank within it that has none lost its folder: only its checkpoints knew
-        its partitions' offsets, so it is not made up (``common_version`` refuses, saying what to do)."""
-        rank, store = self.group.rank, self.checkpointer.store
-        held = [set(v) for v in versions if v]
-        if versions[rank] or not held or not set.intersection(*held):
-            return False
-        source = store.peer_checkpoint(max(set.intersection(*held)))
-        if source is None:
-            return False
-        world = json.loads((source / "extra.json").read_bytes()).get("world_size")
-        if world is None or rank < int(world):
-            return False
-        log.info("rank %d joins a group of %d: starting from rank 0's %s", rank, world, store.copy_in(source).name)
-        return True
 
     # The clients, as the parts see them.
 

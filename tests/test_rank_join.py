@@ -1,0 +1,85 @@
+"""A rank that joins a grown group gets rank 0's checkpoint: linked where it can reach rank 0's
+folder, sent over the process group (gloo, real processes) where it cannot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from learners.checkpoint.manifest import FORMAT, MANIFEST, REQUIRED, manifest_bytes, quick_check
+from learners.checkpoint.store import CheckpointStore, checkpoint_folders
+# Avalanche (under learners.distributed) refuses to be first imported in a rank other than 0.
+from learners.distributed import Collective
+from stream.worker.group_join import join_group
+
+NAME = "ckpt-000000000005-3"
+
+
+def _fake_checkpoint(state_dir: Path, world_size: int) -> Path:
+    """A complete-looking checkpoint folder: every required file, a large one, the manifest."""
+    folder = state_dir / NAME
+    files = {}
+    for name in REQUIRED:
+        data = json.dumps({"world_size": world_size}).encode() if name == "extra.json" else name.encode() * 3
+        if name == "learner.safetensors":
+            data = os.urandom((33 << 20) + 5)  # more than one broadcast piece
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+        files[name] = {"size": len(data), "sha256": "not checked here"}
+    (folder / MANIFEST).write_bytes(manifest_bytes({"format": FORMAT, "version": 5}, files))
+    assert quick_check(folder)
+    return folder
+
+
+def _rank(rank: int, init_file: str, root: str, holders: list[int], world: int, peer: bool, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    store = CheckpointStore(Path(root) / f"rank-{rank}")
+    if rank > 0 and peer:
+        store.peer = Path(root) / "rank-0"
+    versions = [[5] if r in holders else [] for r in range(3)]
+    joined = join_group(Collective(), store, versions)
+    Path(out, f"joined-{rank}").write_text(str(joined))
+    dist.destroy_process_group()
+
+
+def _run(tmp_path: Path, holders: list[int], world: int, peer: bool) -> dict[int, bool]:
+    root = tmp_path / "state"
+    for rank in holders:
+        _fake_checkpoint(root / f"rank-{rank}", world)
+    mp.spawn(_rank, args=(str(tmp_path / "init"), str(root), holders, world, peer, str(tmp_path)), nprocs=3,
+             join=True)
+    return {r: (tmp_path / f"joined-{r}").read_text() == "True" for r in range(3)}
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    return names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def test_a_rank_on_a_volume_of_its_own_gets_rank_0s_checkpoint_over_the_process_group(tmp_path):
+    joined = _run(tmp_path, holders=[0, 1], world=2, peer=False)
+    assert joined == {0: False, 1: False, 2: True}
+    rank0, rank2 = tmp_path / "state" / "rank-0" / NAME, tmp_path / "state" / "rank-2" / NAME
+    assert [p.name for p in checkpoint_folders(rank2.parent)] == [NAME] and quick_check(rank2)
+    assert _same_files(rank0, rank2)
+    assert not os.path.samefile(rank0 / "learner.safetensors", rank2 / "learner.safetensors")  # sent, not linked
+    assert not any(p.name.startswith(".tmp") for p in rank2.parent.iterdir())
+
+
+def test_a_rank_that_reaches_rank_0s_folder_links_it(tmp_path):
+    joined = _run(tmp_path, holders=[0, 1], world=2, peer=True)
+    assert joined == {0: False, 1: False, 2: True}
+    rank0, rank2 = tmp_path / "state" / "rank-0" / NAME, tmp_path / "state" / "rank-2" / NAME
+    assert os.path.samefile(rank0 / "learner.safetensors", rank2 / "learner.safetensors")
+
+
+def test_a_rank_of_the_recorded_group_without_checkpoints_gets_nothing(tmp_path):
+    # Rank 2 was one of three: it lost its folder, and common_version refuses it later.
+    joined = _run(tmp_path, holders=[0, 1], world=3, peer=False)
+    assert joined == {0: False, 1: False, 2: False}
+    assert not checkpoint_folders(tmp_path / "state" / "rank-2")
