@@ -125,34 +125,47 @@ def _torchrun(ranks: int) -> list[str]:
             "-m", "stream.cli", "worker", "--distributed", "true"]
 
 
+_FAST = dict(experience_size=128, max_experience_wait_s=1, checkpoint_interval_s=3, torch_threads=1)
+
+
+def _small_stream(broker, unique_topic, seed: int, prefix: str):
+    """Four partitions, a small world's items, and its events (not yet produced)."""
+    topics = make_topics(broker.bootstrap, unique_topic, partitions=4)
+    world = SyntheticWorld(n_items=60, n_users=30, seed=seed)
+    produce_items(broker.bootstrap, topics.items, world.items())
+    return topics, list(world.events(400, id_prefix=f"{prefix}-{uuid.uuid4().hex[:6]}"))
+
+
+def _run_group(broker, topics, tmp_path, ranks: int, log_name: str, events=(), until=None, what: str = "") -> list:
+    """A group of ``ranks`` on ``tmp_path / "state"``: once every rank holds its share of the four
+    partitions, ``events`` are produced; it runs until ``until(metrics)`` (if given), then drains."""
+    group = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / log_name,
+                          command=_torchrun(ranks), **_FAST)
+    try:
+        metrics = group.wait_for_ranks(ranks, lambda r: all(m.get("recstream_partitions_assigned") == 4 / ranks
+                                                            for m in r), 120, f"{ranks} rank(s) assigned")
+        if events:
+            produce_events(broker.bootstrap, topics.events, events)
+        if until is not None:
+            metrics = group.wait_for_ranks(ranks, until, 180, what)
+        group.terminate(timeout_s=90)
+    except BaseException:
+        group.kill()
+        raise
+    return metrics
+
+
+def _all_trained(count: int):
+    return lambda ranks: summed(ranks, "recstream_events_consumed_total") >= count and all(
+        m.get("recstream_pending_events", 1) == 0 for m in ranks)
+
+
 def test_a_rank_that_joins_a_grown_group_starts_from_rank_0s_model(broker, unique_topic, tmp_path):
     """One rank, then two: the new rank has no checkpoint and takes rank 0's newest version (the
     group's checkpoints cover every partition, so nothing is read again), the same weights."""
-    topics = make_topics(broker.bootstrap, unique_topic, partitions=4)
-    world = SyntheticWorld(n_items=60, n_users=30, seed=8)
-    events = list(world.events(400, id_prefix=f"g-{uuid.uuid4().hex[:6]}"))
-    produce_items(broker.bootstrap, topics.items, world.items())
-    fast = dict(experience_size=128, max_experience_wait_s=1, checkpoint_interval_s=3, torch_threads=1)
-    one = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "one.log", command=_torchrun(1),
-                        **fast)
-    try:
-        one.wait_for_ranks(1, lambda r: r[0].get("recstream_partitions_assigned") == 4, 120, "the one rank assigned")
-        produce_events(broker.bootstrap, topics.events, events)
-        one.wait_for_ranks(1, lambda r: r[0].get("recstream_events_consumed_total", 0) >= len(events)
-                           and r[0].get("recstream_pending_events", 1) == 0, 180, "all events trained")
-        one.terminate(timeout_s=90)
-    except BaseException:
-        one.kill()
-        raise
-    two = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "two.log", command=_torchrun(2),
-                        **fast)
-    try:
-        two.wait_for_ranks(RANKS, lambda ranks: all(m.get("recstream_partitions_assigned") == 2 for m in ranks),
-                           120, "both ranks in the group")
-        two.terminate(timeout_s=90)
-    except BaseException:
-        two.kill()
-        raise
+    topics, events = _small_stream(broker, unique_topic, seed=8, prefix="g")
+    _run_group(broker, topics, tmp_path, 1, "one.log", events, _all_trained(len(events)), "all events trained")
+    _run_group(broker, topics, tmp_path, RANKS, "two.log")
     text = (tmp_path / "two.log").read_text(errors="replace")
     assert "rank 1 joins a group of 1: starting from rank 0's ckpt-" in text, text[-3000:]
     assert "behind its commits" not in text and "reading again from offset" not in text, text[-3000:]
@@ -168,34 +181,11 @@ def test_a_group_that_shrinks_reads_nothing_again_that_its_model_learned(broker,
     """Two ranks, then one: the ranks share their offsets whenever all of them checkpoint, so rank 0
     alone knows that the group's model holds rank 1's partitions up to their commits, and takes
     its users' histories from the changelog instead of training on their events a second time."""
-    topics = make_topics(broker.bootstrap, unique_topic, partitions=4)
-    world = SyntheticWorld(n_items=60, n_users=30, seed=9)
-    events = list(world.events(400, id_prefix=f"s-{uuid.uuid4().hex[:6]}"))
-    produce_items(broker.bootstrap, topics.items, world.items())
-    fast = dict(experience_size=128, max_experience_wait_s=1, checkpoint_interval_s=3, torch_threads=1)
-    two = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "two.log", command=_torchrun(2),
-                        **fast)
-    try:
-        two.wait_for_ranks(RANKS, lambda ranks: all(m.get("recstream_partitions_assigned") == 2 for m in ranks),
-                           120, "both ranks in the group")
-        produce_events(broker.bootstrap, topics.events, events)
-        two.wait_for_ranks(RANKS, lambda ranks: summed(ranks, "recstream_events_consumed_total") >= len(events)
-                           and all(m.get("recstream_pending_events", 1) == 0 for m in ranks), 180,
-                           "all events trained")
-        two.terminate(timeout_s=90)
-    except BaseException:
-        two.kill()
-        raise
-    one = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / "one.log", command=_torchrun(1),
-                        **fast)
-    try:
-        ranks = one.wait_for_ranks(1, lambda r: r[0].get("recstream_partitions_assigned") == 4
-                                   and r[0].get("recstream_users_adopted_total", 0) > 0, 120,
-                                   "rank 0 alone, with rank 1's users adopted")
-        one.terminate(timeout_s=90)
-    except BaseException:
-        one.kill()
-        raise
+    topics, events = _small_stream(broker, unique_topic, seed=9, prefix="s")
+    _run_group(broker, topics, tmp_path, RANKS, "two.log", events, _all_trained(len(events)), "all events trained")
+    ranks = _run_group(broker, topics, tmp_path, 1, "one.log",
+                       until=lambda r: r[0].get("recstream_users_adopted_total", 0) > 0,
+                       what="rank 0 alone, with rank 1's users adopted")
     text = (tmp_path / "one.log").read_text(errors="replace")
     assert "behind its commits" not in text and "reading again from offset" not in text, text[-3000:]
     assert ranks[0].get("recstream_events_consumed_total", 0) == 0, ranks
