@@ -1,0 +1,100 @@
+"""P1-cold, part by part: which coordinates of the published vectors rank the cold items.
+
+    python benchmarks/cold_parts.py --data /tmp/ml --slice full --seed 0
+
+Runs protocol P1 with a learner strategy (block 0 trained, then each block
+tested and trained) and, at every block, ranks that block's P1-cold test (the
+items with fewer than 5 events before it) by parts of the same vectors:
+
+* ``all``: the published vectors (P1-cold itself);
+* ``model``: without the item-item head's coordinates;
+* ``learned``: the model's learned part alone (text projection and id rows);
+* ``popularity``: the popularity coordinates, each user's own mix of the rungs;
+* ``rung<k>``: one rung's count alone, the same for every user (rung 0 has the
+  shortest half-life; the last counts all events ever).
+
+Prints NDCG@10 per part, mean over blocks, then per block. The parts are
+sliced out of the vectors by the learner's layout (``vector_dim``,
+``item_item_dims``, the number of popularity rungs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from ranking_slices import Learners, build_slice  # noqa: E402
+from learners.evaluation.files import read_events, read_items  # noqa: E402
+from learners.evaluation.protocol import prepare_p1, score_block  # noqa: E402
+
+
+class Part:
+    """A strategy's recommender whose scores use one slice of the published vectors."""
+
+    def __init__(self, recommender, name: str, score) -> None:
+        self.recommender, self.name, self._score = recommender, name, score
+
+    def freeze_users(self, user_ids):
+        return self.recommender.freeze_users(user_ids)
+
+    def scores(self, users, item_ids):
+        learner = self.recommender.learner
+        rows = learner.catalogue.rows(users.item_ids.ravel()).reshape(users.item_ids.shape)
+        return self._score(learner.user_vectors_from(rows, users.weights), learner.item_vectors(item_ids))
+
+
+def parts(recommender) -> dict:
+    config, model = recommender.learner.config, recommender.learner.model
+    head = min(config.item_item_dims, config.vector_dim // 2)
+    end = config.vector_dim - head  # the model's coordinates; the head's follow
+    rungs = model.pop_dims
+    learned = end - rungs
+    out = {
+        "all": lambda u, i: u @ i.T,
+        "model": lambda u, i: u[:, :end] @ i[:, :end].T,
+        "learned": lambda u, i: u[:, :learned] @ i[:, :learned].T,
+        "popularity": lambda u, i: u[:, learned:end] @ i[:, learned:end].T,
+    }
+    for k in range(rungs):
+        out[f"rung{k}"] = (lambda k: lambda u, i: np.broadcast_to(i[:, learned + k], (len(u), len(i))).copy())(k)
+    return {name: Part(recommender, name, score) for name, score in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="folder with events.jsonl and items.jsonl")
+    parser.add_argument("--slice", default="full", help="full, top1700, users0 or users1 (benchmarks/ranking_slices.py)")
+    parser.add_argument("--strategy", default="ewc_replay")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="learner setting")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    events = read_events(Path(args.data) / "events.jsonl").records
+    items = read_items(Path(args.data) / "items.jsonl").records
+    prepared = prepare_p1(*build_slice(args.slice, events, items), 10, 10)
+    recommender = Learners(dict(kv.split("=", 1) for kv in args.set)).build(args.strategy, args.seed)
+    recommender.add_items(list(prepared.items))
+    recommender.learn(prepared.blocks[0])
+    cold = {test.block: test for test in prepared.cold_tests}
+    per_part: dict[str, list[float]] = {}
+    for test in prepared.tests:
+        if test.block in cold and cold[test.block].user_ids:
+            for name, part in parts(recommender).items():
+                score = score_block(part, cold[test.block], prepared.catalogue, prepared.k)
+                per_part.setdefault(name, []).append(score.ndcg)
+        recommender.learn(prepared.blocks[test.block])
+    print(f"{args.slice}, {args.strategy}, seed {args.seed} {' '.join(args.set)}: P1-cold NDCG@10 by part")
+    for name, values in per_part.items():
+        print(f"  {name:10s} {np.mean(values):.4f}   " + " ".join(f"{v:.3f}" for v in values))
+
+
+if __name__ == "__main__":
+    main()
