@@ -257,30 +257,30 @@ class CheckpointStore:
         """Rebuild another store's checkpoint ``name`` here from its files as ``files_of`` lists them
         (the manifest last, so the folder is complete only once every file is in); it appears whole
         or not at all, and a restore verifies every file against the manifest."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_dir / f".tmp-{_CKPT.match(name).group(2)}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for relative, data in files:
-            if relative.startswith("/") or ".." in Path(relative).parts:
-                raise CheckpointError(f"a received checkpoint names a path outside its folder: {relative!r}")
-            write_file(tmp / relative, data)
-        final = self.state_dir / name
-        fsync_tree(tmp)
-        os.rename(tmp, final)
-        fsync_path(self.state_dir)
-        return final
+        with self._placed(name) as tmp:
+            for relative, data in files:
+                if relative.startswith("/") or ".." in Path(relative).parts:
+                    raise CheckpointError(f"a received checkpoint names a path outside its folder: {relative!r}")
+                write_file(tmp / relative, data)
+            fsync_tree(tmp)
+        return self.state_dir / name
 
     def copy_in(self, path: Path) -> Path:
         """Make another store's complete checkpoint ``path`` one of this store's, under its name
         (files hard-linked, or copied across file systems; the folder appears whole or not at all)."""
+        with self._placed(path.name) as tmp:
+            shutil.copytree(path, tmp, copy_function=_link_or_copy)
+        return self.state_dir / path.name
+
+    @contextmanager
+    def _placed(self, name: str):
+        """A temporary folder to fill, renamed to checkpoint ``name`` here once filled."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_dir / f".tmp-{_CKPT.match(path.name).group(2)}-{os.getpid()}"
+        tmp = self.state_dir / f".tmp-{_CKPT.match(name).group(2)}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(path, tmp, copy_function=_link_or_copy)
-        final = self.state_dir / path.name
-        os.rename(tmp, final)
+        yield tmp
+        os.rename(tmp, self.state_dir / name)
         fsync_path(self.state_dir)
-        return final
 
     def complete_versions(self) -> list[int]:
         """Model versions of the complete checkpoints here (the cheap check pruning uses), ascending."""
