@@ -7,15 +7,17 @@ tested and trained) and, at every block, ranks that block's P1-cold test (the
 items with fewer than 5 events before it) by parts of the same vectors:
 
 * ``all``: the published vectors (P1-cold itself);
-* ``model``: without the item-item head's coordinates;
+* ``model``: without the item-item head's and the trending coordinates;
 * ``learned``: the model's learned part alone (text projection and id rows);
 * ``popularity``: the popularity coordinates, each user's own mix of the rungs;
 * ``rung<k>``: one rung's count alone, the same for every user (rung 0 has the
-  shortest half-life; the last counts all events ever).
+  shortest half-life; the last counts all events ever);
+* ``trending``: the trending coordinate alone (learners.trending), the same for
+  every user.
 
 Prints NDCG@10 per part, mean over blocks, then per block. The parts are
 sliced out of the vectors by the learner's layout (``vector_dim``,
-``item_item_dims``, the number of popularity rungs).
+``item_item_dims``, the number of popularity rungs, the trending coordinate last).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ranking_slices import Learners, build_slice  # noqa: E402
+from learners import trending  # noqa: E402
 from learners.evaluation.files import read_events, read_items  # noqa: E402
 from learners.evaluation.protocol import prepare_p1, score_block  # noqa: E402
 
@@ -52,7 +55,7 @@ class Part:
 def parts(recommender) -> dict:
     config, model = recommender.learner.config, recommender.learner.model
     head = min(config.item_item_dims, config.vector_dim // 2)
-    end = config.vector_dim - head  # the model's coordinates; the head's follow
+    end = config.vector_dim - head - trending.DIMS  # the model's coordinates; the head's and trending's follow
     rungs = model.pop_dims
     learned = end - rungs
     out = {
@@ -60,6 +63,7 @@ def parts(recommender) -> dict:
         "model": lambda u, i: u[:, :end] @ i[:, :end].T,
         "learned": lambda u, i: u[:, :learned] @ i[:, :learned].T,
         "popularity": lambda u, i: u[:, learned:end] @ i[:, learned:end].T,
+        "trending": lambda u, i: np.broadcast_to(i[:, -1], (len(u), len(i))).copy(),
     }
     for k in range(rungs):
         out[f"rung{k}"] = (lambda k: lambda u, i: np.broadcast_to(i[:, learned + k], (len(u), len(i))).copy())(k)

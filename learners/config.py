@@ -46,7 +46,8 @@ class LearnerConfig:
         False, "recompute the trainable layers' activations in backward (less memory, more compute)")
     max_text_tokens: int = setting(32, "tokens of item text the encoder reads", ge=4)
     vector_dim: int = setting(
-        192, "size of published vectors: the learned model's part plus --item-item-dims", ge=8)
+        192, "size of published vectors: the learned model's part, --item-item-dims and one trending "
+             "coordinate (--trending-weight)", ge=8)
     history_length: int = setting(
         256, "events kept per user: the user tower reads them, and the item-item fit learns from them "
              "which items go together (memory: about 16 bytes an event per user)", ge=1)
@@ -105,6 +106,10 @@ class LearnerConfig:
     item_item_max_items: int = setting(
         4096, "the most active items that take part in the item-item fit (its cost grows with their number "
               "cubed; the rest rank by the model alone)", ge=2)
+    trending_weight: float = setting(
+        0.2, "what an item's current busyness adds to every user's score of it, for items with few events "
+             "yet (the shortest popularity rung, faded as the item gathers events; learners.trending): it "
+             "ranks new and rarely seen items by what is happening to them now; 0 = none", ge=0)
     seed: int = setting(0, "random seed")
 
     # --- set by code only ----------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from learners import trending
 from learners.catalogue import Catalogue
 from learners.config import LearnerConfig  # re-exported: torch-free, so the CLI reads it without torch
 from learners.encoder import TextEncoder, resolve_device
@@ -74,7 +75,10 @@ class ContinualRecommender:
                                       recency=config.item_item_recency,
                                       history_recency=config.recency_decay) if dims else None
         self._shared_fits = shared_fits
-        self.model = TwoTower(self.top, self.features, self.encoder.hidden_size, config.vector_dim - dims,
+        # The trending coordinate takes the very last one (learners.trending).
+        self.trending = trending.TrendingCoordinate(config.trending_weight)
+        self.model = TwoTower(self.top, self.features, self.encoder.hidden_size,
+                              config.vector_dim - dims - trending.DIMS,
                               config.negatives, config.temperature, self.device,
                               text_batch=config.text_batch, popularity_weight=config.popularity_weight,
                               popularity_half_lives=config.popularity_half_lives, user_tower=config.user_tower,
@@ -402,7 +406,8 @@ class ContinualRecommender:
                 table = self.model.item_table().float().cpu().numpy()
                 if self.item_item is not None:
                     table = self.item_item.items(table, np.arange(len(table)))
-                self._item_table = table
+                rising = self.model.rising(trending.EVIDENCE).float().cpu().numpy()
+                self._item_table = self.trending.items(table, rising)
                 self._user_tables = {k: t.detach().float().cpu() for k, t in self.model.user_tables().items()}
             self.model.train()
             self._tables_stale = False
@@ -434,7 +439,7 @@ class ContinualRecommender:
         vectors = self.model.finish_users(out).numpy()
         if self.item_item is not None:
             vectors = self.item_item.users(vectors, rows.numpy(), weights.numpy())
-        return vectors
+        return self.trending.users(vectors)
 
     def items_to_publish(self, min_change: float = 0.0) -> tuple[list[str], np.ndarray]:
         """Items never published or whose vector moved by more than ``min_change`` (1 - cosine)."""

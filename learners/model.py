@@ -115,6 +115,11 @@ class TwoTower(nn.Module):
         """Count events of ``rows`` (in event order) on every rung of the popularity ladder."""
         self.ladder.observe(self.popularity.data, rows, self.n_items)
 
+    @torch.no_grad()
+    def rising(self, evidence: float) -> torch.Tensor:
+        """[n_items]: how busy each item is now, faded by its events of all time (``PopularityLadder.rising``)."""
+        return self.ladder.rising(self.popularity.data, self.n_items, evidence)
+
     def finish_items(self, learned: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Unit learned item parts -> published item vectors (popularity coordinates added)."""
         if not self.pop_dims:

@@ -60,6 +60,17 @@ class PopularityLadder:
         top = torch.log1p(counts[: max(n_items, 1)].max(dim=0).values)
         return torch.log1p(counts[rows]) / torch.where(top > 0, top, torch.ones_like(top))
 
+    def rising(self, counts: torch.Tensor, n_items: int, evidence: float) -> torch.Tensor:
+        """[n_items] in [0, 1]: how busy each item is now, for items with little history yet.
+
+        The shortest rung's log-scaled count (``features``), faded by ``evidence / (evidence +
+        all-time events)``: an item with a handful of events, most of them recent, scores high;
+        an item whose count the longer rungs already carry scores near 0."""
+        rows = torch.arange(max(n_items, 0), device=counts.device)
+        shortest = min(range(len(self.half_lives)), key=self.half_lives.__getitem__) if self.half_lives else -1
+        busy = self.features(counts, rows, n_items)[:, shortest]
+        return busy * (evidence / (evidence + counts[rows, -1]))
+
     @staticmethod
     def frequency(counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Share of all events so far that went to each of ``rows`` (0 before any event)."""

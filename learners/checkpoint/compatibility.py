@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 # Settings a checkpoint cannot be loaded across: tensor shapes or cached features would not fit.
 MUST_MATCH = ("model_path", "vector_dim", "item_item_dims", "history_length", "train_layers", "train_params")
 LORA_MUST_MATCH = ("lora_rank", "lora_alpha", "lora_targets")
+# Every checkpoint of today's vector layout records this setting. One without it was written before
+# the trending coordinate (learners.trending) took a coordinate from the model: its tensors do not fit.
+LAYOUT_MARK = "trending_weight"
 
 
 def _normalised_path(value: Any) -> str:
@@ -28,6 +31,11 @@ def _normalised_path(value: Any) -> str:
 
 def check_config(saved: dict, learner: "ContinualRecommender", path: Path) -> None:
     """Raise ``CheckpointError`` when ``saved`` differs from the learner's config in a must-match setting."""
+    if LAYOUT_MARK not in saved:
+        raise CheckpointError(
+            f"checkpoint {path} was written by an older recstream whose vectors have another layout (no "
+            f"trending coordinate); it cannot be loaded. Start with a fresh --state-dir (or move {path.parent} "
+            f"away)")
     # Through JSON, as saved (tuples become lists); keys an older checkpoint lacks take today's defaults.
     current = json.loads(compact_json(asdict(learner.config)))
     defaults = json.loads(compact_json({f.name: f.default for f in fields(learner.config) if f.default is not MISSING}))
