@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 DIMS = 1
-EVIDENCE = 5.0  # all-time events at which an item's rising value is halved
+EVIDENCE = 10.0  # all-time events at which an item's rising value is halved
 ITEM_SHARE = 0.5  # the largest value of the item coordinate: keeps most of a busy item's other parts
 
 
