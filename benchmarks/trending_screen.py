@@ -1,0 +1,89 @@
+"""Screen the trending coordinate's weight and evidence on one trained model: P1 and P1-cold.
+
+    python benchmarks/trending_screen.py --data /tmp/ml --slice full --seed 0 \\
+        --grid 0:0,5:0.2,10:0.15,10:0.2,10:0.25,20:0.2
+
+Runs protocol P1 once with a learner strategy whose trending coordinate is off
+(``trending_weight=0``) and, at every block, ranks P1's and P1-cold's tests by
+the published vectors' scores plus ``weight * rising`` of each item, for every
+``evidence:weight`` of ``--grid`` (``PopularityLadder.rising`` with that
+evidence; ``learners.trending``). Every variant scores the same trained model,
+so the differences between them are the coordinate's alone, with no training
+noise in between. ``0:0`` is the vectors without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from cold_parts import Part  # noqa: E402
+from ranking_slices import Learners, build_slice  # noqa: E402
+from learners.evaluation.files import read_events, read_items  # noqa: E402
+from learners.evaluation.protocol import prepare_p1, score_block  # noqa: E402
+
+
+def variants(recommender, grid: list[tuple[float, float]]) -> dict:
+    model = recommender.learner.model
+    out = {}
+    for evidence, weight in grid:
+        rising = model.rising(evidence).double().numpy() if weight else np.zeros(model.n_items)
+        rows_of = recommender.learner.catalogue.rows
+
+        def score(u, i, ids, rising=rising, weight=weight):
+            return u @ i.T + weight * rising[rows_of(ids)][None, :]
+        out[f"evidence {evidence:g}, weight {weight:g}"] = score
+    return out
+
+
+class ScreenPart(Part):
+    def scores(self, users, item_ids):
+        learner = self.recommender.learner
+        rows = learner.catalogue.rows(users.item_ids.ravel()).reshape(users.item_ids.shape)
+        return self._score(learner.user_vectors_from(rows, users.weights), learner.item_vectors(item_ids), item_ids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="folder with events.jsonl and items.jsonl")
+    parser.add_argument("--slice", default="full", help="full, top1700, users0 or users1 (benchmarks/ranking_slices.py)")
+    parser.add_argument("--strategy", default="ewc_replay")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", default="0:0,5:0.2,10:0.2,20:0.2", help="evidence:weight pairs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="learner setting")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    grid = [tuple(float(x) for x in pair.split(":")) for pair in args.grid.split(",")]
+    events = read_events(Path(args.data) / "events.jsonl").records
+    items = read_items(Path(args.data) / "items.jsonl").records
+    prepared = prepare_p1(*build_slice(args.slice, events, items), 10, 10)
+    settings = dict(kv.split("=", 1) for kv in args.set) | {"trending_weight": "0"}
+    recommender = Learners(settings).build(args.strategy, args.seed)
+    recommender.add_items(list(prepared.items))
+    recommender.learn(prepared.blocks[0])
+    cold = {test.block: test for test in prepared.cold_tests}
+    p1: dict[str, list[float]] = {}
+    p1_cold: dict[str, list[float]] = {}
+    for test in prepared.tests:
+        for name, score in variants(recommender, grid).items():
+            part = ScreenPart(recommender, name, score)
+            p1.setdefault(name, []).append(score_block(part, test, prepared.catalogue, prepared.k).ndcg)
+            if test.block in cold and cold[test.block].user_ids:
+                p1_cold.setdefault(name, []).append(score_block(part, cold[test.block], prepared.catalogue,
+                                                                prepared.k).ndcg)
+        recommender.learn(prepared.blocks[test.block])
+    print(f"{args.slice}, {args.strategy}, seed {args.seed} {' '.join(args.set)}: NDCG@10")
+    for name in p1:
+        print(f"  {name:28s} P1 {np.mean(p1[name]):.4f}   P1-cold {np.mean(p1_cold.get(name, [0.0])):.4f}")
+
+
+if __name__ == "__main__":
+    main()
