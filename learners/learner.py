@@ -65,7 +65,7 @@ class ContinualRecommender:
         self.catalogue = Catalogue()
         self.users = UserHistories(config.history_length, config.max_users, config.recency_decay,
                                    profile_length=config.profile_length)
-        # The item-item head takes the last coordinates of every vector; the model the rest. Fitted
+        # The item-item head takes coordinates after the model's, the trending one the last. Fitted
         # per process on its own users, so not with a collective (ranks would publish different heads).
         dims = head_dims(config.vector_dim, config.item_item_dims) if collective is None else 0
         self.item_item = ItemItemHead(dims, config.item_item_weight, max_items=config.item_item_max_items,
@@ -75,7 +75,6 @@ class ContinualRecommender:
                                       recency=config.item_item_recency,
                                       history_recency=config.recency_decay) if dims else None
         self._shared_fits = shared_fits
-        # The trending coordinate takes the very last one (learners.trending).
         self.trending = trending.TrendingCoordinate(config.trending_weight)
         self.model = TwoTower(self.top, self.features, self.encoder.hidden_size,
                               config.vector_dim - dims - trending.DIMS,
