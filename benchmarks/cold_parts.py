@@ -38,7 +38,7 @@ from learners.evaluation.protocol import prepare_p1, score_block  # noqa: E402
 
 
 class Part:
-    """A strategy's recommender whose scores use one slice of the published vectors."""
+    """A strategy's recommender scored by ``score(user vectors, item vectors, item ids)``."""
 
     def __init__(self, recommender, name: str, score) -> None:
         self.recommender, self.name, self._score = recommender, name, score
@@ -49,7 +49,7 @@ class Part:
     def scores(self, users, item_ids):
         learner = self.recommender.learner
         rows = learner.catalogue.rows(users.item_ids.ravel()).reshape(users.item_ids.shape)
-        return self._score(learner.user_vectors_from(rows, users.weights), learner.item_vectors(item_ids))
+        return self._score(learner.user_vectors_from(rows, users.weights), learner.item_vectors(item_ids), item_ids)
 
 
 def parts(recommender) -> dict:
@@ -59,25 +59,30 @@ def parts(recommender) -> dict:
     rungs = model.pop_dims
     learned = end - rungs
     out = {
-        "all": lambda u, i: u @ i.T,
-        "model": lambda u, i: u[:, :end] @ i[:, :end].T,
-        "learned": lambda u, i: u[:, :learned] @ i[:, :learned].T,
-        "popularity": lambda u, i: u[:, learned:end] @ i[:, learned:end].T,
-        "trending": lambda u, i: np.broadcast_to(i[:, -1], (len(u), len(i))).copy(),
+        "all": lambda u, i, _: u @ i.T,
+        "model": lambda u, i, _: u[:, :end] @ i[:, :end].T,
+        "learned": lambda u, i, _: u[:, :learned] @ i[:, :learned].T,
+        "popularity": lambda u, i, _: u[:, learned:end] @ i[:, learned:end].T,
+        "trending": lambda u, i, _: np.broadcast_to(i[:, -1], (len(u), len(i))).copy(),
     }
     for k in range(rungs):
-        out[f"rung{k}"] = (lambda k: lambda u, i: np.broadcast_to(i[:, learned + k], (len(u), len(i))).copy())(k)
+        out[f"rung{k}"] = (lambda k: lambda u, i, _: np.broadcast_to(i[:, learned + k], (len(u), len(i))).copy())(k)
     return {name: Part(recommender, name, score) for name, score in out.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def one_run_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that runs P1 once: one slice, one learner strategy, one seed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with events.jsonl and items.jsonl")
     parser.add_argument("--slice", default="full", help="full, top1700, users0 or users1 (benchmarks/ranking_slices.py)")
     parser.add_argument("--strategy", default="ewc_replay")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="learner setting")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = one_run_parser(__doc__).parse_args()
     import torch
 
     torch.set_num_threads(1)

@@ -14,7 +14,6 @@ noise in between. ``0:0`` is the vectors without it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from cold_parts import Part  # noqa: E402
+from cold_parts import Part, one_run_parser  # noqa: E402
 from ranking_slices import Learners, build_slice  # noqa: E402
 from learners.evaluation.files import read_events, read_items  # noqa: E402
 from learners.evaluation.protocol import prepare_p1, score_block  # noqa: E402
@@ -42,21 +41,9 @@ def variants(recommender, grid: list[tuple[float, float]]) -> dict:
     return out
 
 
-class ScreenPart(Part):
-    def scores(self, users, item_ids):
-        learner = self.recommender.learner
-        rows = learner.catalogue.rows(users.item_ids.ravel()).reshape(users.item_ids.shape)
-        return self._score(learner.user_vectors_from(rows, users.weights), learner.item_vectors(item_ids), item_ids)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="folder with events.jsonl and items.jsonl")
-    parser.add_argument("--slice", default="full", help="full, top1700, users0 or users1 (benchmarks/ranking_slices.py)")
-    parser.add_argument("--strategy", default="ewc_replay")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = one_run_parser(__doc__)
     parser.add_argument("--grid", default="0:0,5:0.2,10:0.2,20:0.2", help="evidence:weight pairs")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="learner setting")
     args = parser.parse_args()
     import torch
 
@@ -74,7 +61,7 @@ def main() -> None:
     p1_cold: dict[str, list[float]] = {}
     for test in prepared.tests:
         for name, score in variants(recommender, grid).items():
-            part = ScreenPart(recommender, name, score)
+            part = Part(recommender, name, score)
             p1.setdefault(name, []).append(score_block(part, test, prepared.catalogue, prepared.k).ndcg)
             if test.block in cold and cold[test.block].user_ids:
                 p1_cold.setdefault(name, []).append(score_block(part, cold[test.block], prepared.catalogue,
