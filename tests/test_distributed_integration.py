@@ -142,7 +142,8 @@ def _run_group(broker, topics, tmp_path, ranks: int, log_name: str, events=(), u
     """A group of ``ranks`` on ``tmp_path / "state"``: once every rank holds its share of the four
     partitions, ``events`` are produced; it runs until ``until(metrics)`` (if given), then drains
     (SIGTERM), or is SIGKILLed once every rank's newest checkpoint holds the whole group at the end
-    of the events topic (``killed``: a checkpoint all ranks took after the last event)."""
+    of the events topic and the group has committed it (``killed``: a checkpoint all ranks took
+    after the last event; commits follow checkpoints, so under load they may come a moment later)."""
     group = WorkerProcess(broker.bootstrap, topics, tmp_path / "state", tmp_path / log_name,
                           command=_torchrun(ranks), **_FAST)
     try:
@@ -157,14 +158,20 @@ def _run_group(broker, topics, tmp_path, ranks: int, log_name: str, events=(), u
             return metrics
         ends = {(topics.events, p): end for p, end in log_end_offsets(broker.bootstrap, topics.events).items()}
         deadline = time.monotonic() + 60
-        while not all(_group_offsets(tmp_path / "state" / f"rank-{r}") == ends for r in range(ranks)):
-            assert time.monotonic() < deadline, "no checkpoint of the whole group covers every event"
+        while not (all(_group_offsets(tmp_path / "state" / f"rank-{r}") == ends for r in range(ranks))
+                   and _committed(broker, topics) == ends):
+            assert time.monotonic() < deadline, "no checkpoint of the whole group covers every event, committed"
             time.sleep(1)
     except BaseException:
         group.kill()
         raise
     group.kill()
     return metrics
+
+
+def _committed(broker, topics) -> dict:
+    committed = committed_offsets(broker.bootstrap, topics.group, topics.events, range(4))
+    return {(topics.events, p): offset for p, offset in committed.items()}
 
 
 def _group_offsets(state_dir: Path) -> dict:
