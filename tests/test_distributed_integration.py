@@ -117,7 +117,7 @@ def test_two_ranks_train_one_model(broker, unique_topic, tmp_path):
         raise
     again.close_log()
     text = (tmp_path / "again.log").read_text(errors="replace")
-    assert code != 0 and "no checkpoint of one model version in common" in text and "rank-*" in text, text[-3000:]
+    assert code != 0 and "no checkpoint of one model version and group turn in common" in text and "rank-*" in text, text[-3000:]
     assert "rank 1: none" in text, text[-3000:]
 
 

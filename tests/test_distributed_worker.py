@@ -108,3 +108,26 @@ def test_a_rank_that_must_go_back_alone_exits_for_the_group_to_restart_together(
     worker.checkpointer.request_rollback("partitions [('events', 0)] revoked mid-experience")
     with pytest.raises(RankMustRestart, match="revoked mid-experience.*--max-restarts"):
         worker.turn()
+
+
+def test_every_rank_checkpoints_in_each_agreed_turn_and_numbers_it_alike(tmp_path):
+    """A restart must find on every rank a checkpoint of the same turn: an agreed turn writes one
+    even where nothing changed, and every checkpoint names the last agreed turn (those a rank
+    takes alone in between too)."""
+    from worker_fakes import TP0, consumer_record, event_bytes, make_worker
+
+    from stream.worker.group_restore import GroupRewind
+
+    worker, _, _ = make_worker(tmp_path, [{TP0: [consumer_record(0, event_bytes(1))]}])
+    saved = []  # the fake learner has no files: keep each checkpoint's bookkeeping
+    worker.checkpointer.store.prepare = lambda learner, extra: saved.append(extra)
+    worker.checkpointer.store.write = lambda prepared, **_: None
+    worker.checkpointer.rewind = GroupRewind({})
+
+    assert worker.checkpointer.checkpoint(agreed=True)  # nothing applied yet: written all the same
+    assert worker.checkpointer.checkpoint(agreed=True)
+    worker.turn()  # an event applied
+    assert worker.checkpointer.checkpoint()  # this rank alone, between two turns (as in a rebalance)
+    assert worker.checkpointer.checkpoint()  # nothing changed since: nothing written
+    assert [extra["group_turn"] for extra in saved] == [1, 2, 2]
+    assert [extra["event_offsets"] for extra in saved][-1] == [[TP0[0], TP0[1], 1]]

@@ -1,35 +1,69 @@
-"""``--distributed`` start-up: the checkpoint version the ranks agree on, and reading again what it gave up."""
+"""``--distributed`` start-up: the checkpoints the ranks agree on, and reading again what it gave up."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from stream.worker.group_restore import GroupRewind, RanksDisagree, common_version, group_offsets
+from learners.checkpoint.manifest import FORMAT, MANIFEST, REQUIRED, manifest_bytes
+from stream.worker.group_restore import (GroupRewind, RanksDisagree, checkpoint_mark, checkpoints_at, common_mark,
+                                         group_offsets, held_marks)
 
 
 def test_all_ranks_equal_resume_from_their_newest():
-    assert common_version([[3, 4, 5], [3, 4, 5], [3, 4, 5]]) == 5
+    assert common_mark([[(3, 7), (4, 8), (5, 9)]] * 3) == (5, 9)
 
 
 def test_a_rank_behind_by_one_takes_the_group_back_to_its_newest():
     # Rank 1 was killed while writing version 5: it keeps 4, the others go back to 4 too.
-    assert common_version([[3, 4, 5], [2, 3, 4], [3, 4, 5]]) == 4
+    assert common_mark([[(3, 1), (4, 2), (5, 3)], [(2, 0), (3, 1), (4, 2)], [(3, 1), (4, 2), (5, 3)]]) == (4, 2)
+
+
+def test_one_version_over_several_turns_takes_the_turn_every_rank_has():
+    # No training between turns 4 and 6: one version, but rank 1 was killed writing turn 6's checkpoint.
+    # Rank 0's turn-6 checkpoint claims rank 1's partitions as far as rank 1 read by turn 6: restoring
+    # it beside rank 1's turn 5 would leave what rank 1 read in between to no one.
+    assert common_mark([[(7, 4), (7, 5), (7, 6)], [(6, 3), (7, 4), (7, 5)]]) == (7, 5)
 
 
 def test_an_empty_rank_among_ranks_with_checkpoints_is_refused():
-    with pytest.raises(RanksDisagree, match="no checkpoint of one model version in common") as info:
-        common_version([[4, 5], []], "/state/rank-*")
+    with pytest.raises(RanksDisagree, match="no checkpoint of one model version and group turn in common") as info:
+        common_mark([[(4, 1), (5, 2)], []], "/state/rank-*")
     message = str(info.value)
     assert "/state/rank-*" in message and "rank 1: none" in message and "remove every rank's folder" in message
 
 
-def test_no_version_in_common_is_refused_saying_which_each_rank_has():
-    with pytest.raises(RanksDisagree, match=r"rank 0: \[1, 2\]; rank 1: \[7, 8, 9\]"):
-        common_version([[1, 2], [7, 8, 9]])
+def test_no_mark_in_common_is_refused_saying_which_each_rank_has():
+    with pytest.raises(RanksDisagree, match=r"rank 0: v1 turn 0, v2 turn 1; rank 1: v2 turn 2"):
+        common_mark([[(1, 0), (2, 1)], [(2, 2)]])
 
 
 def test_no_checkpoints_anywhere_starts_fresh():
-    assert common_version([[], [], []]) is None
+    assert common_mark([[], [], []]) is None
+
+
+def _checkpoint(state_dir, name: str, extra: dict):
+    """A folder ``quick_check`` takes as complete, with this bookkeeping."""
+    folder = state_dir / name
+    files = {}
+    for required in REQUIRED:
+        data = json.dumps(extra).encode() if required == "extra.json" else b"x"
+        (folder / required).parent.mkdir(parents=True, exist_ok=True)
+        (folder / required).write_bytes(data)
+        files[required] = {"size": len(data), "sha256": "not checked here"}
+    (folder / MANIFEST).write_bytes(manifest_bytes({"format": FORMAT}, files))
+    return folder
+
+
+def test_the_marks_of_a_folder_come_from_each_checkpoints_bookkeeping(tmp_path):
+    older = _checkpoint(tmp_path, "ckpt-000000000007-4", {"group_turn": 5})
+    newer = _checkpoint(tmp_path, "ckpt-000000000007-5", {"group_turn": 6})
+    legacy = _checkpoint(tmp_path, "ckpt-000000000006-2", {})  # written before turns were numbered
+    (tmp_path / "ckpt-000000000008-6").mkdir()  # torn: no manifest
+    assert held_marks(tmp_path) == [(6, 0), (7, 5), (7, 6)]
+    assert checkpoint_mark(legacy) == (6, 0) and checkpoint_mark(newer) == (7, 6)
+    assert checkpoints_at(tmp_path, (7, 5)) == [older]
 
 
 def test_group_offsets_are_the_furthest_a_rank_holds():

@@ -40,8 +40,8 @@ def _rank(rank: int, init_file: str, root: str, holders: list[int], world: int, 
     store = CheckpointStore(Path(root) / f"rank-{rank}")
     if rank > 0 and peer:
         store.peer = Path(root) / "rank-0"
-    versions = [[5] if r in holders else [] for r in range(3)]
-    joined = join_group(Collective(), store, versions)
+    marks = [[(5, 0)] if r in holders else [] for r in range(3)]
+    joined = join_group(Collective(), store, marks)
     Path(out, f"joined-{rank}").write_text(str(joined))
     dist.destroy_process_group()
 
@@ -79,7 +79,7 @@ def test_a_rank_that_reaches_rank_0s_folder_links_it(tmp_path):
 
 
 def test_a_rank_of_the_recorded_group_without_checkpoints_gets_nothing(tmp_path):
-    # Rank 2 was one of three: it lost its folder, and common_version refuses it later.
+    # Rank 2 was one of three: it lost its folder, and common_mark refuses it later.
     joined = _run(tmp_path, holders=[0, 1], world=3, peer=False)
     assert joined == {0: False, 1: False, 2: False}
     assert not checkpoint_folders(tmp_path / "state" / "rank-2")

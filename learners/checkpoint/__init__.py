@@ -60,7 +60,7 @@ Everything public is re-exported here: ``from learners.checkpoint import ...`` k
 
 from learners.checkpoint.compatibility import LORA_MUST_MATCH, MUST_MATCH
 from learners.checkpoint.manifest import FORMAT, MANIFEST, MODEL_DIR, REQUIRED
-from learners.checkpoint.store import CheckpointStore, PreparedCheckpoint, checkpoint_version
+from learners.checkpoint.store import CheckpointStore, PreparedCheckpoint, checkpoint_version, complete_checkpoints
 
-__all__ = ["CheckpointStore", "PreparedCheckpoint", "checkpoint_version", "FORMAT", "MANIFEST", "MODEL_DIR", "MUST_MATCH",
+__all__ = ["CheckpointStore", "PreparedCheckpoint", "checkpoint_version", "complete_checkpoints", "FORMAT", "MANIFEST", "MODEL_DIR", "MUST_MATCH",
            "LORA_MUST_MATCH", "REQUIRED"]

@@ -233,18 +233,16 @@ class CheckpointStore:
         Verified as ``load_latest`` does (torn ones of that version skipped); a
         ``CheckpointError`` when no usable checkpoint of that version is here."""
         candidates = [path for path in self.checkpoints() if checkpoint_version(path) == int(version)]
-        extra = self._load_first(learner, candidates, f" of model version {version}")
+        return self.load_one_of(learner, candidates, f"of model version {version}")
+
+    def load_one_of(self, learner: "ContinualRecommender", candidates: list[Path], what: str) -> dict:
+        """Restore the first usable of ``candidates`` (this store's folders, newest first), skipping
+        torn ones as ``load_latest`` does; ``what`` names them in the ``CheckpointError`` raised when
+        none is usable or there are none."""
+        extra = self._load_first(learner, candidates, f" {what}")
         if extra is None:
-            raise CheckpointError(f"no checkpoint of model version {version} in {self.state_dir}")
+            raise CheckpointError(f"no checkpoint {what} in {self.state_dir}")
         return extra
-
-    def peer_checkpoint(self, version: int) -> Optional[Path]:
-        """The peer's newest complete checkpoint of ``version`` (None: no peer, or none such)."""
-        return None if self.peer is None else _complete_of(self.peer, version)
-
-    def checkpoint_of(self, version: int) -> Optional[Path]:
-        """This store's newest complete checkpoint of ``version`` (None: none such)."""
-        return _complete_of(self.state_dir, version)
 
     @staticmethod
     def files_of(path: Path) -> list[tuple[str, int]]:
@@ -284,7 +282,7 @@ class CheckpointStore:
 
     def complete_versions(self) -> list[int]:
         """Model versions of the complete checkpoints here (the cheap check pruning uses), ascending."""
-        return sorted({checkpoint_version(path) for path in self.checkpoints() if quick_check(path)})
+        return sorted({checkpoint_version(path) for path in complete_checkpoints(self.state_dir)})
 
     def _load_first(self, learner: "ContinualRecommender", candidates: list[Path], what: str) -> Optional[dict]:
         """Restore the first usable of ``candidates`` (newest first); None when there are none."""
@@ -372,10 +370,9 @@ def checkpoint_folders(state_dir: Path) -> list[Path]:
     return [path for *_, path in sorted(found, reverse=True)]
 
 
-def _complete_of(state_dir: Path, version: int) -> Optional[Path]:
-    """The newest complete checkpoint of model ``version`` in ``state_dir`` (None: none such)."""
-    return next((path for path in checkpoint_folders(state_dir)
-                 if checkpoint_version(path) == int(version) and quick_check(path)), None)
+def complete_checkpoints(state_dir: Path) -> list[Path]:
+    """The complete checkpoint folders in ``state_dir`` (the cheap check pruning uses), newest first."""
+    return [path for path in checkpoint_folders(state_dir) if quick_check(path)]
 
 
 def checkpoint_version(path: Path) -> int:

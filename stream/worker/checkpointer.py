@@ -30,7 +30,7 @@ from typing import Optional
 
 from kafka import KafkaConsumer
 
-from learners.checkpoint import CheckpointStore, checkpoint_version
+from learners.checkpoint import CheckpointStore
 from learners.errors import RecstreamError
 from stream.config import Settings
 from stream.kafka.origin import StreamOrigin
@@ -40,6 +40,7 @@ from stream.worker.checkpoint_writer import CheckpointJob, CheckpointWriter
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.forgetting import Forgetting
+from stream.worker.group_restore import GROUP_TURN, Mark, checkpoints_at
 from stream.worker.handover import PartitionHandover
 from stream.worker.ingest import Ingest
 from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, Publisher
@@ -78,6 +79,7 @@ class Checkpointer:
         self._checkpointed: dict[tuple[str, int], int] = {}  # the last durable checkpoint's event offsets
         self._covered: dict[tuple[str, int], int] = {}  # --distributed: the restored one's group offsets
         self.rewind = None  # --distributed: a stream.worker.group_restore.GroupRewind
+        self.group_turn = 0  # --distributed: the agreed checkpoint turns so far, alike on every rank
         self.world_size = 1  # --distributed: the group's ranks
         self._commit_pending = False  # the last checkpoint's commit was refused: try again
         # Set when this worker's state holds effects of partitions it gave up without a
@@ -189,16 +191,17 @@ class Checkpointer:
         events up to (``GroupRewind.covered``; its own event offsets where it has none)."""
         return dict(self._covered)
 
-    def restore(self, version: Optional[int] = None) -> bool:
+    def restore(self, mark: Optional[Mark] = None) -> bool:
         """Load the newest complete checkpoint (learner, offsets, ledger, totals); False if none.
-        ``version``: the newest of that model version (``--distributed``: one every rank has)."""
-        extra = self.store.load_latest(self.learner) if version is None else self._load_version(version)
+        ``mark`` (``--distributed``): the newest of that model version and group turn, one every rank has."""
+        extra = self.store.load_latest(self.learner) if mark is None else self._load_mark(mark)
         if self.store.fallbacks:
             self.metrics.checkpoint_fallbacks.inc(self.store.fallbacks)
         if extra is None:
             log.info("no checkpoint in %s: starting fresh", self.settings.state_dir)
             return False
         self._saved_origin = extra.get("origin")
+        self.group_turn = int(extra.get(GROUP_TURN, 0))
         offsets = {(t, int(p)): int(o) for t, p, o in extra.get("event_offsets", [])}
         self._checkpointed = dict(offsets)
         self._covered = {**offsets, **{(t, int(p)): int(o) for t, p, o in extra.get("group_offsets", [])}}
@@ -226,16 +229,17 @@ class Checkpointer:
                  len(offsets))
         return True
 
-    def _load_version(self, version: int) -> dict:
-        """Load the group's version; the checkpoints after it go, or a later restore would pick them."""
-        extra = self.store.load_version(self.learner, version)
+    def _load_mark(self, mark: Mark) -> dict:
+        """Load the group's checkpoint; the checkpoints after it go, or a later restore would pick them."""
+        version, turn = mark
+        extra = self.store.load_one_of(self.learner, checkpoints_at(self.store.state_dir, mark),
+                                       f"of model version {version} and group turn {turn}")
         newer = self.store.remove_newer(self.store.last_path)
-        given_up = sorted({checkpoint_version(path) for path in newer} - {version})
-        if given_up:
+        if newer:
             self.metrics.checkpoint_rollbacks.inc()
-            log.info("going back to checkpoint %s (model version %d), the newest every rank has complete: "
-                     "version(s) %s of this rank's are given up and removed; the records after it are read "
-                     "again", self.store.last_path.name, version, given_up)
+            log.info("going back to checkpoint %s (model version %d), the newest every rank has complete "
+                     "(group turn %d): this rank's newer %s are given up and removed; the records after it are "
+                     "read again", self.store.last_path.name, version, turn, ", ".join(p.name for p in newer))
         return extra
 
     def recover_dead_letters(self) -> None:
@@ -304,6 +308,10 @@ class Checkpointer:
         self._last_checkpoint = time.monotonic()
         if self._job is not None:  # one write at a time, in order
             self.collect(wait=True, in_rebalance=in_rebalance)
+        if agreed and self.rewind is not None:
+            # Every rank writes one, changed or not: the ranks then hold checkpoints of each turn alike.
+            self.group_turn += 1
+            self._dirty = self._dirty or not self._rollback_reason
         if not self._dirty:
             if self._commit_pending and not self._rollback_reason:
                 self._commit(in_rebalance)  # the last checkpoint stands; its commit was refused
@@ -330,6 +338,7 @@ class Checkpointer:
         if self.rewind is not None:  # --distributed: where the group's model is on every partition
             extra["group_offsets"] = [[t, p, o] for (t, p), o in sorted(self.rewind.covered(applied).items())]
             extra["world_size"] = self.world_size  # which ranks hold the group's offsets (a new rank may join)
+            extra[GROUP_TURN] = self.group_turn  # whose offsets those are: restores agree on one turn
         # The users' histories as of these offsets, for the next owners of their partitions: sent and
         # waited for on the write thread, before the checkpoint (and so its commit) can be durable.
         changelog = self.handover.take(applied)

@@ -1,27 +1,39 @@
-"""``--distributed``: which checkpoint the group resumes from, and reading again what it gave up.
+"""``--distributed``: which checkpoints the group resumes from, and reading again what it gave up.
 
-A rank killed while writing its checkpoint of version v keeps v-1 (checkpoint
-folders are atomic) while the others hold v. On the restart torchrun's elastic
-agent makes, every rank lists the versions it has complete, the lists are
-gathered, and each rank loads the newest version all of them have, so the
-group resumes as one model. A rank that goes back past checkpoints it had
-committed must read its partitions again from the older checkpoint's offsets:
-the group's commits are ahead of them. ``GroupRewind`` seeks there, once per
-partition, and only while the commit is still the one seen at start (another
-rank may have read the partition since, and committed).
+Every rank checkpoints in the group's agreed turns, numbered alike on every rank
+(``group_turn`` in each checkpoint, also in those a rank takes alone between two
+turns: rebalances). A checkpoint's group offsets are what every rank held at its
+turn, so the ranks must resume from checkpoints of one turn: a rank restoring an
+older turn than another would hold less than the other's offsets claim for its
+partitions, and what lies between would be read by no one. On the restart
+torchrun's elastic agent makes, every rank lists the (model version, group turn)
+marks of its complete checkpoints, the lists are gathered, and each rank loads
+its newest checkpoint of the newest mark all of them have (checkpoint folders are
+atomic: a rank killed while writing keeps its previous one). A rank that goes
+back past checkpoints it had committed must read its partitions again from the
+older checkpoint's offsets: the group's commits are ahead of them.
+``GroupRewind`` seeks there, once per partition, and only while the commit is
+still the one seen at start (another rank may have read the partition since, and
+committed).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Optional
 
+from learners.checkpoint import checkpoint_version, complete_checkpoints
 from learners.errors import RecstreamError
 from stream.kafka.errors import BrokerError
 
 log = logging.getLogger("stream.worker")
 
 Partition = tuple[str, int]
+Mark = tuple[int, int]  # (model version, group turn) a checkpoint was written at
+
+GROUP_TURN = "group_turn"  # the checkpoint's extra: the last agreed turn when it was written
 
 
 class RanksDisagree(RecstreamError):
@@ -33,20 +45,43 @@ class RankMustRestart(RecstreamError):
     behind the group's; it exits so that torchrun restarts the group from the version every rank has."""
 
 
-def common_version(per_rank: list[list[int]], state_dirs: str = "rank-*") -> Optional[int]:
-    """The newest model version every rank has a complete checkpoint of; None when no rank has any.
+def checkpoint_mark(path: Path) -> Optional[Mark]:
+    """The (model version, group turn) of a complete checkpoint folder; None when its bookkeeping
+    cannot be read (the restore then skips it as torn). Checkpoints without a turn count as turn 0."""
+    try:
+        turn = json.loads((path / "extra.json").read_bytes()).get(GROUP_TURN, 0)
+    except (OSError, ValueError):
+        return None
+    return checkpoint_version(path), int(turn)
 
-    ``RanksDisagree`` when some rank has checkpoints but no version is common to all."""
+
+def held_marks(state_dir: Path) -> list[Mark]:
+    """The marks of the complete checkpoints in ``state_dir``, ascending."""
+    return sorted({mark for path in complete_checkpoints(state_dir) if (mark := checkpoint_mark(path))})
+
+
+def checkpoints_at(state_dir: Path, mark: Mark) -> list[Path]:
+    """The complete checkpoints of ``mark`` in ``state_dir``, newest first."""
+    return [path for path in complete_checkpoints(state_dir) if checkpoint_mark(path) == tuple(mark)]
+
+
+def common_mark(per_rank: list[list[Mark]], state_dirs: str = "rank-*") -> Optional[Mark]:
+    """The newest (model version, group turn) every rank has a complete checkpoint of; None when
+    no rank has any. ``RanksDisagree`` when some rank has checkpoints but none is common to all."""
     if not any(per_rank):
         return None
-    common = set(per_rank[0]).intersection(*map(set, per_rank[1:]))
+    common = set(map(tuple, per_rank[0])).intersection(*(set(map(tuple, marks)) for marks in per_rank[1:]))
     if not common:
-        held = "; ".join(f"rank {rank}: {sorted(versions) or 'none'}" for rank, versions in enumerate(per_rank))
+        held = "; ".join(f"rank {rank}: {_said(marks)}" for rank, marks in enumerate(per_rank))
         raise RanksDisagree(
-            f"the ranks hold no checkpoint of one model version in common ({state_dirs}; versions {held}): start "
-            "every rank from checkpoints of the same model version (copy a version's ckpt-<version>-* folders into "
-            "the rank folders lacking it), or remove every rank's folder to start the group over")
+            f"the ranks hold no checkpoint of one model version and group turn in common ({state_dirs}; {held}): "
+            "start every rank from checkpoints of the same turn (copy the ckpt-<version>-* folders of a version "
+            "and turn into the rank folders lacking it), or remove every rank's folder to start the group over")
     return max(common)
+
+
+def _said(marks: list[Mark]) -> str:
+    return ", ".join(f"v{version} turn {turn}" for version, turn in sorted(map(tuple, marks))) or "none"
 
 
 def group_offsets(per_rank: list[dict[Partition, int]]) -> dict[Partition, int]:

@@ -47,7 +47,8 @@ from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.forgetting import Forgetting
 from stream.worker.group_join import join_group
-from stream.worker.group_restore import GroupRewind, RankMustRestart, RanksDisagree, common_version, group_offsets
+from stream.worker.group_restore import (GroupRewind, RankMustRestart, RanksDisagree, common_mark, group_offsets,
+                                        held_marks)
 from stream.worker.handover import PartitionHandover
 from stream.worker.ingest import Ingest
 from stream.worker.lifecycle import Lifecycle
@@ -108,19 +109,15 @@ class Worker:
         self._progress_consumed = self.totals.consumed  # the first rate counts this process's records only
 
     def _restore(self) -> bool:
-        """The newest checkpoint; with ``--distributed`` the newest version every rank has (and the
-        offsets the group's checkpoints hold, to read again what a rank that went back gave up)."""
+        """The newest checkpoint; with ``--distributed`` the newest of the newest model version and
+        group turn every rank has (and the offsets the group's checkpoints hold, to read again what
+        a rank that went back gave up)."""
         if self.group is None:
             return self.checkpointer.restore()
-        collective = self.group.collective
-        versions = collective.gather_objects(self.checkpointer.store.complete_versions())
-        joined = join_group(collective, self.checkpointer.store, versions)
-        if joined:  # every rank gathers again, so the collectives meet in one order
-            versions = collective.gather_objects(self.checkpointer.store.complete_versions())
-        else:
-            versions = collective.gather_objects(versions[self.group.rank])
-        version = common_version(versions, f"{self.settings.state_dir.parent}/rank-*")
-        restored = self.checkpointer.restore(version)
+        collective, state_dir = self.group.collective, self.settings.state_dir
+        joined = join_group(collective, self.checkpointer.store, collective.gather_objects(held_marks(state_dir)))
+        marks = collective.gather_objects(held_marks(state_dir))  # every rank, so collectives meet in one order
+        restored = self.checkpointer.restore(common_mark(marks, f"{state_dir.parent}/rank-*"))
         if joined:
             self.totals.load({})  # the counts of the rank it started from are not its own
         self.rewind = GroupRewind(group_offsets(collective.gather_objects(self.checkpointer.covered_offsets)))
