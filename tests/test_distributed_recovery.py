@@ -178,6 +178,9 @@ def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_its
     # Nothing applied twice to a rank's state (its de-duplication would have counted it), and the
     # group's last checkpoints hold every partition to its end.
     assert sum(_final_extra(state, r)["totals"]["duplicates"] for r in range(RANKS)) == 0
+    # Every event in one rank's state exactly once: the checkpoints' accounting, which goes back
+    # with them, counts each event the group's model holds.
+    assert sum(_final_extra(state, r)["totals"]["valid"] for r in range(RANKS)) == len(events)
     covered = [dict(((t, p), o) for t, p, o in _final_extra(state, r)["group_offsets"]) for r in range(RANKS)]
     assert {p: max(c.get((topics.events, p), 0) for c in covered) for p in ends} == ends
     assert sum(ends.values()) == len(events)
