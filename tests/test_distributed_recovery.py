@@ -3,7 +3,7 @@
 Two ranks under ``torchrun --max-restarts 2`` on the embedded broker. Rank 1's worker is killed
 twice while events stream in; before the second restart its newest checkpoint version is removed
 too (what a kill mid-write leaves: the others hold a version it lacks), so rank 0 must go back to
-the newest version both hold and the partitions it had committed further are read again.
+the newest checkpoint turn both hold and the partitions it had committed further are read again.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_its
               "events flowing to both ranks after the first restart")
         step_back = _wait_for_a_step_back(worker, state, 60, lambda: _committed(broker.bootstrap, topics))
         killed = _kill_rank_1(worker)
-        # What a kill mid-write leaves: rank 1 lacks the newest version rank 0 holds.
+        # What a kill mid-write leaves: rank 1 lacks the newest checkpoints rank 0 holds.
         paths = CheckpointStore(state / "rank-1").checkpoints()
         assert step_back in paths, (step_back, paths)
         for path in paths[:paths.index(step_back)]:

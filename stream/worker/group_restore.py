@@ -42,7 +42,7 @@ class RanksDisagree(RecstreamError):
 
 class RankMustRestart(RecstreamError):
     """``--distributed``: this rank's state would go back to its checkpoint alone, leaving its weights
-    behind the group's; it exits so that torchrun restarts the group from the version every rank has."""
+    behind the group's; it exits so that torchrun restarts the group from the checkpoint turn every rank has."""
 
 
 def checkpoint_mark(path: Path) -> Optional[Mark]:
