@@ -75,8 +75,9 @@ def common_mark(per_rank: list[list[Mark]], state_dirs: str = "rank-*") -> Optio
         held = "; ".join(f"rank {rank}: {_said(marks)}" for rank, marks in enumerate(per_rank))
         raise RanksDisagree(
             f"the ranks hold no checkpoint of one model version and group turn in common ({state_dirs}; {held}): "
-            "start every rank from checkpoints of the same turn (copy the ckpt-<version>-* folders of a version "
-            "and turn into the rank folders lacking it), or remove every rank's folder to start the group over")
+            "start every rank from checkpoints of the same version and turn (copy into the rank folders lacking "
+            "it a ckpt-<version>-* folder whose extra.json says that \"group_turn\"), or remove every rank's folder "
+            "to start the group over")
     return max(common)
 
 
