@@ -163,3 +163,26 @@ def test_the_offsets_the_ranks_share_in_an_agreed_turn_go_into_each_ranks_checkp
     alone = GroupRewind(group_offsets([rewind.covered({("e", 0): 31})]))
     alone.snapshot(events, "e")
     assert not alone.targets and alone.start == {("e", 0): 31, ("e", 1): 45}
+
+
+def test_a_partition_the_checkpoints_hold_but_nothing_committed_is_read_on_from_their_offset():
+    """Its owner checkpointed it and died before its commit landed: the next owner's consumer
+    would read it from the beginning, applying again what the group already holds."""
+    events = _Events({("e", 0): None, ("e", 1): None})
+    rewind = GroupRewind({("e", 0): 245, ("e", 1): 0})
+    rewind.snapshot(events, "e")
+    assert rewind.targets == {("e", 0): (245, None)}  # e-1: the checkpoints hold nothing of it either
+    events.assigned = [("e", 0), ("e", 1)]
+    rewind.hold(events, events.assigned)
+    rewind.settle(events)
+    assert events.seeks == [(("e", 0), 245)]
+
+    # Committed by another rank in the meantime: that rank read it on; no seek.
+    events = _Events({("e", 0): None})
+    rewind = GroupRewind({("e", 0): 245})
+    rewind.snapshot(events, "e")
+    events.commits[("e", 0)] = 300
+    events.assigned = [("e", 0)]
+    rewind.hold(events, events.assigned)
+    rewind.settle(events)
+    assert not events.seeks

@@ -101,7 +101,8 @@ class GroupRewind:
 
     def __init__(self, offsets: dict[Partition, int]) -> None:
         self.offsets = offsets
-        self.targets: dict[Partition, tuple[int, int]] = {}  # partition: (checkpoint's offset, commit at start)
+        # partition: (checkpoint's offset, commit at start; None: never committed)
+        self.targets: dict[Partition, tuple[int, Optional[int]]] = {}
         self.held: set[Partition] = set()
         self.start: dict[Partition, int] = {}
 
@@ -116,6 +117,10 @@ class GroupRewind:
             committed = events.committed(*tp)
             if tp not in self.offsets:
                 self.start[tp] = committed if committed is not None else 0
+            elif committed is None and self.offsets[tp] > 0:
+                # Held by the checkpoints but never committed (its owner's commit had not landed):
+                # a consumer would start it from the beginning, over what the group already holds.
+                self.targets[tp] = (self.offsets[tp], None)
             elif committed is not None and committed > self.offsets[tp]:
                 self.targets[tp] = (self.offsets[tp], committed)
         if self.targets:
@@ -159,8 +164,12 @@ class GroupRewind:
             del self.targets[tp]
             if committed == at_start:
                 events.seek(*tp, offset)
-                log.info("%s[%d]: reading again from offset %d, where the group's checkpoints hold it up to "
-                         "(it was committed up to %d)", tp[0], tp[1], offset, at_start)
+                if at_start is None:
+                    log.info("%s[%d]: reading on from offset %d, where the group's checkpoints hold it up to "
+                             "(nothing of it was committed)", tp[0], tp[1], offset)
+                else:
+                    log.info("%s[%d]: reading again from offset %d, where the group's checkpoints hold it up to "
+                             "(it was committed up to %d)", tp[0], tp[1], offset, at_start)
         settled = sorted(tp for tp in self.held if tp not in self.targets or tp not in assigned)
         events.release(settled)
         self.held.difference_update(settled)
