@@ -8,7 +8,9 @@
 Defaults are chosen on data they will not be judged on, so a setting has to win
 on every slice, not on one: ``full`` (the data as is), ``top1700`` (only the
 1,700 most-rated items: a catalogue the size of MovieLens-100K's), ``users0`` /
-``users1`` (a random half of the users, two draws). Slices are built in memory
+``users1`` (a random half of the users, two draws), ``early`` / ``late`` (the
+first and the second half of the events in time: other years, other films,
+other raters). Slices are built in memory
 from the converted files; nothing derived from the data is written into the
 repository.
 
@@ -45,7 +47,7 @@ from learners.evaluation.protocol import prepare_p1, run_prepared  # noqa: E402
 from learners.evaluation.peers import PEERS as PEER_RECOMMENDERS  # noqa: E402
 from learners.records import Event, Item  # noqa: E402
 
-SLICES = ("full", "top1700", "users0", "users1")
+SLICES = ("full", "top1700", "users0", "users1")  # the default set; "early" and "late" on request
 PEERS = ("decayed_pop", "ease_rw")  # shown by default; "ease" too on request
 
 
@@ -54,6 +56,11 @@ PEERS = ("decayed_pop", "ease_rw")  # shown by default; "ease" too on request
 def build_slice(name: str, events: list[Event], items: list[Item]) -> tuple[list[Event], list[Item]]:
     if name == "full":
         return events, items
+    if name in ("early", "late"):
+        ordered = sorted(events, key=lambda e: e.ts)
+        half = ordered[: len(ordered) // 2] if name == "early" else ordered[len(ordered) // 2:]
+        keep = {e.item_id for e in half}
+        return half, [i for i in items if i.item_id in keep]
     if name.startswith("top"):
         keep = {i for i, _ in Counter(e.item_id for e in events).most_common(int(name[3:]))}
     elif name.startswith("users"):
@@ -64,7 +71,7 @@ def build_slice(name: str, events: list[Event], items: list[Item]) -> tuple[list
         keep = {e.item_id for e in kept}
         return kept, [i for i in items if i.item_id in keep]
     else:
-        raise SystemExit(f"unknown slice {name!r}; choose from {', '.join(SLICES)}")
+        raise SystemExit(f"unknown slice {name!r}; choose from {', '.join(SLICES)}, early, late")
     return [e for e in events if e.item_id in keep], [i for i in items if i.item_id in keep]
 
 

@@ -70,8 +70,10 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 def _logging(level: str) -> None:
+    # Under torchrun every rank writes to the same output: say which one wrote a line.
+    rank = f" rank {os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{rank}: %(message)s")
     for noisy in ("kafka", "avalanche", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # While Kafka is unreachable this repeats many times a second; the worker says it once per retry.

@@ -72,24 +72,31 @@ def _event_offsets(path: Path) -> list:
     return json.loads((path / "extra.json").read_text())["event_offsets"]
 
 
-def _wait_for_a_step_back(worker, state: Path, timeout_s: float, committed) -> Path:
+def _wait_for_a_step_back(worker, state: Path, timeout_s: float, committed, feed) -> Path:
     """A checkpoint of rank 1 that holds fewer events than its newest, at a version and group turn
     rank 0 has too, once rank 1's partitions are committed past it (``committed()``: partition ->
     offset): without the newer ones rank 0 must go back to it, and the partitions committed past it
-    are read again."""
+    are read again. ``feed()`` sends a few more events each poll, so that the stream never drains
+    (a drained group writes no newer checkpoint)."""
     deadline = time.monotonic() + timeout_s
     while True:
         assert worker.proc.poll() is None, worker.tail(80)
+        feed()
         paths = CheckpointStore(state / "rank-1").checkpoints()
         try:
             older = [p for p in paths if _event_offsets(p) != _event_offsets(paths[0])]
             if older and checkpoint_mark(older[0]) in held_marks(state / "rank-0") \
                     and checkpoint_version(older[0]) < checkpoint_version(paths[0]):
-                held = {p: o for _, p, o in _event_offsets(older[0])}
+                # Where the group's model is at that checkpoint (a partition this rank took over
+                # after it is named there by its previous owner's offset, not by this rank's).
+                extra = json.loads((older[0] / "extra.json").read_text())
+                held: dict[int, int] = {}
+                for _, p, o in extra["group_offsets"] + extra["event_offsets"]:
+                    held[p] = max(o, held.get(p, 0))
                 commits = committed()
                 if any((commits.get(p) or 0) > held.get(p, 0) for _, p, _ in _event_offsets(paths[0])):
                     return older[0]
-        except (OSError, IndexError, ValueError):
+        except (OSError, IndexError, KeyError, ValueError):
             pass  # a folder pruned while read
         assert time.monotonic() < deadline, f"checkpoints {_versions(state, 0)} / {_versions(state, 1)}"
         time.sleep(0.3)
@@ -144,11 +151,18 @@ def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_its
         killed = _kill_rank_1(worker)  # mid-stream: the rest of the chunk still waits
         _wait_for_restart(worker, killed, 90)
 
-        produce_events(broker.bootstrap, topics.events, chunks[1])
+        unsent = list(chunks[1])
+
+        def feed(count: int = 20) -> None:
+            if unsent:
+                produce_events(broker.bootstrap, topics.events, unsent[:count])
+                del unsent[:count]
+
+        feed(400)
         # (counters count this attempt's records: a restarted rank's start at 0)
         _wait(worker, lambda ranks: all(m.get("recstream_events_consumed_total", 0) >= 100 for m in ranks), 90,
               "events flowing to both ranks after the first restart")
-        step_back = _wait_for_a_step_back(worker, state, 60, lambda: _committed(broker.bootstrap, topics))
+        step_back = _wait_for_a_step_back(worker, state, 90, lambda: _committed(broker.bootstrap, topics), feed)
         killed = _kill_rank_1(worker)
         # What a kill mid-write leaves: rank 1 lacks the newest checkpoints rank 0 holds.
         paths = CheckpointStore(state / "rank-1").checkpoints()
@@ -157,7 +171,7 @@ def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_its
             shutil.rmtree(path)
         _wait_for_restart(worker, killed, 90)
 
-        produce_events(broker.bootstrap, topics.events, chunks[2])
+        produce_events(broker.bootstrap, topics.events, unsent + chunks[2])
         ends = log_end_offsets(broker.bootstrap, topics.events)
         deadline = time.monotonic() + 120
         while _committed(broker.bootstrap, topics) != ends:  # lag 0: the group committed every event

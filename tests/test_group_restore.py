@@ -186,3 +186,22 @@ def test_a_partition_the_checkpoints_hold_but_nothing_committed_is_read_on_from_
     rewind.hold(events, events.assigned)
     rewind.settle(events)
     assert not events.seeks
+
+
+def test_a_partition_committed_short_of_the_checkpoints_is_read_on_from_their_offset(caplog):
+    """Its owner checkpointed it up to 245 and died before the commit of that checkpoint landed (an
+    earlier one committed 100): a new owner would start at 100 and train again what the group's
+    model already holds. The log tells this apart from the group going back."""
+    events = _Events({("e", 0): 100, ("e", 1): 0, ("e", 2): 50})
+    rewind = GroupRewind({("e", 0): 245, ("e", 1): 80, ("e", 2): 40})
+    caplog.set_level("INFO", logger="stream.worker")
+    rewind.snapshot(events, "e")
+    assert rewind.targets == {("e", 0): (245, 100), ("e", 1): (80, 0), ("e", 2): (40, 50)}
+    assert "behind its commits: [('e', 2)]" in caplog.text
+    assert "hold more than was committed: [('e', 0), ('e', 1)]" in caplog.text
+    events.assigned = [("e", 0), ("e", 1), ("e", 2)]
+    rewind.hold(events, events.assigned)
+    rewind.settle(events)
+    assert events.seeks == [(("e", 0), 245), (("e", 1), 80), (("e", 2), 40)]
+    assert "e[0]: reading on from offset 245" in caplog.text and "committed only up to 100" in caplog.text
+    assert "e[2]: reading again from offset 40" in caplog.text

@@ -11,10 +11,15 @@ marks of its complete checkpoints, the lists are gathered, and each rank loads
 its newest checkpoint of the newest mark all of them have (checkpoint folders are
 atomic: a rank killed while writing keeps its previous one). A rank that goes
 back past checkpoints it had committed must read its partitions again from the
-older checkpoint's offsets: the group's commits are ahead of them.
-``GroupRewind`` seeks there, once per partition, and only while the commit is
-still the one seen at start (another rank may have read the partition since, and
-committed).
+older checkpoint's offsets: the group's commits are ahead of them. The other
+way round, a rank killed after its checkpoint was written but before its commit
+landed leaves the commit behind the checkpoints: a new owner of the partition,
+which holds none of it, would read and train again what the group's model
+already holds, so it reads on from the checkpoints' offset instead (the user
+histories follow from the changelog as of there, which a complete checkpoint
+has sent). ``GroupRewind`` seeks to the checkpoints' offset, once per partition,
+and only while the commit is still the one seen at start (another rank may have
+read the partition since, and committed).
 """
 
 from __future__ import annotations
@@ -95,8 +100,13 @@ def group_offsets(per_rank: list[dict[Partition, int]]) -> dict[Partition, int]:
     return out
 
 
+def _behind(offset: int, committed: Optional[int]) -> bool:
+    """Whether checkpoints holding a partition up to ``offset`` are behind its commit."""
+    return committed is not None and committed > offset
+
+
 class GroupRewind:
-    """Partitions whose committed offset is ahead of the group's restored checkpoints, and where the
+    """Partitions whose committed offset is not where the group's restored checkpoints hold them, and where the
     group's model starts on every partition (``start``), which each rank's checkpoints carry on."""
 
     def __init__(self, offsets: dict[Partition, int]) -> None:
@@ -117,15 +127,19 @@ class GroupRewind:
             committed = events.committed(*tp)
             if tp not in self.offsets:
                 self.start[tp] = committed if committed is not None else 0
-            elif committed is None and self.offsets[tp] > 0:
-                # Held by the checkpoints but never committed (its owner's commit had not landed):
-                # a consumer would start it from the beginning, over what the group already holds.
-                self.targets[tp] = (self.offsets[tp], None)
-            elif committed is not None and committed > self.offsets[tp]:
+            elif (committed or 0) != self.offsets[tp]:
+                # Behind the commit: the group went back to older checkpoints. Ahead of it (or
+                # never committed): the owner's commit had not landed, and a consumer would start
+                # from the commit, over what the group's model already holds.
                 self.targets[tp] = (self.offsets[tp], committed)
-        if self.targets:
+        back = {tp: o for tp, (o, c) in sorted(self.targets.items()) if _behind(o, c)}
+        on = {tp: o for tp, (o, c) in sorted(self.targets.items()) if not _behind(o, c)}
+        if back:
             log.info("the group resumes from checkpoints behind its commits: %s are read again from %s",
-                     sorted(self.targets), {tp: o for tp, (o, _) in sorted(self.targets.items())})
+                     sorted(back), back)
+        if on:
+            log.info("the group's checkpoints hold more than was committed: %s are read on from %s",
+                     sorted(on), on)
 
     def covered(self, applied: dict[Partition, int]) -> dict[Partition, int]:
         """Per partition, the offset the group's model holds events up to as this rank knows it: where
@@ -164,9 +178,10 @@ class GroupRewind:
             del self.targets[tp]
             if committed == at_start:
                 events.seek(*tp, offset)
-                if at_start is None:
+                if not _behind(offset, at_start):
                     log.info("%s[%d]: reading on from offset %d, where the group's checkpoints hold it up to "
-                             "(nothing of it was committed)", tp[0], tp[1], offset)
+                             "(%s)", tp[0], tp[1], offset, "nothing of it was committed" if at_start is None
+                             else f"it was committed only up to {at_start}")
                 else:
                     log.info("%s[%d]: reading again from offset %d, where the group's checkpoints hold it up to "
                              "(it was committed up to %d)", tp[0], tp[1], offset, at_start)
