@@ -71,7 +71,7 @@ def _validation_message(exc: ValidationError) -> str:
 
 def _logging(level: str) -> None:
     # Under torchrun every rank writes to the same output: say which one wrote a line.
-    rank = f" rank {os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    rank = f" rank {os.environ.get('RANK', '?')}" if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format=f"%(asctime)s %(levelname)s %(name)s{rank}: %(message)s")
     for noisy in ("kafka", "avalanche", "transformers", "urllib3"):

@@ -117,10 +117,11 @@ class GroupRewind:
         self.start: dict[Partition, int] = {}
 
     def snapshot(self, events, topic: str) -> None:
-        """At start, before anything is read: the commits the restored checkpoints are behind, and
-        where the model starts on each partition (the checkpoints' offset, else the commit, else 0:
-        the consumer reads an uncommitted partition from its beginning). Every partition is named,
-        so a later start knows the model had nothing of one that was committed only since."""
+        """At start, before anything is read: the partitions whose commit is not where the restored
+        checkpoints hold them (ahead of them, or behind), and where the model starts on each
+        partition (the checkpoints' offset, else the commit, else 0: the consumer reads an
+        uncommitted partition from its beginning). Every partition is named, so a later start
+        knows the model had nothing of one that was committed only since."""
         self.targets, self.start = {}, dict(self.offsets)
         for partition in events.partitions(topic):
             tp = (topic, partition)
