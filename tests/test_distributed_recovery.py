@@ -102,6 +102,20 @@ def _wait_for_a_step_back(worker, state: Path, timeout_s: float, committed, feed
         time.sleep(0.3)
 
 
+def _histories_differ(held: dict, expected: dict, log_text: str) -> str:
+    """Where the changelog's histories part from the events, and the group's moves, to read a failure by."""
+    lines = []
+    for user in sorted(expected.keys() | held.keys()):
+        mine, theirs = held.get(user, ()), expected.get(user, ())
+        if mine != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            lines.append(f"{user}: {len(mine)} items held, {len(theirs)} sent; first differs at {at}: "
+                         f"{mine[at:at + 4]} held, {theirs[at:at + 4]} sent")
+    moves = [line for line in log_text.splitlines()
+             if re.search(r"assigned|revoked|starts at|reading (again|on)|read (again|on)|going back|resumed", line)]
+    return "\n".join([f"{len(lines)} users differ"] + lines[:12] + ["the group's moves:"] + moves[-60:])
+
+
 def _final_extra(state: Path, rank: int) -> dict:
     return CheckpointStore(state / f"rank-{rank}").latest_extra()
 
@@ -227,4 +241,6 @@ def test_a_rank_killed_mid_stream_and_behind_a_version_the_group_recovers_by_its
     history: dict[str, list[str]] = defaultdict(list)
     for event in events:
         history[event.user_id].append(event.item_id)
-    assert changelog_histories(broker.bootstrap, topics.changelog) == {u: tuple(h[-256:]) for u, h in history.items()}
+    expected = {u: tuple(h[-256:]) for u, h in history.items()}
+    held = changelog_histories(broker.bootstrap, topics.changelog)
+    assert held == expected, _histories_differ(held, expected, log_text)
