@@ -137,6 +137,28 @@ def test_a_partition_whose_state_this_worker_holds_is_released_without_reading_t
     assert read == [(1, 25)] and not consumer.paused() and not handover.holding
 
 
+def test_a_partition_this_worker_holds_past_its_start_keeps_its_histories(tmp_path):
+    """Restarted from its own checkpoint at 150 whose commit (100) had not landed: its histories
+    hold every event to 150, and 100..150 are read again and skipped. Histories taken from the
+    changelog as of 100 would lose those events for good."""
+    from kafka import TopicPartition
+
+    from stream.config import Settings
+
+    settings = Settings(bootstrap_servers="127.0.0.1:1", state_dir=tmp_path, metrics_port=0)
+    consumer = FakeConsumer(assigned={("events", 0)})
+    events = KafkaSource(consumer, sleep=lambda s: None)
+    handover = PartitionHandover(settings, _Learner(), WorkerMetrics(), publisher=None)
+    handover._partitions = 1  # noqa: SLF001 - as ``open`` leaves it when the changelog exists
+    read = []
+    handover._adopt = lambda partition, start, remember: read.append((partition, start))  # noqa: SLF001
+    consumer.assigned = {TopicPartition("events", 0)}
+    consumer.positions = {TopicPartition("events", 0): 100}
+    handover.hold(events, [("events", 0)])
+    assert handover.settle(events, {("events", 0): 150}, remember_ids=None) == {("events", 0): 100}
+    assert read == [] and not consumer.paused() and not handover.holding
+
+
 # -- the real worker, twice, on the embedded broker --------------------------------------------
 
 @pytest.mark.integration

@@ -10,9 +10,9 @@ checkpoint can be committed (``send``), while the loop goes on. A partition
 assigned to this worker is held (nothing fetched) until ``settle`` has learnt
 the offset this worker reads it from and, with a changelog, adopted its users'
 histories as of that offset, unless this worker's own state already ends
-exactly there (it owned the partition last, or restarted from its own
-checkpoint): then there is nothing to read. The worker's applied offset moves
-up to that start (``Ingest.taken_over``).
+there or past it (it owned the partition last, or restarted from its own
+checkpoint, perhaps one whose commit had not landed): then there is nothing to
+read. The worker's applied offset moves up to that start (``Ingest.taken_over``).
 """
 
 from __future__ import annotations
@@ -226,9 +226,13 @@ class PartitionHandover:
                     if start is None:
                         waiting.append(tp)  # Kafka did not say yet: held until the next turn
                         continue
-                    # Nothing to read where this worker's state ends exactly there, or at offset 0
-                    # (no state holds events below it).
-                    if self._partitions and start > 0 and applied.get(tp) != start:
+                    # Read only where this worker's state for it ends below the start (another
+                    # member read on since), and not at offset 0 (no state holds events below
+                    # it). Where it ends at or past the start (this worker's own checkpoint, whose
+                    # commit had not landed), its histories already hold every event up there,
+                    # and the records in between are read again and skipped: histories from the
+                    # changelog as of the start would lose their events.
+                    if self._partitions and start > 0 and applied.get(tp, -1) < start:
                         self._adopt(tp[1], start, remember_ids)
                 except BrokerError as exc:
                     self.metrics.broker_error("changelog", exc)
