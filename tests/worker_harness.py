@@ -19,10 +19,25 @@ from learners.records import Event, Item, event_to_json, item_to_json
 from stream.kafka.broker import ensure_topics
 
 
-def free_port() -> int:
+def free_port(span: int = 1) -> int:
+    """A free port, and the ``span - 1`` after it free too: the ranks of a group serve metrics on
+    consecutive ports (``--metrics-port`` + local rank)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            base = sock.getsockname()[1]
+        if all(_is_free(base + i) for i in range(1, span)):
+            return base
+    raise RuntimeError(f"no {span} consecutive free ports found")
+
+
+def _is_free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass
@@ -98,7 +113,7 @@ class WorkerProcess:
     def __init__(self, bootstrap: str, topics: Topics, state_dir: Path, log_path: Path,
                  command: list[str] | None = None, **settings) -> None:
         """``command``: what to run instead of ``recstream worker`` (e.g. torchrun starting ranks of it)."""
-        self.port = free_port()
+        self.port = free_port(span=4)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.update({
             "RECSTREAM_BOOTSTRAP_SERVERS": bootstrap, "RECSTREAM_GROUP_ID": topics.group,
