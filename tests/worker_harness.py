@@ -35,7 +35,7 @@ def _is_free(port: int) -> bool:
     with socket.socket() as sock:
         try:
             sock.bind(("", port))
-        except OSError:
+        except (OSError, OverflowError):  # taken, or past 65535
             return False
         return True
 
