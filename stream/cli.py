@@ -214,10 +214,14 @@ def convert() -> None:
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def convert_movielens_cmd(src_dir, out_dir) -> None:
-    """MovieLens ratings.csv + movies.csv -> events.jsonl + items.jsonl (ratings to event types: docs/formats.md)."""
+    """A MovieLens release (ml-latest(-small), ml-1m/10m/20m/25m or ml-100k, found by its file names)
+    -> events.jsonl + items.jsonl (ratings to event types: docs/formats.md)."""
     from learners.evaluation.movielens import convert_movielens
 
-    summary = convert_movielens(src_dir, out_dir)
+    try:
+        summary = convert_movielens(src_dir, out_dir)
+    except RecstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"{summary.events} events -> {summary.events_path}\n{summary.items} items -> {summary.items_path}")
 
 

@@ -1,4 +1,4 @@
-"""MovieLens CSV -> offline files and the rating mapping of docs/formats.md."""
+"""MovieLens releases (three layouts) -> offline files, and the rating mapping of docs/formats.md."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from learners.evaluation.files import read_events, read_items
-from learners.evaluation.movielens import convert_movielens
+from learners.evaluation.movielens import MovieLensFilesMissing, convert_movielens
 from learners.records import encoder_text
 
 REAL_DATA = Path(__file__).parents[2] / "shared/data/movielens-latest-small"
@@ -64,8 +64,50 @@ def test_converts_tiny_csv(tmp_path: Path):
 
 
 def test_missing_source_is_a_clear_error(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="ratings.csv"):
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")  # movies.csv missing
+    with pytest.raises(MovieLensFilesMissing, match="ratings.csv [+] movies.csv .*u.data [+] u.item [(]ml-100k[)]"):
         convert_movielens(tmp_path, tmp_path / "out")
+
+
+def _converted(src: Path, out: Path):
+    summary = convert_movielens(src, out)
+    events, items = read_events(out / "events.jsonl"), read_items(out / "items.jsonl")
+    assert events.bad == 0 and items.bad == 0
+    return (summary, [(e.event_id, e.user_id, e.item_id, e.event_type, e.ts) for e in events.records],
+            [(i.item_id, encoder_text(i)) for i in items.records])
+
+
+def test_converts_the_dat_layout_of_ml_1m(tmp_path: Path):
+    (tmp_path / "ratings.dat").write_bytes(b"1::1193::5::978300760\n1::661::3::978302109\n2::1193::x::978300761\n")
+    (tmp_path / "movies.dat").write_bytes(
+        b"1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+        b"661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
+        b"3::Caf\xe9 au lait (1993)::Comedy\n")  # Latin-1, as the release is
+    summary, events, items = _converted(tmp_path, tmp_path / "out")
+    assert (summary.events, summary.items, summary.skipped_ratings) == (2, 3, 1)
+    assert events == [("ml-0", "1", "1193", "favourite", 978300760.0), ("ml-1", "1", "661", "click", 978302109.0)]
+    assert items[1] == ("661", "James and the Giant Peach (1996) | Animation, Children's, Musical | 1996")
+    assert items[2] == ("3", "Café au lait (1993) | Comedy | 1993")
+
+
+def test_converts_the_layout_of_ml_100k_with_genre_flags(tmp_path: Path):
+    (tmp_path / "u.data").write_text("196\t242\t3\t881250949\n186\t302\t4\t891717742\n")
+    flags = ["0"] * 19
+    comedy = flags.copy(); comedy[5] = "1"
+    crime_thriller = flags.copy(); crime_thriller[6] = crime_thriller[16] = "1"
+    unknown = flags.copy(); unknown[0] = "1"
+    (tmp_path / "u.item").write_bytes("\n".join([
+        "|".join(["242", "Kolya (1996)", "24-Jan-1997", "", "http://x"] + comedy),
+        "|".join(["302", "L.A. Confidential (1997)", "01-Jan-1997", "", "http://y"] + crime_thriller),
+        "|".join(["267", "unknown", "", "", ""] + unknown),
+        "|".join(["9", "too few columns"]),
+    ]).encode("latin-1") + b"\n")
+    summary, events, items = _converted(tmp_path, tmp_path / "out")
+    assert (summary.events, summary.items, summary.skipped_movies) == (2, 3, 1)
+    assert events == [("ml-0", "196", "242", "click", 881250949.0), ("ml-1", "186", "302", "purchase", 891717742.0)]
+    assert items == [("242", "Kolya (1996) | Comedy | 1996"),
+                     ("302", "L.A. Confidential (1997) | Crime, Thriller | 1997"),
+                     ("267", "unknown")]  # the "unknown" genre flag is no genre
 
 
 @pytest.mark.skipif(not (REAL_DATA / "ratings.csv").is_file(),

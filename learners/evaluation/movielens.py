@@ -1,8 +1,15 @@
-"""Convert MovieLens CSVs (ratings.csv, movies.csv) into contract files.
+"""Convert a MovieLens release into contract files.
 
-Rows are streamed with the csv module, so ml-25m converts in constant memory.
-The data set's licence forbids redistribution: convert into a scratch folder,
-never into the repository.
+Three layouts, found by their file names:
+
+- ``ratings.csv`` + ``movies.csv``: ml-latest(-small), ml-20m, ml-25m, ml-32m;
+- ``ratings.dat`` + ``movies.dat`` (``::``-separated): ml-1m, ml-10m;
+- ``u.data`` + ``u.item`` (tab- and ``|``-separated, genres as 0/1 flags): ml-100k.
+
+Rows are streamed, so ml-25m converts in constant memory. The older releases
+are Latin-1: a line that is not UTF-8 is read as Latin-1. The data sets'
+licence forbids redistribution: convert into a scratch folder, never into
+the repository.
 """
 
 from __future__ import annotations
@@ -13,14 +20,24 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
+from learners.errors import RecstreamError
 from learners.evaluation.files import write_events, write_items
 from learners.records import Event, Item
 
 log = logging.getLogger(__name__)
 
 NO_GENRES = "(no genres listed)"
+
+# ml-100k's u.item flag columns, in order (its u.genre lists the same; read when present).
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western")
+
+
+class MovieLensFilesMissing(RecstreamError):
+    """The folder holds none of the MovieLens layouts this converter reads."""
 
 
 @dataclass(frozen=True)
@@ -64,18 +81,103 @@ class _Skips:
         self.count = 0
 
 
-def _csv_rows(path: Path) -> Iterator[dict]:
+# A rating row as (user, movie, rating, timestamp) strings; a movie row as (movie, title, genres).
+RatingRow = tuple[str, str, str, str]
+MovieRow = tuple[str, str, str]
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with path.open("rb") as handle:
+        for raw in handle:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("latin-1")
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+
+
+def _csv_ratings(path: Path) -> Iterator[Optional[RatingRow]]:
     with path.open("r", encoding="utf-8", newline="") as handle:
-        yield from csv.DictReader(handle)
+        for row in csv.DictReader(handle):
+            try:
+                yield row["userId"], row["movieId"], row["rating"], row["timestamp"]
+            except KeyError:
+                yield None
 
 
-def _events(path: Path, skips: _Skips) -> Iterator[Event]:
+def _csv_movies(path: Path) -> Iterator[Optional[MovieRow]]:
+    with path.open("r", encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                yield row["movieId"], row["title"], row.get("genres") or ""
+            except KeyError:
+                yield None
+
+
+def _split_rows(separator: str, width: int) -> Callable[[Path], Iterator[Optional[tuple]]]:
+    def rows(path: Path) -> Iterator[Optional[tuple]]:
+        for line in _lines(path):
+            fields = line.split(separator)
+            yield tuple(fields[:width]) if len(fields) >= width else None
+    return rows
+
+
+def _ml100k_movies(path: Path) -> Iterator[Optional[MovieRow]]:
+    names = _ml100k_genre_names(path.with_name("u.genre"))
+    for line in _lines(path):
+        fields = line.split("|")
+        flags = fields[5:]
+        if len(fields) < 6 or len(flags) != len(names):
+            yield None
+            continue
+        genres = "|".join(name for name, flag in zip(names, flags) if flag.strip() == "1" and name != "unknown")
+        yield fields[0], fields[1], genres
+
+
+def _ml100k_genre_names(path: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        return ML100K_GENRES
+    pairs = [line.rsplit("|", 1) for line in _lines(path)]
+    try:
+        return tuple(name for name, _ in sorted(pairs, key=lambda pair: int(pair[1])))
+    except (ValueError, IndexError):
+        return ML100K_GENRES
+
+
+@dataclass(frozen=True)
+class _Layout:
+    release: str
+    ratings: str
+    movies: str
+    rating_rows: Callable[[Path], Iterator[Optional[RatingRow]]]
+    movie_rows: Callable[[Path], Iterator[Optional[MovieRow]]]
+
+
+_LAYOUTS = (
+    _Layout("ml-latest, ml-20m, ml-25m", "ratings.csv", "movies.csv", _csv_ratings, _csv_movies),
+    _Layout("ml-1m, ml-10m", "ratings.dat", "movies.dat", _split_rows("::", 4), _split_rows("::", 3)),
+    _Layout("ml-100k", "u.data", "u.item", _split_rows("\t", 4), _ml100k_movies),
+)
+
+
+def _layout(src_dir: Path) -> _Layout:
+    for layout in _LAYOUTS:
+        if (src_dir / layout.ratings).is_file() and (src_dir / layout.movies).is_file():
+            return layout
+    expected = "; ".join(f"{layout.ratings} + {layout.movies} ({layout.release})" for layout in _LAYOUTS)
+    raise MovieLensFilesMissing(f"no MovieLens release in {src_dir}: expected one of {expected}. Pass the "
+                                "folder the release unpacks to")
+
+
+def _events(rows: Iterator[Optional[RatingRow]], skips: _Skips) -> Iterator[Event]:
     # event_id is ml-<0-based data row>, so re-conversions give the same ids.
-    for row_number, row in enumerate(_csv_rows(path)):
+    for row_number, row in enumerate(rows):
         try:
-            user_id, item_id = row["userId"].strip(), row["movieId"].strip()
-            rating, ts = float(row["rating"]), float(row["timestamp"])
-        except (KeyError, TypeError, AttributeError, ValueError):
+            user_id, item_id = row[0].strip(), row[1].strip()
+            rating, ts = float(row[2]), float(row[3])
+        except (TypeError, AttributeError, ValueError):
             skips.count += 1
             continue
         if not user_id or not item_id or not (math.isfinite(rating) and math.isfinite(ts)):
@@ -85,11 +187,11 @@ def _events(path: Path, skips: _Skips) -> Iterator[Event]:
                     event_type=rating_to_event_type(rating), ts=ts)
 
 
-def _items(path: Path, skips: _Skips) -> Iterator[Item]:
-    for row in _csv_rows(path):
+def _items(rows: Iterator[Optional[MovieRow]], skips: _Skips) -> Iterator[Item]:
+    for row in rows:
         try:
-            item = movie_item(row["movieId"].strip(), row["title"], row.get("genres") or "")
-        except (KeyError, AttributeError):
+            item = movie_item(row[0].strip(), row[1], row[2])
+        except (TypeError, AttributeError):
             skips.count += 1
             continue
         if not item.item_id or not item.text:
@@ -99,19 +201,16 @@ def _items(path: Path, skips: _Skips) -> Iterator[Item]:
 
 
 def convert_movielens(src_dir: Union[str, Path], out_dir: Union[str, Path]) -> ConversionSummary:
-    """Write ``out_dir/events.jsonl`` and ``out_dir/items.jsonl`` from ``src_dir``.
+    """Write ``out_dir/events.jsonl`` and ``out_dir/items.jsonl`` from the release in ``src_dir``.
 
-    Events keep the ratings.csv order (protocol P1 sorts by ts itself).
+    Events keep the ratings file's order (protocol P1 sorts by ts itself).
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    ratings, movies = src_dir / "ratings.csv", src_dir / "movies.csv"
-    for needed in (ratings, movies):
-        if not needed.is_file():
-            raise FileNotFoundError(f"MovieLens file not found: {needed}")
+    layout = _layout(src_dir)
     rating_skips, movie_skips = _Skips(), _Skips()
     events_path, items_path = out_dir / "events.jsonl", out_dir / "items.jsonl"
-    n_events = write_events(events_path, _events(ratings, rating_skips))
-    n_items = write_items(items_path, _items(movies, movie_skips))
+    n_events = write_events(events_path, _events(layout.rating_rows(src_dir / layout.ratings), rating_skips))
+    n_items = write_items(items_path, _items(layout.movie_rows(src_dir / layout.movies), movie_skips))
     if rating_skips.count or movie_skips.count:
         log.warning("skipped %d malformed rating row(s) and %d movie row(s)",
                     rating_skips.count, movie_skips.count)
