@@ -1,5 +1,5 @@
-"""A rank that joins a grown group gets rank 0's checkpoint: linked where it can reach rank 0's
-folder, sent over the process group (gloo, real processes) where it cannot."""
+"""A rank without checkpoints gets the group's: rank 0's linked where it can reach rank 0's folder,
+else sent over the process group (gloo, real processes) by the lowest rank that has some."""
 
 from __future__ import annotations
 
@@ -78,8 +78,23 @@ def test_a_rank_that_reaches_rank_0s_folder_links_it(tmp_path):
     assert os.path.samefile(rank0 / "learner.safetensors", rank2 / "learner.safetensors")
 
 
-def test_a_rank_of_the_recorded_group_without_checkpoints_gets_nothing(tmp_path):
-    # Rank 2 was one of three: it lost its folder, and common_mark refuses it later.
+def test_a_rank_of_the_recorded_group_without_checkpoints_starts_from_the_groups(tmp_path):
+    # Rank 2 was one of three: its first checkpoint never got written (or its folder was lost).
+    # Waiting for someone to copy a folder would keep the group down; the group's model will do.
     joined = _run(tmp_path, holders=[0, 1], world=3, peer=False)
-    assert joined == {0: False, 1: False, 2: False}
-    assert not checkpoint_folders(tmp_path / "state" / "rank-2")
+    assert joined == {0: False, 1: False, 2: True}
+    assert _same_files(tmp_path / "state" / "rank-0" / NAME, tmp_path / "state" / "rank-2" / NAME)
+
+
+def test_without_rank_0s_checkpoints_the_lowest_rank_with_some_sends_them(tmp_path):
+    joined = _run(tmp_path, holders=[1, 2], world=3, peer=True)  # rank 0's folder is what the others link
+    assert joined == {0: True, 1: False, 2: False}
+    rank0, rank1 = tmp_path / "state" / "rank-0" / NAME, tmp_path / "state" / "rank-1" / NAME
+    assert _same_files(rank1, rank0)
+    assert not os.path.samefile(rank1 / "learner.safetensors", rank0 / "learner.safetensors")  # sent
+
+
+def test_nobody_joins_where_every_rank_or_no_rank_has_checkpoints(tmp_path):
+    for name, holders in (("all", [0, 1, 2]), ("none", [])):
+        (tmp_path / name).mkdir()  # a rendezvous file of its own
+        assert _run(tmp_path / name, holders=holders, world=3, peer=False) == {0: False, 1: False, 2: False}
