@@ -89,16 +89,22 @@ def start_group(settings: Settings):
 
 
 def _attempt_store():
-    """torchrun's env:// store, its keys prefixed by the restart attempt.
+    """torchrun's env:// store; the agent's shared store with its keys prefixed by the restart attempt.
 
-    The elastic agent keeps one store for all attempts: after a restart, the process group's
-    keys of the dead attempt (each rank's gloo address) are still there, and ranks reading
-    them connect to ports nobody listens on any more (a hang or a failed restart)."""
+    By default the elastic agent lends its rendezvous store to the ranks, one store for all
+    attempts: after a restart, the process group's keys of the dead attempt (each rank's gloo
+    address) are still there, and ranks reading them connect to ports nobody listens on any
+    more (a hang or a failed restart). With ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (which the
+    elastic c10d rendezvous needs, see ``docs/operating.md``) rank 0 serves a new store in every
+    round, and the ranks of one round may count different restarts (an agent that joined later
+    has restarted less): no prefix then."""
     import torch.distributed as dist
     from torch.distributed.constants import default_pg_timeout
 
     store, rank, world = next(dist.rendezvous("env://", timeout=default_pg_timeout))
     store.set_timeout(default_pg_timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store, rank, world
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"recstream/attempt-{attempt}", store), rank, world
 

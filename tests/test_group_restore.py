@@ -7,8 +7,8 @@ import json
 import pytest
 
 from learners.checkpoint.manifest import FORMAT, MANIFEST, REQUIRED, manifest_bytes
-from stream.worker.group_restore import (GroupRewind, RanksDisagree, checkpoint_mark, checkpoints_at, common_mark,
-                                         group_offsets, held_marks)
+from stream.worker.group_restore import (GroupRewind, RanksDisagree, agreeing_ranks, checkpoint_mark, checkpoints_at,
+                                         common_mark, group_offsets, held_marks)
 
 
 def test_all_ranks_equal_resume_from_their_newest():
@@ -32,6 +32,16 @@ def test_an_empty_rank_among_ranks_with_checkpoints_is_refused():
         common_mark([[(4, 1), (5, 2)], []], "/state/rank-*")
     message = str(info.value)
     assert "/state/rank-*" in message and "rank 1: none" in message and "remove every rank's folder" in message
+
+
+def test_the_group_resumes_from_the_ranks_that_share_the_newest_marks():
+    # Every rank shares a mark: all agree, on the newest one they all hold (a killed rank kept turn 5).
+    assert agreeing_ranks([[(3, 4), (4, 5), (4, 6)], [(3, 3), (3, 4), (4, 5)]]) == ([0, 1], (4, 5))
+    # Rank 1's folder is from an earlier time of the group (scaled away and back): left out.
+    assert agreeing_ranks([[(8, 20), (9, 21), (9, 22)], [(2, 3), (2, 4)], [(8, 20), (9, 21)]]) == ([0, 2], (9, 21))
+    # The newest mark decides, whichever rank holds it; ranks without checkpoints are left out.
+    assert agreeing_ranks([[(2, 3)], [], [(9, 21), (9, 22)]]) == ([2], (9, 22))
+    assert agreeing_ranks([[], []]) == ([], None)
 
 
 def test_no_mark_in_common_is_refused_saying_which_each_rank_has():

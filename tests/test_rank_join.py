@@ -35,23 +35,27 @@ def _fake_checkpoint(state_dir: Path, world_size: int) -> Path:
     return folder
 
 
-def _rank(rank: int, init_file: str, root: str, holders: list[int], world: int, peer: bool, out: str) -> None:
+def _rank(rank: int, init_file: str, root: str, holders: list[int], world: int, peer: bool, out: str,
+          stale: dict[int, list]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
     store = CheckpointStore(Path(root) / f"rank-{rank}")
     if rank > 0 and peer:
         store.peer = Path(root) / "rank-0"
     marks = [[(5, 0)] if r in holders else [] for r in range(3)]
+    for r, held in stale.items():  # a folder from an earlier time of the group: older, unshared marks
+        marks[r] = held
     joined = join_group(Collective(), store, marks)
     Path(out, f"joined-{rank}").write_text(str(joined))
     dist.destroy_process_group()
 
 
-def _run(tmp_path: Path, holders: list[int], world: int, peer: bool) -> dict[int, bool]:
+def _run(tmp_path: Path, holders: list[int], world: int, peer: bool,
+         stale: dict[int, list] | None = None) -> dict[int, bool]:
     root = tmp_path / "state"
     for rank in holders:
         _fake_checkpoint(root / f"rank-{rank}", world)
-    mp.spawn(_rank, args=(str(tmp_path / "init"), str(root), holders, world, peer, str(tmp_path)), nprocs=3,
-             join=True)
+    mp.spawn(_rank, args=(str(tmp_path / "init"), str(root), holders, world, peer, str(tmp_path), stale or {}),
+             nprocs=3, join=True)
     return {r: (tmp_path / f"joined-{r}").read_text() == "True" for r in range(3)}
 
 
@@ -98,3 +102,10 @@ def test_nobody_joins_where_every_rank_or_no_rank_has_checkpoints(tmp_path):
     for name, holders in (("all", [0, 1, 2]), ("none", [])):
         (tmp_path / name).mkdir()  # a rendezvous file of its own
         assert _run(tmp_path / name, holders=holders, world=3, peer=False) == {0: False, 1: False, 2: False}
+
+
+def test_a_rank_whose_folder_is_from_an_earlier_time_of_the_group_starts_from_the_groups(tmp_path):
+    # Rank 1 holds only old checkpoints none of the others has (its pod was scaled away and back).
+    joined = _run(tmp_path, holders=[0, 2], world=3, peer=False, stale={1: [(1, 0), (2, 1)]})
+    assert joined == {0: False, 1: True, 2: False}
+    assert _same_files(tmp_path / "state" / "rank-0" / NAME, tmp_path / "state" / "rank-1" / NAME)

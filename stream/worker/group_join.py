@@ -1,18 +1,17 @@
-"""``--distributed``: a rank without checkpoints starts from the group's model.
+"""``--distributed``: a rank without the group's checkpoints starts from the group's model.
 
-A rank with no checkpoint of its own while others have some starts from the
-newest checkpoint of the newest mark (model version, group turn) every rank
-with checkpoints has, taken from the lowest such rank: hard-linked from its
-folder where this rank can reach it (rank 0's, on one host or a shared volume),
-else sent over the process group, file by file (a pod with a volume of its
-own). Either the group grew (the rank is beyond the ``world_size`` its
-checkpoints record), or the rank is one of the recorded group whose first
-checkpoint never got written (it died at its first start) or whose folder was
-lost. The model is the group's (data-parallel: the same on every rank), its
-users come with their partitions through the changelog, and the group's
-checkpoints name every partition's offset (``group_offsets``): nothing of the
-rank's own is needed, so the group carries on rather than waiting for someone
-to copy a folder.
+The group resumes from the ranks that agree (``agreeing_ranks``): the rank with the newest mark
+(model version, group turn) and every rank sharing a mark with it. A rank outside them starts
+from the newest checkpoint of the newest mark they all hold, taken from the lowest of them:
+hard-linked from its folder where this rank can reach it (rank 0's, on one host or a shared
+volume), else sent over the process group, file by file (a pod with a volume of its own).
+Such a rank has no checkpoint (the group grew, its first start was cut short, its folder was
+lost), or only checkpoints from an earlier time of the group (its pod was scaled away and back,
+or it was down while the others went on, or elastic rendezvous gave it another rank). The
+model is the group's (data-parallel: the same on every rank), its users come with their
+partitions through the changelog, and the group's checkpoints name every partition's offset
+(``group_offsets``): nothing of the rank's own is needed, so the group carries on rather than
+waiting for someone to line folders up.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from typing import Iterator, Optional
 
 from learners.checkpoint.store import CheckpointStore
 from learners.distributed import Collective
-from stream.worker.group_restore import Mark, checkpoints_at
+from stream.worker.group_restore import Mark, agreeing_ranks, checkpoints_at, said_marks
 
 log = logging.getLogger("stream.worker")
 
@@ -33,16 +32,19 @@ def join_group(collective: Collective, store: CheckpointStore, marks: list[list[
     """Every rank, with the marks each holds (gathered, so the same list on every rank): whether
     this rank joined, with the source rank's checkpoint now in ``store``. Every rank takes part in
     the collectives below, or none does: the decision to start them depends on ``marks`` alone."""
-    held = [set(map(tuple, m)) for m in marks if m]
-    if all(marks) or not held or not set.intersection(*held):
-        return False  # nobody lacks checkpoints, or nobody has any, or no mark to agree on
-    rank, mark = collective.rank, max(set.intersection(*held))
-    src = next(r for r, m in enumerate(marks) if m)  # the lowest rank with checkpoints
+    members, mark = agreeing_ranks(marks)
+    if not members or len(members) == len(marks):
+        return False  # nobody has checkpoints, or every rank resumes from its own
+    rank, src = collective.rank, members[0]
     source = _newest(store.state_dir, mark) if rank == src else None
     world = collective.broadcast_object(_recorded_world(source), src=src)
-    joining = not marks[rank]
+    joining = rank not in members
     if joining:
-        if world is not None and rank < world:
+        if marks[rank]:
+            log.warning("rank %d holds only checkpoints the group's do not share (%s; the group's newest in "
+                        "common: v%d turn %d), from an earlier time of the group: it starts from rank %d's",
+                        rank, said_marks(marks[rank]), mark[0], mark[1], src)
+        elif world is not None and rank < world:
             log.warning("rank %d of the group of %d that wrote the checkpoints holds none (its first start was "
                         "cut short, or its folder was lost): it starts from rank %d's", rank, world, src)
         else:

@@ -77,7 +77,7 @@ def common_mark(per_rank: list[list[Mark]], state_dirs: str = "rank-*") -> Optio
         return None
     common = set(map(tuple, per_rank[0])).intersection(*(set(map(tuple, marks)) for marks in per_rank[1:]))
     if not common:
-        held = "; ".join(f"rank {rank}: {_said(marks)}" for rank, marks in enumerate(per_rank))
+        held = "; ".join(f"rank {rank}: {said_marks(marks)}" for rank, marks in enumerate(per_rank))
         raise RanksDisagree(
             f"the ranks hold no checkpoint of one model version and group turn in common ({state_dirs}; {held}): "
             "start every rank from checkpoints of the same version and turn (copy into the rank folders lacking "
@@ -86,7 +86,25 @@ def common_mark(per_rank: list[list[Mark]], state_dirs: str = "rank-*") -> Optio
     return max(common)
 
 
-def _said(marks: list[Mark]) -> str:
+def agreeing_ranks(per_rank: list[list[Mark]]) -> tuple[list[int], Optional[Mark]]:
+    """The ranks the group resumes from, and the newest mark they all hold: the rank with the newest
+    mark (the lowest such rank), and each other rank with checkpoints that shares a mark with those
+    taken so far, in rank order. A rank left out has none, or only marks none of them holds: its
+    folder is from an earlier time of the group (a pod scaled away and back, a rank that was down
+    while the others went on), and it starts from theirs (``group_join``). ([], None): no rank has any."""
+    holders = [rank for rank, marks in enumerate(per_rank) if marks]
+    if not holders:
+        return [], None
+    newest = max(holders, key=lambda rank: (max(map(tuple, per_rank[rank])), -rank))
+    common, members = set(map(tuple, per_rank[newest])), [newest]
+    for rank in holders:
+        shared = common.intersection(map(tuple, per_rank[rank]))
+        if rank != newest and shared:
+            common, members = shared, members + [rank]
+    return sorted(members), max(common)
+
+
+def said_marks(marks: list[Mark]) -> str:
     return ", ".join(f"v{version} turn {turn}" for version, turn in sorted(map(tuple, marks))) or "none"
 
 
