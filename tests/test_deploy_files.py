@@ -188,8 +188,12 @@ def test_distributed_deploy_files_run_torchrun_with_distributed():
     assert docs["Service"]["spec"]["clusterIP"] == "None"  # headless: pod 0's stable name
     pod = docs["StatefulSet"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert "torchrun" in container["args"][0] and "recstream-dist-0.recstream-dist" in container["args"][0]
+    args = container["args"][0]
+    assert "torchrun" in args and "--rdzv-endpoint=recstream-dist-0.recstream-dist:" in args
+    assert "--rdzv-backend=c10d" in args and re.search(r"--nnodes=1:\d+", args)  # elastic: pods come and go
     assert {"name": "RECSTREAM_DISTRIBUTED", "value": "true"} in container["env"]
+    # Without it torch's agents never re-form a grown group (docs/operating.md).
+    assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in container["env"]
     assert docs["StatefulSet"]["spec"]["serviceName"] == docs["Service"]["metadata"]["name"]
 
 

@@ -14,7 +14,7 @@ from learners.checkpoint.manifest import FORMAT, MANIFEST, REQUIRED, manifest_by
 from learners.checkpoint.store import CheckpointStore, checkpoint_folders
 # Avalanche (under learners.distributed) refuses to be first imported in a rank other than 0.
 from learners.distributed import Collective
-from stream.worker.group_join import join_group
+from stream.worker.group_join import join_group, rank_0_folder
 
 NAME = "ckpt-000000000005-3"
 
@@ -109,3 +109,21 @@ def test_a_rank_whose_folder_is_from_an_earlier_time_of_the_group_starts_from_th
     joined = _run(tmp_path, holders=[0, 2], world=3, peer=False, stale={1: [(1, 0), (2, 1)]})
     assert joined == {0: False, 1: True, 2: False}
     assert _same_files(tmp_path / "state" / "rank-0" / NAME, tmp_path / "state" / "rank-1" / NAME)
+
+
+def _find_rank_0(rank: int, init_file: str, roots: list[str], out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    root = Path(roots[rank])
+    found = rank_0_folder(Collective(), root / f"rank-{rank}", root / "rank-0")
+    Path(out, f"found-{rank}").write_text(str(found))
+    dist.destroy_process_group()
+
+
+def test_rank_0s_folder_is_linked_from_only_where_it_is_rank_0s_live_one(tmp_path):
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    (own / "rank-0").mkdir(parents=True)
+    (own / "rank-0" / ".group-token").write_text("left by an earlier rank 0 on this volume")
+    mp.spawn(_find_rank_0, args=(str(tmp_path / "init"), [str(shared), str(shared), str(own)], str(tmp_path)),
+             nprocs=3, join=True)
+    found = {r: (tmp_path / f"found-{r}").read_text() for r in range(3)}
+    assert found == {0: "None", 1: str(shared / "rank-0"), 2: "None"}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -64,6 +65,32 @@ def join_group(collective: Collective, store: CheckpointStore, marks: list[list[
         for _ in pieces:  # the source sends; the others take part in each broadcast and keep nothing
             pass
     return joining
+
+
+_TOKEN = ".group-token"
+
+
+def rank_0_folder(collective: Collective, state_dir: Path, rank_0_dir: Path) -> Optional[Path]:
+    """Every rank, together: rank 0's live state folder where this rank (above 0) can reach it, else
+    None. Rank 0 leaves a fresh token in its folder and sends it; a folder named like rank 0's but
+    without that token is not its (a volume of this pod's own, maybe with a folder from a time this
+    pod was rank 0): linking from it would wait for checkpoints that never come."""
+    token = None
+    if collective.rank == 0:
+        token = uuid.uuid4().hex
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / _TOKEN).write_text(token)
+    token = collective.broadcast_object(token)
+    if collective.rank == 0:
+        return None
+    try:
+        reachable = (rank_0_dir / _TOKEN).read_text() == token
+    except OSError:
+        reachable = False
+    if not reachable:
+        log.info("rank 0's folder %s is not reachable from here (a volume of its own): this rank writes its "
+                 "checkpoints whole and gets a copy of the group's over the process group", rank_0_dir)
+    return rank_0_dir if reachable else None
 
 
 def _newest(state_dir: Path, mark: Mark) -> Optional[Path]:

@@ -46,7 +46,7 @@ from stream.worker.checkpointer import Checkpointer
 from stream.worker.consumers import Consumers
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.forgetting import Forgetting
-from stream.worker.group_join import join_group
+from stream.worker.group_join import join_group, rank_0_folder
 from stream.worker.group_restore import (GroupRewind, RankMustRestart, RanksDisagree, common_mark, group_offsets,
                                         held_marks)
 from stream.worker.handover import PartitionHandover
@@ -95,8 +95,9 @@ class Worker:
             self.publisher.publishes_items = group.publishes_items
             self.ingest.defer_item_vectors = True
             self.checkpointer.world_size = group.world_size
-            if group.rank > 0:  # the group's weights, the same on every rank, are linked from rank 0's
-                self.checkpointer.store.peer = rank_state_dir(settings.state_dir.parent, 0)
+            # The group's weights, the same on every rank, are linked from rank 0's folder where reachable.
+            self.checkpointer.store.peer = rank_0_folder(group.collective, settings.state_dir,
+                                                         rank_state_dir(settings.state_dir.parent, 0))
         self.membership = Membership(self.metrics, self.consumers, self.trainer, self.checkpointer,
                                      self.lifecycle, self.handover)
         self.connected = False
