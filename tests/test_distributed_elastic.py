@@ -1,8 +1,9 @@
 """Elastic membership: ``torchrun --nnodes=1:2`` with the c10d rendezvous, two agents (two nodes)
 on the embedded broker. One agent runs alone; a second joins, and the group re-forms as two ranks
 from the first's model; the second is SIGKILLed, and the group re-forms as one; a third joins with
-the second's old folder (what a pod scaled away and back finds). Nothing is lost or applied twice
-on the way, and ``model_version`` never goes back.
+the second's old folder (what a pod scaled away and back finds), and is then asked to stop (a pod
+scaled away): the group drains together, it leaves, and the first goes on alone. Nothing is lost
+or applied twice on the way, and ``model_version`` never goes back.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def test_a_node_that_joins_and_one_that_dies_re_form_the_group(broker, unique_to
     topics = make_topics(broker.bootstrap, unique_topic, partitions=4)
     world = SyntheticWorld(n_items=60, n_users=30, seed=11)
     produce_items(broker.bootstrap, topics.items, world.items())
-    events = list(world.events(900, id_prefix=f"el-{uuid.uuid4().hex[:6]}"))
+    events = list(world.events(1000, id_prefix=f"el-{uuid.uuid4().hex[:6]}"))
     rdzv_port = free_port()
     first = _agent(broker, topics, tmp_path, rdzv_port, "first")
     second = third = None
@@ -69,8 +70,8 @@ def test_a_node_that_joins_and_one_that_dies_re_form_the_group(broker, unique_to
 
         second.kill()
         first.wait_for(lambda m: m.get("recstream_partitions_assigned") == 4, 150, "the first node alone again")
-        produce_events(broker.bootstrap, topics.events, events[600:])
-        first.wait_for(_trained(300), 120, "the last 300 trained")  # its counters started again at 0
+        produce_events(broker.bootstrap, topics.events, events[600:900])
+        first.wait_for(_trained(300), 120, "300 more trained")  # its counters started again at 0
 
         third = _agent(broker, topics, tmp_path, rdzv_port, "third")
 
@@ -79,9 +80,15 @@ def test_a_node_that_joins_and_one_that_dies_re_form_the_group(broker, unique_to
 
         _until(lambda: all(m.get("recstream_partitions_assigned") == 2 for m in again()), 150, "two nodes again",
                again)
-        third.proc.send_signal(signal.SIGTERM)  # both drain in the same turn (the stop is agreed)
+        # The third node is asked to stop: the group drains together, the third leaves, and the first
+        # restarts its rank to re-form alone (the third's torchrun then waits in its exit barrier).
+        third.proc.send_signal(signal.SIGTERM)
+        first.wait_for(lambda m: m.get("recstream_partitions_assigned") == 4
+                       and m.get("recstream_events_consumed_total", -1) == 0, 150, "the first node alone once more")
+        third.kill()
+        produce_events(broker.bootstrap, topics.events, events[900:])
+        first.wait_for(_trained(100), 120, "the last 100 trained")
         first.terminate(timeout_s=90)
-        third.terminate(timeout_s=90)
     except BaseException:
         for agent in (first, second, third):
             if agent is not None:
@@ -92,6 +99,9 @@ def test_a_node_that_joins_and_one_that_dies_re_form_the_group(broker, unique_to
     # The third node found the second's folder, older than the group's model, and started from the group's.
     assert re.search(r"rank \d starts from rank \d's ckpt-", texts["third"]), texts["third"][-4000:]
     assert "RanksDisagree" not in texts["third"] + texts["first"]
+    # Asked to stop, it drained with the first, which then restarted to go on without it.
+    assert "stopping: training what is pending" in texts["third"], texts["third"][-3000:]
+    assert "another rank of the group was asked to stop and leaves" in texts["first"], texts["first"][-3000:]
 
     # The joining node started from the other's model: one rank joined a group of one, and the two
     # ranks started with the same weights.

@@ -11,6 +11,7 @@ class Lifecycle:
     def __init__(self, metrics: WorkerMetrics) -> None:
         self.metrics = metrics
         self.stopping = False  # stop() was asked for: finish the turn in hand and return
+        self.asked_to_stop = False  # this process was asked (a signal), not only its group (--distributed)
         self.closing = False  # leaving the group: its revocation needs no checkpoint
 
     def sleep(self, seconds: float) -> None:

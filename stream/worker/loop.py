@@ -252,6 +252,7 @@ class Worker:
 
     def stop(self) -> None:
         """Ask the loop to finish the turn in hand, checkpoint, commit and return."""
+        self.lifecycle.asked_to_stop = True
         self.lifecycle.stopping = True
 
     def run(self) -> int:
@@ -263,6 +264,7 @@ class Worker:
                     while not self.lifecycle.stopping:
                         self.turn()
                     self._drain()
+                    self._leave_or_stay()
                 except Undelivered as exc:
                     # Exactly-once still holds: the last checkpoint and its committed offsets stand,
                     # and the next start redoes what came after them.
@@ -409,6 +411,18 @@ class Worker:
             self.trainer.collect(wait=True)
         self.checkpointer.mark_dirty()
         self.checkpoint(agreed=self.group is not None)  # every rank drains in the same turn
+
+    def _leave_or_stay(self) -> None:
+        """``--distributed``: the group drained together because some rank was asked to stop. One
+        asked too stops here; one that was not (its node stays: another node is scaled away) exits
+        so that torchrun restarts it and the group re-forms without the leaver, from the checkpoint
+        just taken together. Under one torchrun every rank is asked at once, and all stop."""
+        if self.group is None or self.lifecycle.asked_to_stop:
+            return
+        raise RankMustRestart(
+            f"rank {self.group.rank}: another rank of the group was asked to stop and leaves; everything is "
+            "checkpointed and committed. Exiting so that torchrun restarts this rank and the group re-forms "
+            "without it (launch torchrun with --max-restarts N)")
 
     def _watch_idle(self, records: list) -> None:
         """When nothing has arrived for a while, say clearly why (and count it if Kafka does not answer)."""
