@@ -63,3 +63,14 @@ def test_unknown_entity_type_rejected():
 def test_decode_rejects_non_vector_json():
     with pytest.raises(ValueError):
         decode_vector(b'{"item_id": "1"}')
+
+
+def test_fast_and_plain_json_encoders_write_the_same_values(monkeypatch):
+    from stream.kafka import messages
+
+    vectors = np.random.default_rng(2).normal(size=(4, 64)) * np.array([1e-6, 1.0, 3.0, 1e3])[:, None]
+    fast = encode_vectors("user", list("abcd"), vectors, 2, 5.0, [{"because": []}, None, None, None])
+    monkeypatch.setattr(messages, "orjson", None)
+    plain = encode_vectors("user", list("abcd"), vectors, 2, 5.0, [{"because": []}, None, None, None])
+    assert [k for k, _ in fast] == [k for k, _ in plain]
+    assert [json.loads(v) for _, v in fast] == [json.loads(v) for _, v in plain]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from functools import partial
 from operator import attrgetter
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
@@ -325,16 +326,20 @@ class _ProducerSink:
     ``flush`` (which raises ``BrokerError`` once for them) until ``resend``.
     Records still in flight when ``flush`` times out are *not* parked: the
     producer may yet deliver them, and re-sending would write them twice.
+
+    Sending is a per-record cost when every event republishes a vector, so a
+    record costs one ``send`` and one append: outcomes are read off the
+    producer's futures afterwards (``_settle``), not by callbacks that would
+    run for every record on the producer's I/O thread.
     """
 
     def __init__(self, producer: KafkaProducer, topic: str):
         self._producer = producer
         self.topic = topic
-        self._lock = threading.Lock()  # errbacks run on the producer's I/O thread
+        self._lock = threading.Lock()  # the loop and the trainer's thread both publish
+        self._pending: deque = deque()  # (future, record) handed to the producer, oldest first
         self._failed: list[tuple] = []  # (key, value, headers, partition, exception): not delivered, not reported
         self._parked: list[tuple] = []  # reported by flush, waiting for resend
-        self._queued = 0  # records handed to the producer ...
-        self._settled = 0  # ... and of those, acknowledged or failed
 
     def use_producer(self, producer: KafkaProducer) -> None:
         """Send through ``producer`` from now on (the old one was given up)."""
@@ -344,43 +349,58 @@ class _ProducerSink:
                   ) -> None:
         """Records as (key, value, headers, partition); partition None: the producer's partitioner."""
         refused: Optional[BaseException] = None
-        queued = 0
-        for key, value, headers, partition in records:
+        sent: list[tuple] = []
+        failed: list[tuple] = []
+        send, topic = self._producer.send, self.topic
+        for record in records:
             if refused is None:
+                key, value, headers, partition = record
                 try:
-                    chosen = {} if partition is None else {"partition": partition}
-                    future = self._producer.send(self.topic, key=key, value=value, headers=headers, **chosen)
+                    if partition is None:
+                        future = send(topic, key=key, value=value, headers=headers)
+                    else:
+                        future = send(topic, key=key, value=value, headers=headers, partition=partition)
                 except KafkaError as exc:
                     # Refused before queueing (e.g. no metadata): park the rest rather than block per record.
                     refused = exc
                 else:
-                    future.add_callback(self._delivered)
-                    future.add_errback(self._record_error, (key, value, headers, partition))
-                    future.add_both(self._settle)
-                    queued += 1
+                    sent.append((future, record))
                     continue
-            with self._lock:
-                self._failed.append((key, value, headers, partition, refused))
+            failed.append((*record, refused))
         with self._lock:
-            self._queued += queued
+            self._settle()  # what Kafka acknowledged meanwhile is let go, so ``_pending`` stays ~in flight
+            self._pending.extend(sent)
+            self._failed.extend(failed)
 
-    def _settle(self, _result) -> None:
-        with self._lock:
-            self._settled += 1
+    def _settle(self, everything: bool = False) -> None:
+        """Take the finished records off ``_pending``: failed ones to ``_failed``, acknowledged ones to
+        ``_delivered``. From the oldest up to the first unfinished one, or all of them with
+        ``everything``. Call with the lock held."""
+        pending, unfinished = self._pending, deque()
+        while pending:
+            future, record = pending[0]
+            if not future.is_done:
+                if not everything:
+                    break
+                unfinished.append(pending.popleft())
+                continue
+            pending.popleft()
+            if future.exception is not None:
+                self._failed.append((*record, future.exception))
+            else:
+                self._delivered(future.value)
+        pending.extendleft(reversed(unfinished))
 
     @property
     def in_flight(self) -> int:
-        """Records handed to the producer and not yet acknowledged (or failed)."""
+        """Records handed to the producer and not yet acknowledged (or failed); an upper bound
+        while an older record is still out."""
         with self._lock:
-            return self._queued - self._settled
+            self._settle()
+            return len(self._pending)
 
     def _delivered(self, metadata) -> None:
-        """Runs on the producer's I/O thread for every record the broker acknowledged."""
-
-    def _record_error(self, record: tuple, exc: BaseException) -> None:
-        # Runs on the producer's I/O thread once its own retries are exhausted.
-        with self._lock:
-            self._failed.append((*record, exc))
+        """One record the broker acknowledged (called with the lock held)."""
 
     def flush(self, timeout: Optional[float] = 30.0) -> None:
         try:
@@ -388,6 +408,7 @@ class _ProducerSink:
         except KafkaError as exc:
             raise BrokerError(f"flushing {self.topic} did not finish in {timeout}s: {exc}") from exc
         with self._lock:
+            self._settle(everything=True)
             failed, self._failed = self._failed, []
             self._parked.extend(failed)
         if failed:
@@ -399,6 +420,7 @@ class _ProducerSink:
     def undelivered(self) -> int:
         """Records known not to be in Kafka (parked or failed since the last flush)."""
         with self._lock:
+            self._settle()
             return len(self._parked) + len(self._failed)
 
     def resend(self) -> int:
@@ -419,13 +441,18 @@ class DeadLetterSink(_ProducerSink):
         super().__init__(producer, topic)
         # Next offset after the last record this sink got acknowledged, per partition: every
         # dead-letter record sent after a checkpoint holding these lies at or above them.
-        self.next_offsets: dict[int, int] = {}
+        self._next_offsets: dict[int, int] = {}
+
+    @property
+    def next_offsets(self) -> dict[int, int]:
+        with self._lock:
+            self._settle(everything=True)
+            return dict(self._next_offsets)
 
     def _delivered(self, metadata) -> None:
         partition, offset = getattr(metadata, "partition", None), getattr(metadata, "offset", None)
         if partition is not None and offset is not None and offset >= 0:
-            with self._lock:
-                self.next_offsets[partition] = max(self.next_offsets.get(partition, 0), offset + 1)
+            self._next_offsets[partition] = max(self._next_offsets.get(partition, 0), offset + 1)
 
     def write_batch(self, items: list[tuple[BadRecord, SourceRecord]]) -> None:
         records = []

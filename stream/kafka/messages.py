@@ -1,8 +1,8 @@
 """Vector records (docs/formats.md, "Vector"), shaped for the Qdrant / Milvus Kafka sinks.
 
-Encoding runs for every published vector, so the float list is formatted by
-one ``json.dumps`` over ``ndarray.tolist()`` and batches are normalised in one
-numpy operation.
+Encoding runs for every published vector, so batches are normalised in one
+numpy operation and orjson formats each row straight from the array (no Python
+float objects in between).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _normalised_rows(matrix: np.ndarray) -> np.ndarray:
     return np.round(rows / norms[:, None], DECIMALS)
 
 
-def _record(entity_type: str, collection: str, entity_id: str, vector: list,
+def _record(entity_type: str, collection: str, entity_id: str, vector: np.ndarray,
             model_version: int, updated_at: float, extra: Optional[dict] = None) -> tuple[bytes, bytes]:
     payload = {"entity_type": entity_type, "entity_id": entity_id,
                "model_version": int(model_version), "updated_at": float(updated_at)}
@@ -61,7 +61,8 @@ def _record(entity_type: str, collection: str, entity_id: str, vector: list,
     }
     if orjson is not None:
         # Same values as json.dumps; tiny floats come out as 0.0000493 rather than 4.93e-05.
-        return f"{entity_type}:{entity_id}".encode(), orjson.dumps(value)
+        return f"{entity_type}:{entity_id}".encode(), orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+    value["vector"] = vector.tolist()
     return f"{entity_type}:{entity_id}".encode(), json.dumps(value, separators=_SEPARATORS).encode()
 
 
@@ -72,7 +73,7 @@ def encode_vector(entity_type: str, entity_id: str, vector: np.ndarray, model_ve
     vector = np.asarray(vector)
     if vector.ndim != 1:
         raise ValueError(f"a vector must be one-dimensional, got shape {vector.shape}")
-    row = _normalised_rows(vector[None, :])[0].tolist()
+    row = _normalised_rows(vector[None, :])[0]
     return _record(entity_type, collection, entity_id, row, model_version, updated_at)
 
 
@@ -87,7 +88,7 @@ def encode_vectors(entity_type: str, entity_ids: Sequence[str], vectors: np.ndar
     collection = _collection(entity_type)
     if not len(entity_ids):
         return []
-    rows = _normalised_rows(vectors).tolist()
+    rows = _normalised_rows(vectors)
     if extras is None:
         return [_record(entity_type, collection, entity_id, row, model_version, updated_at)
                 for entity_id, row in zip(entity_ids, rows)]
