@@ -27,7 +27,7 @@ from learners.explain import top_history_items  # noqa: E402
 from stream.bench.common import BenchWorld, LearnerFactory  # noqa: E402
 from stream.config import Settings  # noqa: E402
 from stream.kafka.broker import EmbeddedBroker, ensure_topics  # noqa: E402
-from stream.kafka.clients import VectorSink, make_producer  # noqa: E402
+from stream.kafka.sinks import VectorSink, make_producer  # noqa: E402
 from stream.kafka.messages import encode_vectors  # noqa: E402
 from stream.worker import heap  # noqa: E402
 

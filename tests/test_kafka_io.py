@@ -6,8 +6,9 @@ from kafka.errors import CommitFailedError, KafkaConnectionError, KafkaTimeoutEr
 from kafka.future import Future
 
 from learners.records import BadRecord
-from stream.kafka.clients import DeadLetterSink, KafkaSource, SourceRecord, VectorSink
+from stream.kafka.clients import KafkaSource, SourceRecord
 from stream.kafka.errors import BrokerError
+from stream.kafka.sinks import DeadLetterSink, VectorSink
 from fake_kafka import FakeConsumer
 
 

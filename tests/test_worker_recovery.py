@@ -8,9 +8,10 @@ import json
 import pytest
 
 from learners.records import BadRecord
-from stream.kafka.clients import DeadLetterSink, SourceRecord, VectorSink
+from stream.kafka.clients import SourceRecord
 from stream.kafka.errors import BrokerError
 from stream.kafka.recovery import PublishedVersionMark, dead_letter_source
+from stream.kafka.sinks import DeadLetterSink, VectorSink
 from stream.worker import publisher
 from worker_fakes import TP0, FakeProducer, consumer_record, event_bytes, gauge, make_worker, skip_checkpoint_files
 

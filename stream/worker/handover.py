@@ -28,8 +28,9 @@ from kafka import KafkaConsumer
 from learners.users import histories_by_id
 from stream.config import Settings
 from stream.kafka.changelog import LEDGER_KEY, choose, encode_ledger, encode_user_state, read_partition
-from stream.kafka.clients import ChangelogSink, KafkaSource, SourceRecord
+from stream.kafka.clients import KafkaSource, SourceRecord
 from stream.kafka.errors import BrokerError
+from stream.kafka.sinks import ChangelogSink
 from stream.metrics import WorkerMetrics
 from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, Publisher
 

@@ -35,10 +35,11 @@ from kafka.errors import KafkaError
 from learners.learner import ContinualRecommender
 from stream.config import Settings
 from stream.distributed_setup import rank_state_dir
-from stream.kafka.clients import KafkaSource, make_producer
+from stream.kafka.clients import KafkaSource
 from stream.kafka.errors import BrokerError
 from stream.kafka.items import ItemsFollower
 from stream.kafka.origin import ForeignCheckpointError, StreamOrigin, check_checkpoint_origin, fetch_cluster_id
+from stream.kafka.sinks import make_producer
 from stream.learner_setup import learner_config, set_torch_threads
 from stream.metrics import WorkerMetrics
 from stream.worker import heap

@@ -21,10 +21,11 @@ from learners.errors import RecstreamError
 from learners.explain import top_history_items
 from learners.records import BadRecord
 from stream.config import Settings
-from stream.kafka.clients import ChangelogSink, DeadLetterSink, SourceRecord, VectorSink, make_producer
+from stream.kafka.clients import SourceRecord
 from stream.kafka.errors import BrokerError
 from stream.kafka.messages import encode_vectors
 from stream.kafka.recovery import PublishedVersionMark
+from stream.kafka.sinks import ChangelogSink, DeadLetterSink, VectorSink, make_producer
 from stream.metrics import WorkerMetrics
 from stream.worker.dead_letter_book import DeadLetterBook
 from stream.worker.isolation import apply_isolated, failure_detail
