@@ -2,10 +2,9 @@
 
     python benchmarks/publish_path.py --rounds 6
 
-What ``Publisher.publish_users`` does for each batch of touched users
-(``user_vectors``, ``top_history_items``, ``encode_vectors``, ``VectorSink``),
-then one flush, timed per user against the embedded broker, on the bench's
-world (``recstream bench``: 10,000 users, 10,000 items, 2,000 with a text).
+The worker's own ``Publisher.publish_users`` for each batch of touched users
+(vectors, ``because``, encoding, ``VectorSink``), then one flush, timed per
+user against the embedded broker, on the bench's world (``recstream bench``: 10,000 users, 10,000 items, 2,000 with a text).
 ``recstream bench --sections ingest`` measures publishing inside the whole
 loop, where the broker's fetch timing moves a short round by 2x; this path
 alone repeats within a few per cent, so a change to it can be seen.
@@ -23,13 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from learners.explain import top_history_items  # noqa: E402
-from stream.bench.common import BenchWorld, LearnerFactory  # noqa: E402
+from stream.bench.common import BenchWorld, LearnerFactory, remove_state_dirs, temp_state_dir  # noqa: E402
 from stream.config import Settings  # noqa: E402
 from stream.kafka.broker import EmbeddedBroker, ensure_topics  # noqa: E402
-from stream.kafka.sinks import VectorSink, make_producer  # noqa: E402
-from stream.kafka.messages import encode_vectors  # noqa: E402
+from stream.kafka.sinks import make_producer  # noqa: E402
+from stream.metrics import WorkerMetrics  # noqa: E402
 from stream.worker import heap  # noqa: E402
+from stream.worker.dead_letter_book import DeadLetterBook  # noqa: E402
+from stream.worker.lifecycle import Lifecycle  # noqa: E402
+from stream.worker.publisher import Publisher  # noqa: E402
+from stream.worker.totals import Totals  # noqa: E402
 
 
 def main() -> None:
@@ -49,20 +51,29 @@ def main() -> None:
     batches = [users[i:i + args.batch] for i in range(0, len(users), args.batch)]
     heap.freeze_startup_objects()
     with EmbeddedBroker() as broker:
-        ensure_topics(broker.bootstrap, {"vectors": 4})
-        sink = VectorSink(make_producer(Settings(bootstrap_servers=broker.bootstrap)), "vectors")
-        per_user = []
-        for _ in range(args.rounds):
-            started = time.perf_counter()
-            for batch in batches:
-                vectors = learner.user_vectors(batch)
-                because = [{"because": [{"item_id": i, "weight": w} for i, w in items]} if items else None
-                           for items in top_history_items(learner, batch)]
-                sink.write_batch(encode_vectors("user", batch, vectors, 1, time.time(), because))
-            sink.flush()
-            per_user.append((time.perf_counter() - started) / len(users) * 1e6)
+        try:
+            per_user = rounds(broker, learner, batches, args.rounds, len(users))
+        finally:
+            remove_state_dirs()
     print(f"{len(users):,} user vectors a round: {statistics.median(per_user):.1f} us each, median of "
           f"{args.rounds} rounds (" + " / ".join(f"{x:.1f}" for x in per_user) + ")")
+
+
+def rounds(broker, learner, batches, n_rounds: int, n_users: int) -> list[float]:
+    """us per user vector of each round: ``publish_users`` over ``batches``, then one flush."""
+    settings = Settings(bootstrap_servers=broker.bootstrap, state_dir=temp_state_dir("publish-path"))
+    ensure_topics(broker.bootstrap, {settings.vectors_topic: 4})
+    metrics = WorkerMetrics()
+    publisher = Publisher(settings, learner, metrics, Totals(), DeadLetterBook(), Lifecycle(metrics))
+    publisher.attach(make_producer(settings))
+    per_user = []
+    for _ in range(n_rounds):
+        started = time.perf_counter()
+        for batch in batches:
+            publisher.publish_users(batch)
+        publisher.vectors.flush()
+        per_user.append((time.perf_counter() - started) / n_users * 1e6)
+    return per_user
 
 
 if __name__ == "__main__":
