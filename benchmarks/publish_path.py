@@ -4,7 +4,8 @@
 
 The worker's own ``Publisher.publish_users`` for each batch of touched users
 (vectors, ``because``, encoding, ``VectorSink``), then one flush, timed per
-user against the embedded broker, on the bench's world (``recstream bench``: 10,000 users, 10,000 items, 2,000 with a text).
+user against the embedded broker, on the bench's world (``recstream bench``:
+10,000 users, 10,000 items, 2,000 with a text).
 ``recstream bench --sections ingest`` measures publishing inside the whole
 loop, where the broker's fetch timing moves a short round by 2x; this path
 alone repeats within a few per cent, so a change to it can be seen.

@@ -66,10 +66,8 @@ class BenchOptions:
         # worker runs.
         experiences = int(min(30, max(1, s // 20)))
         return {
-            # A round times the polls after its first: at 12,000 events that was five polls of
-            # 2,000, and the same code's median moved from 11,000 to 18,000 events/s with
-            # publishing between 12,000 and 60,000 events (docs/performance.md). From --seconds 60
-            # up, a round reads 40,000 at least.
+            # A round times the polls after its first: 12,000 events left about five polls of
+            # 2,000 in the window, too few for a stable median (docs/performance.md).
             "ingest_events": int(min(100_000, max(3_000 if s < 60 else 40_000, 200 * s))),
             "rounds": rounds,
             # Ingest rounds last seconds each, and one neighbour's spike moved a round's ratio by
