@@ -107,9 +107,10 @@ class LearnerConfig:
         4096, "the most active items that take part in the item-item fit (its cost grows with their number "
               "cubed; the rest rank by the model alone)", ge=2)
     trending_weight: float = setting(
-        0.2, "what an item's current busyness adds to every user's score of it, for items with few events "
-             "yet (the shortest popularity rung, faded as the item gathers events; learners.trending): it "
-             "ranks new and rarely seen items by what is happening to them now; 0 = none", ge=0)
+        0.2, "what an item's value for items with few events adds to every user's score of it: how busy it "
+             "is now (the shortest popularity rung, faded as the item gathers events), how strong its events "
+             "are against the stream's and how new it is (learners.trending, learners.item_evidence); it "
+             "ranks new and rarely seen items by what their own events say; 0 = none", ge=0)
     seed: int = setting(0, "random seed")
 
     # --- set by code only ----------------------------------------------------

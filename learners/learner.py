@@ -279,7 +279,8 @@ class ContinualRecommender:
             slots, seqs, items = (np.array(col, dtype=np.int64) for col in zip(*pending))
             hist_rows, hist_weights = self.users.histories(slots, before_seq=seqs)
             owners = self.users.owner_tags(slots)
-        return self._train(hist_rows, hist_weights, items, owners)
+            event_weights = self.users.weights_at(slots, seqs)
+        return self._train(hist_rows, hist_weights, items, owners, event_weights)
 
     def drop_pending(self, slot: int) -> int:
         """Drop the samples waiting for training of the user in ``slot`` (erasure); returns how many."""
@@ -303,7 +304,7 @@ class ContinualRecommender:
         return surplus
 
     def _train(self, hist_rows: np.ndarray, hist_weights: np.ndarray, items: np.ndarray,
-               owners: Optional[np.ndarray] = None) -> LearnReport:
+               owners: Optional[np.ndarray] = None, event_weights: Optional[np.ndarray] = None) -> LearnReport:
         with self.lock:
             self.features.ensure_rows(len(self.catalogue))
             self.model.grow(len(self.catalogue))
@@ -320,12 +321,16 @@ class ContinualRecommender:
             stats = self.parts.stats
             samples_before, seconds_before, steps_before = stats.samples, stats.seconds, stats.steps
             self.parts.strategy.train(experience, eval_streams=[])
+            weights = torch.from_numpy(np.full(len(items), np.nan) if event_weights is None
+                                       else np.asarray(event_weights, np.float64))
             if self.collective is not None:  # popularity and re-embedding see the group's items
-                items = self.collective.gather_rows(torch.from_numpy(np.ascontiguousarray(items, np.int64))).numpy()
+                rows, weights = self.collective.gather_rows(torch.from_numpy(np.ascontiguousarray(items, np.int64)),
+                                                            weights)
+                items = rows.numpy()
                 trained = torch.tensor(sorted(self.model.text_trained), dtype=torch.long)
                 self.model.text_trained.update(self.collective.gather_rows(trained).tolist())
             touched = np.unique(items)
-            self.model.observe_popularity(torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64)))
+            self.model.observe_popularity(torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64)), weights)
             self._refresh_after_update(touched)
             if refit is not None:
                 (rows, weights), n_items, events_seen = refit
@@ -405,8 +410,9 @@ class ContinualRecommender:
                 table = self.model.item_table().float().cpu().numpy()
                 if self.item_item is not None:
                     table = self.item_item.items(table, np.arange(len(table)))
-                rising = self.model.rising(trending.EVIDENCE).float().cpu().numpy()
-                self._item_table = self.trending.items(table, rising)
+                values = trending.item_value(self.model.rising(trending.EVIDENCE).cpu().numpy(),
+                                             self.model.conversion().cpu().numpy(), self.model.newness().cpu().numpy())
+                self._item_table = self.trending.items(table, values)
                 self._user_tables = {k: t.detach().float().cpu() for k, t in self.model.user_tables().items()}
             self.model.train()
             self._tables_stale = False

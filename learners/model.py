@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from learners.encoder import TopLayers
+from learners import item_evidence
 from learners.features import ItemFeatures
 from learners.negatives import corrected_logits
 from learners.popularity import PopularityLadder, parse_half_lives
@@ -88,6 +89,8 @@ class TwoTower(nn.Module):
         self.ctx_emb = nn.Parameter(torch.zeros(0, self.ctx_dim))
         # Decayed event counts per row and rung (statistics: never trained, but saved with the model).
         self.popularity = nn.Parameter(torch.zeros(0, self.ladder.rungs), requires_grad=False)
+        # What each item's events say beyond their count (learners.item_evidence; statistics too).
+        self.evidence = nn.Parameter(item_evidence.empty(0), requires_grad=False)
         self.n_items = 0
         self._device = device
         self.grow(1)
@@ -107,13 +110,31 @@ class TwoTower(nn.Module):
         counts = torch.zeros(new_cap, self.ladder.rungs, device=self.popularity.device)
         counts[: self.popularity.shape[0]] = self.popularity.data
         self.popularity = nn.Parameter(counts, requires_grad=False)
+        evidence = item_evidence.empty(new_cap, self.evidence.device)
+        evidence[: self.evidence.shape[0]] = self.evidence.data
+        self.evidence = nn.Parameter(evidence, requires_grad=False)
         return True
 
     # -- popularity -----------------------------------------------------------------
     @torch.no_grad()
-    def observe_popularity(self, rows: torch.Tensor) -> None:
-        """Count events of ``rows`` (in event order) on every rung of the popularity ladder."""
+    def observe_popularity(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Count events of ``rows`` (in event order) on every rung of the popularity ladder, and
+        with their event ``weights`` (NaN: not known) into the items' evidence."""
+        position = float(self.evidence.data[:, item_evidence.EVENTS].sum())
         self.ladder.observe(self.popularity.data, rows, self.n_items)
+        if weights is None:
+            weights = torch.full((len(rows),), float("nan"), dtype=torch.float64)
+        item_evidence.observe(self.evidence.data, rows, weights, position)
+
+    @torch.no_grad()
+    def conversion(self) -> torch.Tensor:
+        """[n_items]: each item's events' strength against the stream's (``item_evidence.conversion``)."""
+        return item_evidence.conversion(self.evidence.data, self.n_items)
+
+    @torch.no_grad()
+    def newness(self) -> torch.Tensor:
+        """[n_items] in [0, 1]: how recently each item had its first event (``item_evidence.newness``)."""
+        return item_evidence.newness(self.evidence.data, self.n_items)
 
     @torch.no_grad()
     def rising(self, evidence: float) -> torch.Tensor:

@@ -226,6 +226,17 @@ class UserHistories:
         rows = np.where(keep, rows, 0).astype(np.int64)
         return rows, weights
 
+    def weights_at(self, slots: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+        """The event weight of each (slot, sequence number), NaN where the ring no longer holds it."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if not len(slots):
+            return np.zeros(0, np.float64)
+        safe = np.where(slots >= 0, slots, 0)
+        match = (self._seq[safe] == np.asarray(seqs, dtype=np.int64)[:, None]) & (slots >= 0)[:, None]
+        found = match.any(axis=1)
+        weights = np.where(match, self._weights[safe], 0.0).sum(axis=1)
+        return np.where(found, weights, np.nan)
+
     def histories_of(self, user_ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """What published user vectors are made of: each user's profile (uniform over their
         whole history, event weights kept, summing to 1), or their ring without a profile."""

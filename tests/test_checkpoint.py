@@ -176,6 +176,20 @@ def test_checkpoint_of_the_earlier_replay_format_loads(config, encoder, trained)
     assert smaller.learn() is not None and policy.filled == n - 56 and policy.seen_samples > n
 
 
+def test_checkpoint_without_the_items_evidence_loads_with_it_empty(config, encoder, trained):
+    """Before the items' evidence (learners.item_evidence) was kept: no ``evidence`` tensor."""
+    data = parse(collect(trained, b"{}"))
+    data["learner.safetensors"] = {k: v for k, v in data["learner.safetensors"].items() if k != "evidence"}
+    fresh = ContinualRecommender(config, encoder=encoder)
+    apply(data, fresh)
+    assert fresh.model.evidence.shape == trained.model.evidence.shape and not fresh.model.evidence.any()
+    assert torch.equal(fresh.model.popularity, trained.model.popularity)
+    assert not fresh.model.conversion().any() and not fresh.model.newness().any()  # known items: neutral
+    for event in EVENTS[400:460]:
+        fresh.observe(event)
+    assert fresh.learn() is not None and fresh.model.newness().max() > 0
+
+
 def test_restored_learner_keeps_training_like_the_original(tmp_path, config, encoder):
     original = train_learner(config, encoder)
     store = CheckpointStore(tmp_path / "state")

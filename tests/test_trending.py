@@ -70,7 +70,7 @@ def test_a_checkpoint_of_the_older_layout_is_refused_with_what_to_do(tmp_path):
 
 
 @pytest.mark.integration
-def test_published_vectors_carry_the_items_rising_values_and_one_user_value():
+def test_published_vectors_carry_the_items_values_and_one_user_value():
     from learners.learner import ContinualRecommender
     from learners.synthetic import SyntheticWorld
     from learners import trending
@@ -86,8 +86,10 @@ def test_published_vectors_carry_the_items_rising_values_and_one_user_value():
     learner.learn()
     items = learner.item_vectors()
     rising = learner.model.rising(trending.EVIDENCE).numpy()
-    assert rising.max() > 0
-    np.testing.assert_allclose(items[:, -1], ITEM_SHARE * rising[: len(items)], atol=1e-6)
+    conversion, newness = learner.model.conversion().numpy(), learner.model.newness().numpy()
+    assert rising.max() > 0 and newness.max() > 0 and np.abs(conversion).max() > 0
+    values = trending.item_value(rising, conversion, newness)
+    np.testing.assert_allclose(items[:, -1], ITEM_SHARE * values[: len(items)], atol=1e-6)
     users = learner.user_vectors(["user-0", "user-1", "never-seen"])
     np.testing.assert_allclose(users[:, -1], 0.4 / math.hypot(ITEM_SHARE, 0.4), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(users, axis=1), 1.0, atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load as st_load
 from torch import nn
 
+from learners import item_evidence
 from learners.catalogue import Catalogue
 from learners.checkpoint.manifest import FORMAT, TornCheckpoint
 from learners.errors import CheckpointError
@@ -58,6 +59,8 @@ def apply(data: dict, learner: "ContinualRecommender") -> None:
 
     # The module: id tables take the saved capacity, then a strict load.
     tensors = data["learner.safetensors"]
+    if "evidence" not in tensors:  # written before the items' evidence was kept: it starts empty
+        tensors = {**tensors, "evidence": item_evidence.empty(tensors["popularity"].shape[0])}
     params = dict(model.named_parameters())
     for name, value in tensors.items():
         if name in params and params[name].shape != value.shape and "." not in name:
