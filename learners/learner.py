@@ -321,16 +321,16 @@ class ContinualRecommender:
             stats = self.parts.stats
             samples_before, seconds_before, steps_before = stats.samples, stats.seconds, stats.steps
             self.parts.strategy.train(experience, eval_streams=[])
-            weights = torch.from_numpy(np.full(len(items), np.nan) if event_weights is None
-                                       else np.asarray(event_weights, np.float64))
+            item_rows = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
+            sample_weights = torch.from_numpy(np.full(len(items), np.nan) if event_weights is None
+                                              else np.asarray(event_weights, np.float64))
             if self.collective is not None:  # popularity and re-embedding see the group's items
-                rows, weights = self.collective.gather_rows(torch.from_numpy(np.ascontiguousarray(items, np.int64)),
-                                                            weights)
-                items = rows.numpy()
+                item_rows, sample_weights = self.collective.gather_rows(item_rows, sample_weights)
+                items = item_rows.numpy()
                 trained = torch.tensor(sorted(self.model.text_trained), dtype=torch.long)
                 self.model.text_trained.update(self.collective.gather_rows(trained).tolist())
             touched = np.unique(items)
-            self.model.observe_popularity(torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64)), weights)
+            self.model.observe_popularity(item_rows, sample_weights)
             self._refresh_after_update(touched)
             if refit is not None:
                 (rows, weights), n_items, events_seen = refit

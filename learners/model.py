@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learners.encoder import TopLayers
 from learners import item_evidence
+from learners.encoder import TopLayers
 from learners.features import ItemFeatures
 from learners.negatives import corrected_logits
 from learners.popularity import PopularityLadder, parse_half_lives
