@@ -37,6 +37,9 @@ def test_bench_command_writes_every_section(tmp_path):
     assert _numbers(ingest["bare_events_per_s"], ingest["worker_events_per_s"],
                     ingest["worker_publish_events_per_s"], ingest["ratio"], ingest["ratio_with_publish"])
     assert ingest["target_ratio"] == 0.8 and isinstance(ingest["met"], bool)
+    assert _numbers(ingest["bare_produce_events_per_s"], ingest["publish_ratio"])
+    assert ingest["publish_target_ratio"] == 0.5 and isinstance(ingest["publish_met"], bool)
+    assert len(ingest["runs"]["bare_produce"]) == ingest["rounds"]
 
     train = data["training"]
     assert _numbers(train["avalanche_samples_per_s"], train["bare_samples_per_s"], train["ratio"])
@@ -58,7 +61,8 @@ def test_bench_command_writes_every_section(tmp_path):
     assert scale["users"] == scale["items"] == 300
     assert _numbers(scale["ingest"]["ratio"], scale["freshness"]["event_to_vector"]["visible"]["p99_s"])
 
-    assert markdown_table(data).count("\n") >= 8
+    assert markdown_table(data).count("\n") >= 9
+    assert "bare kafka-python consume->produce" in markdown_table(data)
 
 
 def test_plan_scales_with_seconds():
