@@ -33,7 +33,7 @@ class LearnerConfig:
     train_layers: int = setting(
         0, "top transformer layers fine-tuned; lower layers are frozen and cached; 0 = the encoder is frozen "
            "(cached text vectors) and only its projection heads train; the default, as fine-tuning a layer "
-           "ranked lower on MovieLens and trained far slower (docs/results-history.md)", ge=0)
+           "ranked lower on MovieLens and trained far slower (docs/evaluation.md)", ge=0)
     train_params: Literal["top", "lora", "full"] = setting(
         "top", "what of the encoder trains: top = the top --train-layers layers in full; lora = LoRA adapters "
                "(peft) on those layers only; full = every layer (embeddings frozen and cached; slow)")

@@ -9,7 +9,7 @@ each write and each experience. A no-op off glibc.
 ``freeze_startup_objects()``: the model, tokenizer and libraries leave hundreds
 of thousands of objects the cyclic garbage collector tracks, and each full
 collection walks all of them with the GIL held, whenever enough new objects
-have survived (events in flight do; the measured cost: docs/results-history.md). ``gc.freeze()`` moves what exists
+have survived (events in flight do; the measured cost: docs/performance.md). ``gc.freeze()`` moves what exists
 at startup -- alive for the whole run -- out of its reach; reference counting
 still frees them. ``Worker.connect()`` freezes, ``Worker.close()`` thaws (a
 process that goes on, such as a test run, can then collect what it dropped).
