@@ -164,13 +164,16 @@ def _run_worker(settings: Settings) -> int:
 @click.option("--events", "events_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--items", "items_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--blocks", default=10, show_default=True, type=int)
+@click.option("--blocks", default=None, type=int,
+              help="blocks P1 cuts the stream into  [default: 10; 18 with --scenario recurring]")
 @click.option("--k", default=10, show_default=True, type=int)
 @click.option("--strategies", default="popularity,decayed_pop,ease,ease_rw,frozen,naive,ewc,replay,ewc_replay,joint", show_default=True,
               help="comma-separated strategy names")
-@click.option("--scenario", default="time", show_default=True, type=click.Choice(["time", "genre-epochs"]),
+@click.option("--scenario", default="time", show_default=True,
+              type=click.Choice(["time", "genre-epochs", "recurring"]),
               help="event order: time = the stream as it happened; genre-epochs = one genre group after "
-                   "another (a drift scenario for forgetting)")
+                   "another (a drift scenario for forgetting); recurring = three genre groups in three "
+                   "rounds, scored for retention and plasticity")
 @click.option("--joint-epochs", default=2, show_default=True, type=click.IntRange(1),
               help="epochs of the joint reference over all events so far, at every block")
 @click.option("--joint-batch-size", default=512, show_default=True, type=click.IntRange(1),
@@ -178,7 +181,7 @@ def _run_worker(settings: Settings) -> int:
 @functools.partial(_settings_options, only={*LEARNER_SETTINGS, "model", "experience_size", "torch_threads"})
 def evaluate(events_path, items_path, out_path, blocks, k, strategies, scenario, joint_epochs, joint_batch_size,
              **learner_options) -> None:
-    """Protocol P1 and P1-cold on offline files; writes the results JSON plus a PNG plot and a Markdown table.
+    """Protocol P1 and P1-cold on offline files; writes the results JSON plus PNG plots and a Markdown table.
 
     Files, protocol and results file: docs/formats.md.
 

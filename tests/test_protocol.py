@@ -304,3 +304,61 @@ def test_p1_cold_ranks_only_items_with_few_events_before_the_block():
     result = run_prepared(FakeRecommender(table), prepared)
     assert result.cold_ndcg == pytest.approx(0.5)
     assert result.cold_per_block[0].users == 2
+
+
+def test_returning_users_are_those_absent_from_the_block_before():
+    # B=4, three events a block. u1 is in every block (active); u2 skips block 1 and is back in
+    # block 2, u3 skips block 2 and is back in block 3 (returning there); x starts in block 1.
+    events = [ev(1, "u1", "a"), ev(2, "u2", "b"), ev(3, "u3", "c"),
+              ev(4, "u1", "d"), ev(5, "u3", "e"), ev(6, "x", "f"),
+              ev(7, "u1", "g"), ev(8, "u2", "h"), ev(9, "x", "k"),
+              ev(10, "u1", "i"), ev(11, "u3", "j"), ev(12, "x", "b")]
+    prepared = prepare_p1(events, catalogue(*"abcdefghij"), blocks=4, k=1)
+    assert [(t.user_ids, t.returning.tolist()) for t in prepared.tests] == [
+        (["u1", "u3"], [False, False]), (["u1", "u2", "x"], [False, True, False]),
+        (["u1", "u3", "x"], [False, True, False])]
+    # The returning users' truths score highest, every other candidate ties at 0 (catalogue
+    # order: a or b first, never an active user's truth): returning users hit, active ones miss.
+    result = run_prepared(FakeRecommender({"u2": {"h": 1.0}, "u3": {"j": 1.0}}), prepared)
+    returning, active = result.slices["returning"], result.slices["active"]
+    assert (returning.ndcg, returning.recall, returning.users) == (1.0, 1.0, 2)
+    assert (active.ndcg, active.recall, active.users) == (0.0, 0.0, 6)
+    # P1 itself is unchanged: block means 0, 1/3, 1/3.
+    assert result.ndcg == pytest.approx(2 / 9)
+
+
+def _recurring_prepared():
+    from learners.evaluation.scenarios import recurring
+
+    groups = {"a": "Action", "c": "Comedy", "d": "Drama"}
+    items = [Item(f"{g}{i}", f"Film {g}{i} (1999) | {genre}") for g, genre in groups.items() for i in range(6)]
+    # One user cycling Action, Comedy, Drama: each phase of the replay is 2 events, 1 a block, and
+    # every event names an item new to the user (each genre's items in index order).
+    events = [ev(t, "u", f"{'acd'[t % 3]}{t // 3}") for t in range(18)]
+    plan = recurring(events, items)
+    return prepare_p1(plan.events, items, k=1, block_sizes=plan.block_sizes, group_checks=plan.group_checks,
+                      block_sets=plan.block_sets)
+
+
+def test_retention_ranks_only_the_returning_groups_items():
+    prepared = _recurring_prepared()
+    ids = prepared.catalogue
+    first = prepared.group_tests["retention"][0]  # block 6, A2: Action comes back
+    assert (first.block, sorted(ids[r] for r in first.candidates)) == (6, [f"a{i}" for i in range(6)])
+    # Drama scores above everything, lower indices first within a genre. Among a group's items the
+    # first not yet seen is the truth (a hit at K=1); over the whole catalogue a Drama item wins.
+    table = {"u": {i: (10.0 if i[0] == "d" else 0.0) - 0.01 * int(i[1:]) for i in ids}}
+    result = run_prepared(FakeRecommender(table), prepared)
+    by_block = {s.block: s.ndcg for s in result.per_block}
+    assert by_block[6] == 0.0  # P1 at A2's first block: Drama ranks first, a miss
+    assert result.slices["retention"].ndcg == 1.0 and result.slices["retention"].users == 6
+    assert result.slices["novel"].ndcg == 1.0 and result.slices["novel"].users == 2  # blocks 2, 4
+    # Plasticity is P1 at every phase's second block: hits only where the truth is Drama (5, 11, 17).
+    assert [b for b in prepared.block_sets["plasticity"] if by_block[b] == 1.0] == [5, 11, 17]
+    assert result.slices["plasticity"].ndcg == pytest.approx(1 / 3)
+    assert result.slices["plasticity"].users == 9
+
+
+def test_block_sizes_must_cut_every_event():
+    with pytest.raises(ValueError, match="do not cut"):
+        prepare_p1([ev(1, "u", "a"), ev(2, "u", "b")], [], block_sizes=[1, 2])

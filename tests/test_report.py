@@ -10,18 +10,22 @@ import pytest
 
 from learners.errors import ConfigError
 from learners.evaluation.files import write_events, write_items
-from learners.evaluation.protocol import BlockScore, StrategyResult
-from learners.evaluation.report import markdown_table, write_plot, write_results
+from learners.evaluation.protocol import BlockScore, SliceScore, StrategyResult
+from learners.evaluation.report import (markdown_table, stability_axes, write_plot, write_results,
+                                        write_stability_plot)
 from learners.evaluation.runner import evaluate
 from learners.records import Event, Item
 
 STRATEGY_KEYS = {"recall@10", "ndcg@10", "bwt", "train_seconds", "samples_trained", "cold", "per_block"}
+SCENARIO_SLICES = {"retention": SliceScore(0.3, 0.35, 4), "plasticity": SliceScore(0.1, 0.12, 9),
+                   "novel": SliceScore(0.05, 0.06, 2)}
 
 
-def _result(name: str, bwt: float | None = -0.01) -> StrategyResult:
+def _result(name: str, bwt: float | None = -0.01, slices: dict | None = None) -> StrategyResult:
     per_block = [BlockScore(1, 0.2, 0.25, 6), BlockScore(2, 0.1, 0.15, 22)]
     return StrategyResult(name=name, k=10, recall=0.15, ndcg=0.2, bwt=bwt, train_seconds=1.5,
-                          samples_trained=1234, per_block=per_block, r_diag={}, r_end={})
+                          samples_trained=1234, per_block=per_block, r_diag={}, r_end={},
+                          slices=slices or {})
 
 
 def test_results_json_has_exactly_the_contract_shape(tmp_path: Path):
@@ -41,6 +45,29 @@ def test_results_json_has_exactly_the_contract_shape(tmp_path: Path):
         assert strategy["samples_trained"] == 1234
         assert strategy["per_block"][0] == {"block": 1, "recall@10": 0.2, "ndcg@10": 0.25,
                                             "users": 6}
+
+
+def test_results_file_holds_returning_active_and_the_scenario_slices(tmp_path: Path):
+    slices = {"returning": SliceScore(0.4, 0.5, 7), "active": SliceScore(0.1, 0.2, 30), **SCENARIO_SLICES}
+    write_results(tmp_path / "r.json", blocks=18, k=10, events=100, items=20, scenario="recurring",
+                  strategies={"naive": _result("naive", slices=slices)})
+    loaded = json.loads((tmp_path / "r.json").read_text())
+    assert loaded["scenario"] == "recurring"
+    naive = loaded["strategies"]["naive"]
+    assert set(naive) == STRATEGY_KEYS | set(slices)
+    assert naive["returning"] == {"ndcg@10": 0.5, "recall@10": 0.4, "users": 7}
+    assert naive["active"] == {"ndcg@10": 0.2, "recall@10": 0.1, "users": 30}
+    assert naive["retention"] == {"ndcg@10": 0.35, "recall@10": 0.3}
+    assert naive["plasticity"] == {"ndcg@10": 0.12, "recall@10": 0.1}
+    assert naive["novel"] == {"ndcg@10": 0.06, "recall@10": 0.05}
+    table = markdown_table(loaded).splitlines()
+    assert "| strategy | returning | active | retention | plasticity | novel |" in table
+    assert "| naive | 0.5000 (7) | 0.2000 (30) | 0.3500 | 0.1200 | 0.0600 |" in table
+    assert stability_axes(loaded) == ("plasticity", "retention")
+    del naive["retention"]
+    assert stability_axes(loaded) == ("p1", "returning")
+    png = write_stability_plot(tmp_path / "s.png", loaded)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_key_names_follow_k(tmp_path: Path):
@@ -113,6 +140,37 @@ def test_evaluate_end_to_end(tmp_path: Path):
     assert len(results["strategies"]["popularity"]["per_block"]) == 2
     assert out.with_suffix(".png").is_file()
     assert "| constant |" in out.with_suffix(".md").read_text()
+    assert (out.parent / "results-stability.png").is_file()
+    constant = results["strategies"]["constant"]
+    assert set(constant) == STRATEGY_KEYS | {"returning", "active"}  # no scenario slices under time
+    assert constant["returning"]["users"] + constant["active"]["users"] == sum(
+        b["users"] for b in constant["per_block"])
+    assert "scenario" not in results
+
+
+def test_evaluate_recurring_writes_retention_and_plasticity(tmp_path: Path):
+    genres = {"a": "Action", "c": "Comedy", "d": "Drama"}
+    items = [Item(f"{g}{i}", f"Film {g}{i} (1999) | {genre}") for g, genre in genres.items() for i in range(8)]
+    events = [Event(f"e{t}", f"u{t % 2}", f"{'acd'[t % 3]}{(t // 3) % 8}", "click", float(t))
+              for t in range(72)]
+    write_events(tmp_path / "events.jsonl", events)
+    write_items(tmp_path / "items.jsonl", items)
+    out = tmp_path / "results.json"
+    results = evaluate(tmp_path / "events.jsonl", tmp_path / "items.jsonl", out, k=10,
+                       strategies=["popularity", "constant"], factory=_factory, show_progress=False,
+                       scenario="recurring")
+    assert (results["scenario"], results["blocks"]) == ("recurring", 18)  # the scenario's own default
+    for strategy in results["strategies"].values():
+        assert len(strategy["per_block"]) == 17
+        for name in ("retention", "plasticity", "novel"):
+            assert set(strategy[name]) == {"ndcg@10", "recall@10"}
+            assert 0.0 <= strategy[name]["ndcg@10"] <= 1.0
+        assert set(strategy["returning"]) == {"ndcg@10", "recall@10", "users"}
+    assert "| popularity |" in out.with_suffix(".md").read_text().split("by slice")[1]
+    assert (tmp_path / "results-stability.png").is_file()
+    with pytest.raises(ConfigError, match="too few"):
+        evaluate(tmp_path / "events.jsonl", tmp_path / "items.jsonl", out, blocks=8, k=10,
+                 strategies=["popularity"], factory=_factory, show_progress=False, scenario="recurring")
 
 
 def test_evaluate_rejects_unknown_strategy(tmp_path: Path):

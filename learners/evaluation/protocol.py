@@ -1,5 +1,7 @@
 """Protocol P1 (docs/formats.md): prequential (test-then-train) evaluation,
-with its cold-item slice P1-cold (step 5) measured on the same run.
+with its cold-item slice P1-cold (step 5) measured on the same run, its test
+users split into returning and active ones, and a scenario's group checks
+(retention, novel) and block sets (plasticity).
 
 What does not depend on the strategy (block split, catalogue, each block's
 test users with their history and truth) is computed once by ``prepare_p1``
@@ -9,7 +11,7 @@ and shared; ``run_prepared`` then drives one ``Recommender`` through it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -64,6 +66,17 @@ class BlockTest:
     # Only these rows are candidates (P1-cold: the items with few events before the block);
     # None: the whole catalogue.
     candidates: Optional[np.ndarray] = None
+    # Per user: True when their latest event before the block lies before block - 1 (returning);
+    # None where the split is not made.
+    returning: Optional[np.ndarray] = None
+
+
+class GroupCheck(NamedTuple):
+    """A scenario's extra test at one block: P1's test users there, ranked among these items only."""
+
+    name: str  # the results file's key, e.g. "retention"
+    block: int
+    item_ids: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,8 @@ class PreparedP1:
     tests: list[BlockTest]  # one per block 1..B-1
     k: int
     cold_tests: list[BlockTest] = field(default_factory=list)  # P1-cold, one per block 1..B-1
+    group_tests: dict[str, list[BlockTest]] = field(default_factory=dict)  # a scenario's group checks by name
+    block_sets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # P1's own tests at these blocks
 
     @property
     def n_events(self) -> int:
@@ -88,6 +103,21 @@ class BlockScore:
     recall: float
     ndcg: float
     users: int
+
+
+@dataclass(frozen=True)
+class SliceScore:
+    """A set of tests aggregated as P1 aggregates its blocks: the mean over blocks with users."""
+
+    recall: float
+    ndcg: float
+    users: int  # test users over all its blocks
+
+
+def aggregate(scores: Sequence[BlockScore]) -> SliceScore:
+    measured = [s for s in scores if s.users]
+    return SliceScore(_mean([s.recall for s in measured]), _mean([s.ndcg for s in measured]),
+                      sum(s.users for s in measured))
 
 
 @dataclass
@@ -105,13 +135,22 @@ class StrategyResult:
     cold_recall: float = 0.0  # P1-cold (docs/formats.md), same run
     cold_ndcg: float = 0.0
     cold_per_block: list[BlockScore] = field(default_factory=list)
+    # "returning" and "active" always; a scenario's group checks and block sets by their names.
+    slices: dict[str, SliceScore] = field(default_factory=dict)
 
 
 COLD_EVENTS = 5  # P1-cold: an item with fewer events than this before a block is cold there
 
 
 def prepare_p1(events: Sequence[Event], items: Sequence[Item], blocks: int = 10,
-               k: int = 10) -> PreparedP1:
+               k: int = 10, block_sizes: Optional[Sequence[int]] = None,
+               group_checks: Sequence[GroupCheck] = (),
+               block_sets: Optional[Mapping[str, Sequence[int]]] = None) -> PreparedP1:
+    """``block_sizes`` (a scenario's own cut, in time order) replaces the equal cut into ``blocks``."""
+    if block_sizes is not None:
+        blocks = len(block_sizes)
+        if sum(block_sizes) != len(events) or min(block_sizes) < 0:
+            raise ValueError(f"block sizes {list(block_sizes)} do not cut {len(events)} events")
     if blocks < 2:
         raise ValueError(f"P1 needs at least 2 blocks, got {blocks}")
     if k < 1:
@@ -119,7 +158,8 @@ def prepare_p1(events: Sequence[Event], items: Sequence[Item], blocks: int = 10,
     if not events:
         raise ValueError("P1 needs at least one event")
     ordered = sorted(events, key=lambda e: e.ts)  # sorted() is stable: ts ties keep file order
-    sizes = [len(part) for part in np.array_split(np.arange(len(ordered)), blocks)]
+    sizes = (list(block_sizes) if block_sizes is not None
+             else [len(part) for part in np.array_split(np.arange(len(ordered)), blocks)])
     bounds = np.cumsum([0] + sizes)
     split = [ordered[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -136,24 +176,33 @@ def prepare_p1(events: Sequence[Event], items: Sequence[Item], blocks: int = 10,
     tests: list[BlockTest] = []
     cold_tests: list[BlockTest] = []
     history: dict[str, set[int]] = {}
+    last_block: dict[str, int] = {}  # the block of each user's latest event so far
     counts = np.zeros(len(catalogue), dtype=np.int64)  # events per row before the block
     for number, block in enumerate(split):
         in_block: dict[str, set[int]] = {}
         for event in block:
             in_block.setdefault(event.user_id, set()).add(row[event.item_id])
         if number > 0:
-            test = _block_test(number, in_block, history)
+            test = _block_test(number, in_block, history, last_block)
             tests.append(test)
-            cold_tests.append(_cold_test(test, np.flatnonzero(counts < COLD_EVENTS)))
+            cold_tests.append(_restricted_test(test, np.flatnonzero(counts < COLD_EVENTS)))
         for user_id, rows in in_block.items():
             history.setdefault(user_id, set()).update(rows)
+            last_block[user_id] = number
         np.add.at(counts, [row[event.item_id] for event in block], 1)
-    return PreparedP1(split, list(newest.values()), catalogue, tests, k, cold_tests)
+    group_tests: dict[str, list[BlockTest]] = {}
+    for check in group_checks:
+        if not 1 <= check.block < len(split):
+            raise ValueError(f"group check {check.name!r} at block {check.block}: P1 tests blocks 1..{len(split) - 1}")
+        rows = np.array(sorted(row[i] for i in check.item_ids if i in row), dtype=np.intp)
+        group_tests.setdefault(check.name, []).append(_restricted_test(tests[check.block - 1], rows))
+    sets = {name: tuple(numbers) for name, numbers in (block_sets or {}).items()}
+    return PreparedP1(split, list(newest.values()), catalogue, tests, k, cold_tests, group_tests, sets)
 
 
-def _block_test(number: int, in_block: dict[str, set[int]],
-                history: dict[str, set[int]]) -> BlockTest:
-    users, seen, truth = [], [], []
+def _block_test(number: int, in_block: dict[str, set[int]], history: dict[str, set[int]],
+                last_block: dict[str, int]) -> BlockTest:
+    users, seen, truth, returning = [], [], [], []
     for user_id, rows in in_block.items():
         before = history.get(user_id)
         if not before:
@@ -163,20 +212,21 @@ def _block_test(number: int, in_block: dict[str, set[int]],
             users.append(user_id)
             seen.append(np.fromiter(sorted(before), dtype=np.intp, count=len(before)))
             truth.append(np.fromiter(sorted(new), dtype=np.intp, count=len(new)))
-    return BlockTest(number, users, seen, truth)
+            returning.append(last_block[user_id] < number - 1)
+    return BlockTest(number, users, seen, truth, returning=np.array(returning, dtype=bool))
 
 
-def _cold_test(test: BlockTest, cold: np.ndarray) -> BlockTest:
-    """P1-cold for one block: the P1 test users whose new items include cold ones, ranked
-    among the cold items only (their history still excluded)."""
+def _restricted_test(test: BlockTest, candidates: np.ndarray) -> BlockTest:
+    """The P1 test users whose new items include some of ``candidates``, ranked among those
+    only (their history still excluded): P1-cold's cold items, a scenario group's items."""
     users, seen, truth = [], [], []
     for user_id, before, new in zip(test.user_ids, test.history, test.truth):
-        hit = new[np.isin(new, cold)]
+        hit = new[np.isin(new, candidates)]
         if len(hit):
             users.append(user_id)
             seen.append(before)
             truth.append(hit)
-    return BlockTest(test.block, users, seen, truth, candidates=cold)
+    return BlockTest(test.block, users, seen, truth, candidates=candidates)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -212,11 +262,26 @@ def score_block(recommender: Recommender, test: BlockTest, catalogue: list[str],
                 frozen: Optional[list] = None) -> BlockScore:
     """Mean Recall@K and NDCG@K over a block's test users, with the model as it is now.
 
+    ``frozen``: the users as ``freeze_block`` returned them; frozen now when not given.
+    """
+    return _block_score(test.block, *score_users(recommender, test, catalogue, k, frozen))
+
+
+def _block_score(block: int, recalls: np.ndarray, ndcgs: np.ndarray) -> BlockScore:
+    if not len(recalls):
+        return BlockScore(block, 0.0, 0.0, 0)
+    return BlockScore(block, float(np.mean(recalls)), float(np.mean(ndcgs)), len(recalls))
+
+
+def score_users(recommender: Recommender, test: BlockTest, catalogue: list[str], k: int,
+                frozen: Optional[list] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Recall@K and NDCG@K of each of a block's test users, in ``test.user_ids`` order.
+
     ``frozen``: the users as ``freeze_users`` returned them, one entry per chunk
     (from ``freeze_block``); frozen now when not given.
     """
     if not test.user_ids:
-        return BlockScore(test.block, 0.0, 0.0, 0)
+        return np.zeros(0), np.zeros(0)
     chunk = _chunk(catalogue)
     frozen = frozen if frozen is not None else freeze_block(recommender, test, catalogue)
     recalls, ndcgs = [], []
@@ -239,7 +304,7 @@ def score_block(recommender: Recommender, test: BlockTest, catalogue: list[str],
             recall, ndcg = user_metrics(ranked, truth, k)
             recalls.append(recall)
             ndcgs.append(ndcg)
-    return BlockScore(test.block, float(np.mean(recalls)), float(np.mean(ndcgs)), len(recalls))
+    return np.array(recalls), np.array(ndcgs)
 
 
 def _chunk(catalogue: list[str]) -> int:
@@ -273,13 +338,26 @@ def run_prepared(recommender: Recommender, prepared: PreparedP1,
     r_diag: dict[int, float] = {}
     cold_per_block: list[BlockScore] = []
     cold_tests = {test.block: test for test in prepared.cold_tests}
+    by_returning: dict[str, list[BlockScore]] = {"returning": [], "active": []}
+    group_scores: dict[str, list[BlockScore]] = {name: [] for name in prepared.group_tests}
+    group_at = {(name, t.block): t for name, tests in prepared.group_tests.items() for t in tests}
     frozen: dict[int, list] = {}  # each block's test users with their history before the block
     for test in prepared.tests:
         frozen[test.block] = freeze_block(recommender, test, catalogue)
-        per_block.append(score_block(recommender, test, catalogue, k, frozen[test.block]))
+        recalls, ndcgs = score_users(recommender, test, catalogue, k, frozen[test.block])
+        per_block.append(_block_score(test.block, recalls, ndcgs))
+        if test.returning is not None:
+            back = test.returning
+            by_returning["returning"].append(_block_score(test.block, recalls[back], ndcgs[back]))
+            by_returning["active"].append(_block_score(test.block, recalls[~back], ndcgs[~back]))
+        # The same moment and model as the P1 test:
         cold = cold_tests.get(test.block)
-        if cold is not None:  # the same moment and model as the P1 test
+        if cold is not None:
             cold_per_block.append(score_block(recommender, cold, catalogue, k))
+        for name in group_scores:
+            group = group_at.get((name, test.block))
+            if group is not None:
+                group_scores[name].append(score_block(recommender, group, catalogue, k))
         step(f"test block {test.block}")
         _learn(recommender, prepared.blocks[test.block])
         step(f"train block {test.block}")
@@ -294,6 +372,9 @@ def run_prepared(recommender: Recommender, prepared: PreparedP1,
 
     measured = [s for s in per_block if s.users]
     cold_measured = [s for s in cold_per_block if s.users]
+    slices = {name: aggregate(scores) for name, scores in {**by_returning, **group_scores}.items()}
+    for name, numbers in prepared.block_sets.items():
+        slices[name] = aggregate([s for s in per_block if s.block in numbers])
     return StrategyResult(
         name=recommender.name, k=k,
         recall=_mean([s.recall for s in measured]), ndcg=_mean([s.ndcg for s in measured]),
@@ -302,7 +383,7 @@ def run_prepared(recommender: Recommender, prepared: PreparedP1,
         samples_trained=int(recommender.samples_trained),
         per_block=per_block, r_diag=r_diag, r_end=r_end,
         cold_recall=_mean([s.recall for s in cold_measured]), cold_ndcg=_mean([s.ndcg for s in cold_measured]),
-        cold_per_block=cold_per_block)
+        cold_per_block=cold_per_block, slices=slices)
 
 
 def run_p1(recommender: Recommender, events: Sequence[Event], items: Sequence[Item],
