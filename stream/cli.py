@@ -255,8 +255,11 @@ def replay(events_path, items_path, bootstrap_servers, events_topic, items_topic
 @click.option("--explain", is_flag=True, help="for each pick, the user's history item (of those published with "
               "the user's vector) closest to it, and that cosine")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: the picks and their intra-list similarity")
-def topk(user_id, k, bootstrap_servers, vectors_topic, timeout, diversity, explain, as_json) -> None:
-    """Top-K items for a user from the published vectors (what a downstream ranker sees)."""
+@click.option("--include-seen", is_flag=True, help="keep the items the user is known to have (those published "
+              "with the user's vector: recent_items and because); by default they are left out")
+def topk(user_id, k, bootstrap_servers, vectors_topic, timeout, diversity, explain, as_json, include_seen) -> None:
+    """Top-K items for a user from the published vectors (what a downstream ranker sees), leaving out
+    the items the user already has unless --include-seen."""
     import json
 
     from stream.vector_index import VectorIndex, open_consumer
@@ -273,7 +276,7 @@ def topk(user_id, k, bootstrap_servers, vectors_topic, timeout, diversity, expla
         consumer.close()
     if index.user_vector(user_id) is None:
         raise click.ClickException(f"no vector for user {user_id!r} in {vectors_topic!r}")
-    picks = index.topk(user_id, k=k, diversity=diversity)
+    picks = index.topk(user_id, k=k, diversity=diversity, include_seen=include_seen)
     items = [item for item, _ in picks]
     reasons = index.explain(user_id, items) if explain else [None] * len(picks)
     if as_json:

@@ -199,6 +199,9 @@ class Settings(_LearnerSettings):
         "sample", description="when training falls behind: sample = train on a uniform sample of the backlog "
                               "(every event still updates state and vectors); pause = stop fetching until it catches up")
     item_publish_min_change: float = Field(0.002, ge=0, description="republish an item when its vector moved by more than this (1 - cosine)")
+    recent_items: int = Field(
+        50, ge=0, le=1000, description="a user vector's payload names up to this many distinct items of the user's "
+        "newest events (recent_items), so readers such as recstream topk leave out what the user has; 0 = not sent")
 
     distributed: bool = Field(
         False, description="train one model across the ranks torchrun starts (torchrun --nproc-per-node=K "

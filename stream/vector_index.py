@@ -11,7 +11,8 @@ topic and nothing is committed::
     consumer = open_consumer("kafka:9092", topic="vectors")
     index = VectorIndex()
     index.catch_up(consumer, timeout_s=60)        # read to the current end
-    index.topk("42", k=10, exclude={"1193"})
+    index.topk("42", k=10, exclude={"1193"})       # leaves out these and the items the user has
+    index.topk("42", k=10, include_seen=True)      # known items kept
     index.topk("42", k=10, diversity=0.3)          # re-ranked for variety (stream/ranking.py)
     index.explain("42", ["1193"])                  # the history item each pick is closest to
     threading.Thread(target=index.follow, args=(consumer, stop), daemon=True).start()
@@ -43,6 +44,8 @@ except ImportError:  # pragma: no cover - exercised only where faiss is missing
 log = logging.getLogger(__name__)
 
 _KINDS = ("user", "item")
+# The worker sends at most 1000 (--recent-items); a longer list from elsewhere is cut, not trusted whole.
+MAX_RECENT = 1000
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ class _Entry:
     model_version: int
     updated_at: float
     because: tuple[str, ...] = ()  # a user's heaviest history items (payload "because"), heaviest first
+    recent: tuple[str, ...] = ()  # a user's newest distinct history items (payload "recent_items")
+
+    @property
+    def seen(self) -> frozenset[str]:
+        """The items this user is known to have: those published as ``because`` or ``recent_items``."""
+        return frozenset(self.because).union(self.recent)
 
 
 def _because(payload: dict) -> tuple[str, ...]:
@@ -60,6 +69,15 @@ def _because(payload: dict) -> tuple[str, ...]:
         return ()
     return tuple(entry["item_id"] for entry in listed
                  if isinstance(entry, dict) and isinstance(entry.get("item_id"), str))
+
+
+def _recent(payload: dict) -> tuple[str, ...]:
+    """The item ids of the optional ``recent_items`` field (strings only, at most ``MAX_RECENT``);
+    a malformed one counts as absent."""
+    listed = payload.get("recent_items")
+    if not isinstance(listed, list):
+        return ()
+    return tuple(item for item in listed[:MAX_RECENT] if isinstance(item, str))
 
 
 def _parse(value: Union[bytes, str]) -> tuple[str, str, _Entry]:
@@ -88,7 +106,7 @@ def _parse(value: Union[bytes, str]) -> tuple[str, str, _Entry]:
     vector = np.asarray(raw, dtype=np.float32)
     if vector.ndim != 1 or not np.all(np.isfinite(vector)):
         raise ValueError("vector is not a flat list of finite numbers")
-    return kind, entity_id, _Entry(vector, version, float(updated_at), _because(payload))
+    return kind, entity_id, _Entry(vector, version, float(updated_at), _because(payload), _recent(payload))
 
 
 class VectorIndex:
@@ -204,9 +222,17 @@ class VectorIndex:
         with self._lock:
             return sorted(self._entries["user"])
 
+    def seen_items(self, user_id: str) -> frozenset[str]:
+        """The items the user is known to have (published with their vector); empty when unknown."""
+        with self._lock:
+            entry = self._entries["user"].get(user_id)
+            return frozenset() if entry is None else entry.seen
+
     def topk(self, user_id: str, k: int = 10, exclude: Iterable[str] = (),
-             diversity: float = 0.0) -> list[tuple[str, float]]:
-        """The k items with the largest dot(user, item), best first, skipping ``exclude``.
+             diversity: float = 0.0, include_seen: bool = False) -> list[tuple[str, float]]:
+        """The k items with the largest dot(user, item), best first, skipping ``exclude`` and,
+        unless ``include_seen``, the items the user is known to have (``seen_items``): a ranker
+        wants what the user has not got yet.
 
         ``diversity`` L in (0, 1]: the k picks are re-ranked from the best few
         times k by maximal marginal relevance (stream/ranking.py), each still
@@ -216,6 +242,8 @@ class VectorIndex:
         """
         if k <= 0:
             return []
+        if not include_seen:
+            exclude = self.seen_items(user_id).union(exclude)
         if diversity:
             with self._lock:
                 candidates = self._ranked(user_id, ranking.pool_size(k, diversity), exclude)

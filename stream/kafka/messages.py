@@ -81,7 +81,7 @@ def encode_vectors(entity_type: str, entity_ids: Sequence[str], vectors: np.ndar
                    model_version: int, updated_at: float,
                    extras: Optional[Sequence[Optional[dict]]] = None) -> list[tuple[bytes, bytes]]:
     """Many records of one entity type; ``vectors`` has one row per id; ``extras``: optional payload
-    fields per id (a user's ``because``)."""
+    fields per id (a user's ``because`` and ``recent_items``: ``user_extras``)."""
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or vectors.shape[0] != len(entity_ids):
         raise ValueError(f"expected {len(entity_ids)} rows of vectors, got shape {vectors.shape}")
@@ -94,6 +94,21 @@ def encode_vectors(entity_type: str, entity_ids: Sequence[str], vectors: np.ndar
                 for entity_id, row in zip(entity_ids, rows)]
     return [_record(entity_type, collection, entity_id, row, model_version, updated_at, extra)
             for entity_id, row, extra in zip(entity_ids, rows, extras)]
+
+
+def user_extras(because: Sequence[Sequence[tuple[str, float]]],
+                recent: Sequence[Sequence[str]]) -> list[Optional[dict]]:
+    """Per user, the optional payload fields of a user record (docs/formats.md): ``because``, the
+    heaviest history items as (item id, weight), and ``recent_items``, the ids of the distinct items
+    of the newest events, newest first (a reader leaves them out of recommendations); None when
+    both are empty."""
+    out: list[Optional[dict]] = []
+    for heavy, newest in zip(because, recent):
+        extra = {"because": [{"item_id": item, "weight": w} for item, w in heavy]} if heavy else {}
+        if newest:
+            extra["recent_items"] = newest
+        out.append(extra or None)
+    return out
 
 
 def decode_vector(value: bytes) -> dict:

@@ -18,12 +18,12 @@ from typing import Optional
 import numpy as np
 
 from learners.errors import RecstreamError
-from learners.explain import top_history_items
+from learners.explain import learner_history_items
 from learners.records import BadRecord
 from stream.config import Settings
 from stream.kafka.clients import SourceRecord
 from stream.kafka.errors import BrokerError
-from stream.kafka.messages import encode_vectors
+from stream.kafka.messages import encode_vectors, user_extras
 from stream.kafka.recovery import PublishedVersionMark
 from stream.kafka.sinks import ChangelogSink, DeadLetterSink, VectorSink, make_producer
 from stream.metrics import WorkerMetrics
@@ -248,10 +248,9 @@ class Publisher:
         with self.learner.lock:
             learner = self.learner
             vectors = learner.user_vectors(user_ids)
-            because = [{"because": [{"item_id": item, "weight": w} for item, w in items]} if items else None
-                       for items in top_history_items(learner, user_ids)]
+            extras = user_extras(*learner_history_items(learner, user_ids, recent=self.settings.recent_items))
             version = learner.model_version
-            records = encode_vectors("user", user_ids, vectors, version, time.time(), because)
+            records = encode_vectors("user", user_ids, vectors, version, time.time(), extras)
             self.version_mark.advance(version)  # durable before any vector of it goes out
             self.vectors.write_batch(records)
         self.metrics.vectors_published.labels(kind="user").inc(len(user_ids))
