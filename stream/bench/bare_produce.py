@@ -2,8 +2,9 @@
 
 A plain kafka-python loop reads the pre-produced events, ``json.loads`` each,
 and for every user touched in a publish window sends one record of the
-worker's exact output shape: the same encoder (``encode_vectors``, with a
-``because`` of up to three items), the same key, the same producer
+worker's exact output shape: the same encoder (``encode_vectors`` with
+``user_extras``: a ``because`` of up to three items and the user's
+``recent_items``, kept here as a plain list per user), the same key, the same producer
 (``make_producer``: partitioner, linger, batch size, acks) and the same window
 (``USER_PUBLISH_WINDOW_S``), so the two cannot drift apart. What it leaves out
 is the worker's own work: validation, de-duplication, user state, the model's
@@ -22,7 +23,7 @@ import uuid
 
 import numpy as np
 
-from stream.kafka.messages import encode_vectors
+from stream.kafka.messages import encode_vectors, user_extras
 from stream.kafka.sinks import make_producer
 from stream.worker.publisher import USER_PUBLISH_WINDOW_S
 
@@ -42,15 +43,22 @@ def bare_produce(settings, topic: str, n: int, dim: int, client_kwargs: dict, ti
                              fetch_max_wait_ms=settings.fetch_max_wait_ms, **client_kwargs)
     producer = make_producer(settings)
     out_topic, send, loads = settings.vectors_topic, producer.send, json.loads
-    window: dict[str, list] = {}  # user -> their window's latest (item, weight) pairs
+    window: dict[str, None] = {}  # users touched in this window, in order
+    recent: dict[str, list] = {}  # user -> their newest distinct (item, weight), newest first
+    keep = max(settings.recent_items, _BECAUSE_ITEMS)
     window_started = 0.0
+
+    def touch(user: str, item: str, weight: float) -> None:
+        newest = [(item, weight)] + [pair for pair in recent.get(user, ()) if pair[0] != item]
+        recent[user] = newest[:keep]
+        window[user] = None
 
     def publish() -> None:
         users = list(window)
-        because = [{"because": [{"item_id": item, "weight": w} for item, w in window[u][-_BECAUSE_ITEMS:]]}
-                   for u in users]
+        extras = user_extras([recent[u][:_BECAUSE_ITEMS] for u in users],
+                             [[item for item, _ in recent[u][:settings.recent_items]] for u in users])
         rows = vectors[np.arange(len(users)) % _VECTOR_ROWS]
-        for key, value in encode_vectors("user", users, rows, 0, time.time(), because):
+        for key, value in encode_vectors("user", users, rows, 0, time.time(), extras):
             send(out_topic, key=key, value=value)
         window.clear()
 
@@ -66,8 +74,7 @@ def bare_produce(settings, topic: str, n: int, dim: int, client_kwargs: dict, ti
                     event = loads(record.value)
                     if not window:
                         window_started = time.monotonic()
-                    window.setdefault(event["user_id"], []).append(
-                        (event["item_id"], _WEIGHTS.get(event["event_type"], 1.0)))
+                    touch(event["user_id"], event["item_id"], _WEIGHTS.get(event["event_type"], 1.0))
                 seen += len(records)
             if window and (seen >= n or time.monotonic() - window_started >= USER_PUBLISH_WINDOW_S):
                 publish()
