@@ -28,6 +28,7 @@ from typing import Iterable, Optional
 
 from kafka import KafkaConsumer, TopicPartition
 
+from learners.errors import RecstreamError
 from stream.kafka.broker import caught_up, poll_to_end
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,18 @@ def scan_dead_letters(consumer: KafkaConsumer, topic: str, start: dict[int, int]
     return found, ends
 
 
+class StateDirError(RecstreamError):
+    """The state dir cannot be written (full, read-only): the worker stops, since no vector of a new
+    model version may go out before its mark is on disk."""
+
+
 class PublishedVersionMark:
     """The highest model version vectors may have been published with, durable in ``state_dir``.
 
     ``advance(v)`` returns only once ``v`` is on disk (tmp + fsync + rename),
     and the worker calls it before sending any vector of version ``v``; a
     crash can therefore leave the mark above what was published, never below.
+    Where it cannot be written, ``advance`` raises ``StateDirError`` and nothing is sent.
     """
 
     FILE = "published-version.json"
@@ -117,7 +124,14 @@ class PublishedVersionMark:
             return
         with self._lock:
             if version > self.value:
-                self._write(version)
+                try:
+                    self._write(version)
+                except OSError as exc:
+                    raise StateDirError(
+                        f"cannot record model version {version} as published in {self.dir} ({exc}), and its "
+                        f"vectors must not go out before that is on disk: free space in {self.dir} or make it "
+                        "writable, then start the worker again; it resumes from its last checkpoint and reads "
+                        "the records after it again (nothing is lost or applied twice)") from exc
 
     def _write(self, version: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
