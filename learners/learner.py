@@ -22,8 +22,11 @@ from learners import trending
 from learners.catalogue import Catalogue
 from learners.config import LearnerConfig  # re-exported: torch-free, so the CLI reads it without torch
 from learners.encoder import TextEncoder, resolve_device
+from learners.event_rank import event_ranks, ndcg_full
 from learners.experience import make_experience
 from learners.features import ItemFeatures
+from learners.guard import (CHECK_EVENTS, MIN_CHECK_EVENTS, UpdateCheck, UpdateUndo, model_items,
+                            update_is_worse)
 from learners.hooks import StepCallbackPlugin
 from learners.item_item import VALIDATION_SAMPLES, ItemItemHead, SharedFits, head_dims
 from learners.model import TwoTower
@@ -50,6 +53,12 @@ class LearnReport:
 
 
 class ContinualRecommender:
+    # The update guard (``guard_updates``): off until asked for.
+    guard_tolerance: Optional[float] = None
+    rollbacks = 0  # updates the guard undid
+    _undo: Optional[UpdateUndo] = None
+    _check: Optional[UpdateCheck] = None
+
     def __init__(self, config: LearnerConfig, encoder: Optional[TextEncoder] = None, collective=None,
                  shared_fits: Optional[SharedFits] = None) -> None:
         """``collective``: a ``learners.distributed.Collective`` to train one model across ranks.
@@ -264,6 +273,8 @@ class ContinualRecommender:
         With ``max_samples``, only the oldest that many; the rest stays pending.
         """
         with self.lock:
+            if self._check is not None and self._pending:  # judged before these events train
+                self._settle_check(final=True)
             if self.collective is not None:
                 self.agree_rows()  # the id tables grow alike on every rank
             limit = len(self._pending) if max_samples is None else max_samples
@@ -308,6 +319,10 @@ class ContinualRecommender:
         with self.lock:
             self.features.ensure_rows(len(self.catalogue))
             self.model.grow(len(self.catalogue))
+            served = check = None
+            if self._undo is not None:  # the version this update replaces, as it is served
+                self._tables()
+                served = self._served()
             self.training_in_flight = True
             head = self.item_item
             # The head's input, copied while the caller's thread cannot change the histories.
@@ -320,6 +335,8 @@ class ContinualRecommender:
             experience = make_experience(hist_rows, hist_weights, items, self.model_version, owners)
             stats = self.parts.stats
             samples_before, seconds_before, steps_before = stats.samples, stats.seconds, stats.steps
+            if served is not None:
+                self._undo.begin(self.parts.strategy.optimizer)
             self.parts.strategy.train(experience, eval_streams=[])
             item_rows = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
             sample_weights = torch.from_numpy(np.full(len(items), np.nan) if event_weights is None
@@ -331,6 +348,9 @@ class ContinualRecommender:
                 self.model.text_trained.update(self.collective.gather_rows(trained).tolist())
             touched = np.unique(items)
             self.model.observe_popularity(item_rows, sample_weights)
+            if served is not None:  # what the re-embedding covers, to cover it again after an undo
+                check = UpdateCheck(self.model_version + 1, served, self._refresh_cursor,
+                                     list(self.model.text_trained), touched, stats.steps > steps_before)
             self._refresh_after_update(touched)
             if refit is not None:
                 (rows, weights), n_items, events_seen = refit
@@ -345,12 +365,91 @@ class ContinualRecommender:
                     if factors is not None:
                         head.install(factors, events_seen)
                     self.model_version += 1
+                    if check is not None:
+                        self._check = check
+                        self._settle_check(final=False)  # now if events came in while it trained
+                elif served is not None:
+                    self._undo.discard()
         penalty = self.parts.ewc.last_penalty if self.parts.ewc else 0.0
         loss = float(np.mean(stats.losses)) if stats.losses else float("nan")
         replay = self.parts.replay
         replayed = replay.storage_policy.filled if replay is not None else 0
         return LearnReport(self.model_version, stats.samples - samples_before, stats.seconds - seconds_before,
                            loss, penalty, len(touched), stats.steps - steps_before, replayed)
+
+    # -- guarded updates ------------------------------------------------------------
+    def guard_updates(self, tolerance: float) -> None:
+        """Judge every update on the newest events it has not trained on (those that arrived while
+        it trained, else those observed before the next one trains), against the version it
+        replaced, and undo it when its own vectors rank them worse by more than ``tolerance``
+        (relative NDCG over the whole catalogue): weights, optimizer, EWC and serving average go
+        back, the events stay applied, and the next version number names the vectors. Not with a
+        collective (every rank would have to agree on every undo)."""
+        if self.collective is not None:
+            return
+        self.guard_tolerance = tolerance
+        if self._undo is None:
+            strategy = self.parts.strategy
+            self._undo = UpdateUndo(self.model, lambda: strategy.optimized_param_id, self.parts.ewc, self.average)
+            strategy.plugins.append(self._undo)
+
+    def _served(self) -> tuple:
+        """The tables served now (``_tables`` replaces them, never changes them in place)."""
+        return self._item_table, self._user_tables, self._serving_tower
+
+    def _model_users(self, served: tuple, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The model's own user vectors (no item-item or trending part) with a version's tables."""
+        _, tables, tower = served
+        tables = tables or {"ctx": torch.zeros(0, self.model.ctx_dim)}
+        need = int(rows.max()) + 1 if rows.size else 0
+        tables = {k: torch.cat([t, t.new_zeros(need - len(t), t.shape[1])]) if len(t) < need else t
+                  for k, t in tables.items()}  # items newer than that version: zero rows, as served then
+        with torch.no_grad():
+            out = tower.read(tables, torch.from_numpy(np.ascontiguousarray(rows, np.int64)),
+                             torch.from_numpy(np.ascontiguousarray(weights, np.float32)))
+        return self.model.finish_users(out).numpy()
+
+    def _settle_check(self, final: bool) -> None:
+        """Judge the update ``_check`` names on the newest pending events (caller holds ``lock``).
+        Too few of them: wait for more unless ``final``, when the update stands."""
+        check = self._check
+        if check.version != self.model_version:  # a checkpoint was restored since: nothing to judge
+            self._check = None
+            self._undo.discard()
+            return
+        newest = self._pending[-CHECK_EVENTS:]
+        if not newest and not final:
+            return
+        slots, seqs, items = (np.array(col, dtype=np.int64) for col in zip(*newest)) if newest else \
+            (np.zeros(0, np.int64),) * 3
+        rows, weights = self.users.histories(slots, before_seq=seqs)
+        old_items = check.served[0]
+        self._tables()
+        dim = self.model.out_dim
+        old = event_ranks(self._model_users(check.served, rows, weights), model_items(old_items, dim),
+                          items, rows, weights)
+        new = event_ranks(self._model_users(self._served(), rows, weights),
+                          model_items(self._item_table[:len(old_items)], dim), items, rows, weights)
+        tested = old >= 0
+        if tested.sum() < MIN_CHECK_EVENTS and not final:
+            return
+        self._check = None
+        before, after = float(ndcg_full(old[tested]).mean()) if tested.any() else 0.0, \
+            float(ndcg_full(new[tested]).mean()) if tested.any() else 0.0
+        if tested.sum() < MIN_CHECK_EVENTS or not update_is_worse(before, after, self.guard_tolerance):
+            self._undo.discard()
+            return
+        self._undo.undo(check.ewc_folded)
+        self._refresh_cursor = check.refresh_cursor  # the same texts re-embedded, by the restored top
+        self.model.text_trained.update(check.text_trained)
+        self._refresh_after_update(check.touched)
+        self.rollbacks += 1
+        self.model_version += 1  # the restored weights' vectors go out under a version of their own
+        self._tables_stale = True
+        log.warning("model version %d undone: on the %d newest events it had not trained on it ranks worse "
+                    "than the version it replaced (NDCG %.4f against %.4f, more than %.0f%% lower); the "
+                    "previous weights serve again as version %d", check.version, int(tested.sum()), after,
+                    before, 100 * self.guard_tolerance, self.model_version)
 
     @torch.no_grad()
     def _weigh_item_item(self, hist_rows: np.ndarray, hist_weights: np.ndarray, items: np.ndarray) -> None:
