@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from learners.errors import RecstreamError
 from learners.quiet import silence_library_warnings
 from stream.config import DEMO_STATE_DIR, LEARNER_SETTINGS, Settings
+from stream.kafka.connection_noise import quiet_connection_noise
 
 
 def _settings_options(func, only: typing.Optional[typing.Collection[str]] = None):
@@ -96,6 +97,7 @@ def worker(**options) -> None:
     """
     settings = _make_settings(options)
     _logging(settings.log_level)
+    quiet_connection_noise(settings.bootstrap_servers)  # one line per Kafka outage, not one per attempt
     try:
         sys.exit(_run_worker(settings))
     except RecstreamError as exc:
