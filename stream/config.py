@@ -199,6 +199,15 @@ class Settings(_LearnerSettings):
         "sample", description="when training falls behind: sample = train on a uniform sample of the backlog "
                               "(every event still updates state and vectors); pause = stop fetching until it catches up")
     item_publish_min_change: float = Field(0.002, ge=0, description="republish an item when its vector moved by more than this (1 - cosine)")
+    online_eval_window: int = Field(
+        10_000, ge=1, description="live quality: Recall@10 and NDCG@10 of the model and of decayed popularity "
+                                  "over the last this many events, each ranked before it is applied (a uniform "
+                                  "sample when the catalogue is large; docs/formats.md)")
+    guard_tolerance: float = Field(
+        0.1, ge=0, le=1, description="undo a model update that ranks the newest events it has not trained on "
+                                     "worse than the version it replaces by more than this share (NDCG over the "
+                                     "catalogue); the previous weights serve again under a new version; 1 = off. "
+                                     "Not with --distributed")
     recent_items: int = Field(
         50, ge=0, le=1000, description="a user vector's payload names up to this many distinct items of the user's "
         "newest events (recent_items), so readers such as recstream topk leave out what the user has; 0 = not sent")

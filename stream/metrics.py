@@ -93,6 +93,18 @@ class WorkerMetrics:
         self.fetch_paused = Gauge("recstream_fetch_paused", "1 while fetching is paused for backpressure", registry=r)
         self.broker_errors = Counter("recstream_broker_errors_total", "Kafka errors by operation", ["operation"],
                                      registry=r)
+        # Live quality (stream/worker/online_eval.py): no ids as labels, one series per scorer.
+        self.online_recall = Gauge("recstream_online_recall_at_10",
+                                   "Recall@10 of the last --online-eval-window scored events, each ranked before "
+                                   "it was applied (test, then train)", ["scorer"], registry=r)
+        self.online_ndcg = Gauge("recstream_online_ndcg_at_10",
+                                 "NDCG@10 of the last --online-eval-window scored events, each ranked before it "
+                                 "was applied (test, then train)", ["scorer"], registry=r)
+        self.online_scored = Counter("recstream_online_scored_events_total",
+                                     "Events ranked before they were applied (a uniform sample)", registry=r)
+        self.model_rollbacks = Counter("recstream_model_rollbacks_total",
+                                       "Model updates undone (reason=quality: they ranked the newest untrained "
+                                       "events worse than the version they replaced)", ["reason"], registry=r)
         # Make every labelled series exist from the start so dashboards show 0, not "no data".
         for kind in ("user", "item"):
             self.vectors_published.labels(kind=kind)
@@ -104,6 +116,10 @@ class WorkerMetrics:
             self.dead_lettered.labels(reason=reason)
         for stage in RECORD_FAILURE_STAGES:
             self.record_failures.labels(stage=stage)
+        for scorer in ("model", "popularity"):
+            self.online_recall.labels(scorer=scorer)
+            self.online_ndcg.labels(scorer=scorer)
+        self.model_rollbacks.labels(reason="quality")
         self._server: ThreadingHTTPServer | None = None
 
     def observe_event_to_vector(self, seconds: list[float]) -> None:

@@ -61,6 +61,8 @@ class Ingest:
         # publishes them under a version every rank shares (stream/worker/loop.py).
         self.defer_item_vectors = False
         self.item_texts_changed = False
+        # Scores a sample of each batch before it is applied (stream/worker/online_eval.py); None: off.
+        self.online_eval = None
 
     # -- state a checkpoint holds and restores --
 
@@ -212,6 +214,8 @@ class Ingest:
             if duplicates:
                 events, sources = map(list, zip(*[(e, r) for e, r, new in zip(events, sources, fresh) if new]))
             with learner.lock:  # once per batch
+                if self.online_eval is not None:  # test, then train: ranked under the vectors in force
+                    self.online_eval.score(events)
                 failed = apply_isolated(events, learner.observe_many, "applying events")
             if failed:
                 events, sources = self._set_aside_failed(events, sources, failed, bad)

@@ -54,6 +54,7 @@ from stream.worker.handover import PartitionHandover
 from stream.worker.ingest import Ingest
 from stream.worker.lifecycle import Lifecycle
 from stream.worker.membership import Membership
+from stream.worker.online_eval import OnlineEval
 from stream.worker.publisher import BOOTSTRAP_TIMEOUT_MS, RETRY_FIRST_S, RETRY_MAX_S, Publisher, Undelivered
 from stream.worker.totals import Totals
 from stream.worker.trainer import Trainer
@@ -89,6 +90,10 @@ class Worker:
                              self.handover, fresh_broker=fresh_broker)
         self.trainer = Trainer(*parts, self.consumers, self.ingest, self.publisher,
                                on_trained=self._on_trained)
+        if isinstance(self.learner, ContinualRecommender):  # a stand-in learner (tests) has no model
+            self.ingest.online_eval = OnlineEval(self.learner, self.metrics, settings.online_eval_window)
+            if group is None and settings.guard_tolerance < 1:  # one group model: no undo alone
+                self.learner.guard_updates(settings.guard_tolerance)
         self.forgetting = Forgetting(*parts, self.consumers, self.publisher, on_erased=self._on_erased)
         self.checkpointer = Checkpointer(*parts, self.totals, self.consumers, self.ingest, self.publisher,
                                          self.trainer, self.dead_letter_book, self.forgetting, self.handover)

@@ -42,6 +42,7 @@ class Trainer:
         self._job: Optional[Future] = None
         self._last_train = time.monotonic()
         self._paused_for_keepalive = False
+        self._rollbacks_counted = 0  # the learner's undone updates already in the metric
 
     def start(self) -> None:
         """The background thread, or keepalive polls between training steps."""
@@ -114,6 +115,7 @@ class Trainer:
     def _learn_and_publish(self) -> None:
         """One experience, then republish the items it moved (on the trainer thread, or inline)."""
         report = self.learner.learn(max_samples=self.settings.experience_size)
+        self._count_rollbacks()
         if report is None:
             return
         updated_at = time.monotonic()
@@ -134,6 +136,13 @@ class Trainer:
         m.pending.set(self.learner.pending)
         self.on_trained()
         heap.trim()
+
+    def _count_rollbacks(self) -> None:
+        """Updates the learner's guard undid (it logs each one; stand-in learners have no guard)."""
+        undone = getattr(self.learner, "rollbacks", 0) - self._rollbacks_counted
+        if undone > 0:
+            self.metrics.model_rollbacks.labels(reason="quality").inc(undone)
+            self._rollbacks_counted += undone
 
     def keepalive(self) -> None:
         """Called after every training step: poll (with fetching paused) often enough that
