@@ -27,12 +27,14 @@ REQUIRED_PANELS = [
     "Ingest rate", "Consumer lag", "Dead-lettered events by reason", "Training loss and EWC penalty",
     "Replay buffer fill", "Model version", "Vectors published by kind", "Event-to-vector freshness",
     "Item refresh p99", "Checkpoint age", "Process resident memory", "Fetch paused",
+    "Online quality (test, then train)", "Model updates undone",
 ]
 REQUIRED_ALERTS = [
     "RecstreamWorkerDown", "RecstreamConsumerLagGrowing", "RecstreamCommittedLagHigh", "RecstreamDeadLetterSpike",
     "RecstreamFreshnessP99OverBudget", "RecstreamNoModelUpdate", "RecstreamCheckpointTooOld",
+    "RecstreamModelBelowPopularity",
 ]
-METRIC = re.compile(r"recstream_[a-z_]+")
+METRIC = re.compile(r"recstream_[a-z][a-z0-9_]*")
 SETTING_VAR = re.compile(r"RECSTREAM_[A-Z0-9_]*[A-Z0-9]")
 
 
@@ -227,6 +229,9 @@ def test_dashboard_has_the_panels():
                                         for t in panel["targets"])
     by_title = dict(dashboard_panel_expressions(DASHBOARD))
     assert "histogram_quantile(0.99" in by_title["Event-to-vector freshness"]
+    quality = " ".join(e for t, e in dashboard_panel_expressions(DASHBOARD) if t == "Online quality (test, then train)")
+    assert "recstream_online_ndcg_at_10" in quality and "recstream_online_recall_at_10" in quality
+    assert "by (scorer)" in quality  # the model and popularity, side by side
     assert "$" not in "".join(dashboard_expressions(DASHBOARD)), "unsubstituted Grafana variable"
 
 
@@ -252,6 +257,8 @@ def test_alert_rules_are_complete():
             assert rule["annotations"].get(key), (name, key)
     assert "kafka_consumergroup_lag" in rules["RecstreamCommittedLagHigh"]["expr"]
     assert "recstream_consumer_lag_records" in rules["RecstreamConsumerLagGrowing"]["expr"]
+    below = rules["RecstreamModelBelowPopularity"]
+    assert 'scorer="model"' in below["expr"] and 'scorer="popularity"' in below["expr"] and below["for"] == "15m"
 
 
 def test_metric_names_are_in_the_architecture_table():

@@ -105,6 +105,9 @@ def _run_against(broker, tmp_path, prometheus):
             for selector in _selectors(expr):
                 if not _query(prom_port, selector)["data"]["result"]:
                     failures.append(f"alert reads {selector}, which has no data")
+        # Events were ranked before they were applied, under both scorers.
+        if not _query(prom_port, "recstream_online_scored_events_total > 0")["data"]["result"]:
+            failures.append("no event was scored online (recstream_online_scored_events_total)")
         assert not failures, "\n".join(failures)
     finally:
         stop.set()
