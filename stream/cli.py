@@ -334,7 +334,8 @@ def forget(user_id, bootstrap_servers, forget_topic, timeout) -> None:
               help="linger.ms of the steady run's event producer, the worker's own by default (send time is "
                    "the clock's start, so it counts)")
 @click.option("--scales", default="1000,100000", show_default=True,
-              help="comma-separated user = item counts for the scale section")
+              help="the scale section's sizes, comma-separated: N (N users and N items) or USERSxITEMS; "
+                   "grid: 10,000 / 100,000 / 1,000,000 users x 1,000 / 10,000 / 100,000 items")
 @click.option("--sections", default="ingest,training,freshness,scale", show_default=True,
               help="comma-separated subset of ingest, training, freshness (with memory), scale, and distributed "
                    "(training events/s, one process vs two gloo ranks; only when named)")
@@ -345,14 +346,14 @@ def forget(user_id, bootstrap_servers, forget_topic, timeout) -> None:
 def bench(device, seconds, bootstrap_servers, out_path, users, items, rate, producer_linger_ms, scales, sections,
           max_text_items, model, seed) -> None:
     """Measure ingest, training, freshness, memory and scale side by side; print a table, write JSON."""
-    from stream.bench import BenchOptions, markdown_table, run_bench
+    from stream.bench import BenchOptions, markdown_table, parse_scales, run_bench
 
     _logging("WARNING")
     try:
         options = BenchOptions(
             device=device, seconds=seconds, bootstrap_servers=bootstrap_servers, out=out_path, users=users,
             items=items, rate=rate, producer_linger_ms=producer_linger_ms,
-            scales=tuple(int(n) for n in scales.split(",") if n.strip()),
+            scales=parse_scales(scales),
             sections=tuple(x.strip() for x in sections.split(",") if x.strip()), max_text_items=max_text_items,
             model=model, seed=seed)
         results = run_bench(options, progress=lambda message: click.echo(message, err=True))

@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from stream.bench import SCHEMA, BenchOptions, markdown_table
+from stream.bench import SCALE_GRID, SCHEMA, BenchOptions, markdown_table, parse_scales
 from stream.bench.common import BenchWorld, LatencyHistogram
 from stream.cli import main
 
@@ -60,9 +60,20 @@ def test_bench_command_writes_every_section(tmp_path):
     (scale,) = data["scale"]
     assert scale["users"] == scale["items"] == 300
     assert _numbers(scale["ingest"]["ratio"], scale["freshness"]["event_to_vector"]["visible"]["p99_s"])
+    assert _numbers(scale["rss_mb"], scale["rss_peak_mb"]) and scale["rss_mb"] > 100
 
     assert markdown_table(data).count("\n") >= 9
     assert "bare kafka-python consume->produce" in markdown_table(data)
+
+
+def test_scales_name_users_and_items_apart_or_the_big_grid():
+    assert parse_scales("300") == ((300, 300),)
+    assert parse_scales("10000x1000, 5") == ((10_000, 1_000), (5, 5))
+    assert parse_scales("grid") == SCALE_GRID and len(SCALE_GRID) == 9
+    assert {users for users, _ in SCALE_GRID} == {10_000, 100_000, 1_000_000}
+    assert {items for _, items in SCALE_GRID} == {1_000, 10_000, 100_000}
+    with pytest.raises(ValueError, match="USERSxITEMS"):
+        parse_scales("big")
 
 
 def test_plan_scales_with_seconds():

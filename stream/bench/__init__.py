@@ -6,7 +6,8 @@ One run measures, side by side on the same machine and broker:
 2. training  -- Avalanche strategy samples/s (EWC, replay, stats, checkpoints) vs a bare PyTorch loop
 3. freshness -- event -> user vector and model update -> item vectors, p50/p99, at a steady rate
 4. memory    -- the worker's RSS over that steady run (growth after warm-up)
-5. scale     -- ingest and freshness again at other user/item counts
+5. scale     -- ingest, freshness and the worker's RSS again at other user/item counts
+                (``--scales grid``: 10,000 / 100,000 / 1,000,000 users x 1,000 / 10,000 / 100,000 items)
 6. distributed (asked for by name) -- training events/s, one process vs two gloo ranks
 
 Absolute figures depend on the machine and its neighbours; the ratios are
@@ -37,6 +38,26 @@ log = logging.getLogger(__name__)
 SCHEMA = "recstream-bench/1"
 SECTIONS = ("ingest", "training", "freshness", "scale")  # memory is measured during freshness
 EXTRA_SECTIONS = ("memory", "distributed")  # memory alone; distributed only when asked for
+# The big scale grid (users, items): how each part's cost grows with users and with items apart.
+SCALE_GRID = tuple((users, items) for users in (10_000, 100_000, 1_000_000) for items in (1_000, 10_000, 100_000))
+
+
+def parse_scales(text: str) -> tuple:
+    """``--scales``: comma-separated ``N`` (N users and N items), ``USERSxITEMS``, or ``grid``."""
+    if text.strip() == "grid":
+        return SCALE_GRID
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        users, _, items = part.partition("x")
+        try:
+            out.append((int(users), int(items or users)))
+        except ValueError:
+            raise ValueError(f"--scales takes N, USERSxITEMS or grid, comma-separated; not {part!r}") from None
+    return tuple(out)
+
+
+def _scale_pairs(scales) -> list[tuple[int, int]]:
+    return [(n, n) if isinstance(n, int) else (int(n[0]), int(n[1])) for n in scales]
 
 
 @dataclass(frozen=True)
@@ -49,7 +70,7 @@ class BenchOptions:
     items: int = 1_000
     rate: float = 1000.0
     producer_linger_ms: int = 50     # the load producer's linger.ms (its batches cost the embedded broker)
-    scales: tuple[int, ...] = (1_000, 100_000)
+    scales: tuple = (1_000, 100_000)  # N (users = items = N) or (users, items); SCALE_GRID for the big grid
     sections: tuple[str, ...] = SECTIONS
     max_text_items: int = 2_000      # items that get a text (and are encoded); the rest are id-only
     model: Optional[str] = None
@@ -128,15 +149,19 @@ def run_bench(options: BenchOptions, progress: Optional[Callable[[str], None]] =
             _write(options.out, results)
         if "scale" in sections:
             results["scale"] = []
-            for n in options.scales:
-                scaled = BenchWorld(n, n, options.max_text_items, options.seed)
-                row = {"users": n, "items": n, "item_texts": min(n, options.max_text_items)}
+            for users, items in _scale_pairs(options.scales):
+                scaled = BenchWorld(users, items, options.max_text_items, options.seed)
+                row = {"users": users, "items": items, "item_texts": min(items, options.max_text_items)}
+                tag = f"scale{users}x{items}"
                 row["ingest"] = ingest.run(cluster, factory, scaled, events=plan["ingest_events"], rounds=1,
-                                           progress=progress, phase=f"scale{n}-ingest")
+                                           progress=progress, phase=f"{tag}-ingest")
                 row["freshness"] = freshness.run(cluster, scaled, seconds=plan["scale_seconds"], rate=options.rate,
                                                  linger_ms=options.producer_linger_ms,
                                                  sample_every_s=max(1.0, plan["scale_seconds"] / 10),
-                                                 warmup_s=0.0, progress=progress, phase=f"scale{n}")
+                                                 warmup_s=0.0, progress=progress, phase=tag)
+                # The worker process's resident memory at the end of its steady run, and its peak.
+                memory = row["freshness"].get("memory", {})
+                row["rss_mb"], row["rss_peak_mb"] = memory.get("rss_end_mb"), memory.get("rss_peak_mb")
                 results["scale"].append(row)
                 _write(options.out, results)
         if "distributed" in sections:
@@ -187,7 +212,7 @@ def _write(path: Optional[str], results: dict) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["BenchOptions", "run_bench", "markdown_table", "SECTIONS", "SCHEMA"]
+__all__ = ["BenchOptions", "run_bench", "markdown_table", "parse_scales", "SECTIONS", "SCHEMA", "SCALE_GRID"]
 
 
 if __name__ == "__main__":  # pragma: no cover

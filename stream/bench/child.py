@@ -12,7 +12,9 @@ added, both constant-size:
   ``after_training``), so the parent can time item republication.
 
 CONFIG (JSON): ``settings`` (Settings fields), ``expect_items`` (catalogue
-size that means "items loaded"), ``ready_path``, ``result_path``. The
+size that means "items loaded"), ``ready_path``, ``result_path``, and
+optionally ``status_path`` + ``status_every_s`` (the bounded structures' sizes,
+rewritten that often, for ``benchmarks/soak.py``). The
 ready file appears once partitions are assigned and the catalogue is
 loaded; SIGTERM stops the worker the normal way (drain, checkpoint, commit),
 then the result JSON is written.
@@ -50,6 +52,31 @@ class _UpdateClock(SupervisedPlugin):
 def _replay_len(learner) -> int:
     replay = learner.parts.replay
     return replay.storage_policy.filled if replay is not None else 0
+
+
+def _sizes(app, settings) -> dict:
+    """The bounded structures that grow until full: where RSS growth goes."""
+    return {"dedup_ledger_ids": app.ingest.ledger_size, "dedup_window": settings.dedup_window,
+            "replay_samples": _replay_len(app.learner), "replay_size": settings.replay_size,
+            "pending": app.learner.pending, "users": len(app.learner.users), "max_users": settings.max_users,
+            "history_length": settings.history_length, "catalogue": len(app.learner.catalogue),
+            "model_version": int(app.learner.model_version)}
+
+
+def _write_status(app, settings, config: dict) -> None:
+    """Every ``status_every_s``: the sizes, read without the learner's lock (counts only, so a
+    value one update old is fine), written atomically."""
+    path = config["status_path"]
+    while not app.lifecycle.stopping:
+        try:
+            status = {"time": time.time(), **_sizes(app, settings)}
+        except RuntimeError:  # a dict resized under us: take the next one
+            status = None
+        if status is not None:
+            with open(path + ".tmp", "w") as fh:
+                json.dump(status, fh)
+            os.replace(path + ".tmp", path)
+        time.sleep(config.get("status_every_s", 10.0))
 
 
 def _sample(registry, name: str, **labels):
@@ -104,6 +131,9 @@ def main(argv: list[str]) -> int:
             time.sleep(0.1)
 
     threading.Thread(target=announce_ready, name="bench-ready", daemon=True).start()
+    if config.get("status_path"):
+        threading.Thread(target=_write_status, args=(app, settings, config), name="bench-status",
+                         daemon=True).start()
     started = time.time()
     rc = app.run()
     registry = app.metrics.registry
@@ -115,10 +145,7 @@ def main(argv: list[str]) -> int:
         "totals": vars(app.totals),
         "model_version": int(app.learner.model_version),
         "users": len(app.learner.users), "catalogue": len(app.learner.catalogue),
-        # The bounded structures that grow until full: where RSS growth goes.
-        "sizes": {"dedup_ledger_ids": app.ingest.ledger_size, "dedup_window": settings.dedup_window,
-                  "replay_samples": _replay_len(app.learner), "replay_size": settings.replay_size,
-                  "pending": app.learner.pending, "max_users": settings.max_users},
+        "sizes": _sizes(app, settings),
         "metrics": {
             "train_steps": _sample(registry, "recstream_train_steps_total"),
             "train_samples": _sample(registry, "recstream_train_samples_total"),

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -187,6 +187,14 @@ def _wait_ready(proc: subprocess.Popen, ready_path: str, log_path: str, timeout_
         time.sleep(0.2)
 
 
+def _read_json(path: Optional[str]) -> Optional[dict]:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, TypeError, ValueError):
+        return None
+
+
 def _tail(path: str, lines: int = 30) -> str:
     try:
         with open(path, errors="replace") as fh:
@@ -197,7 +205,10 @@ def _tail(path: str, lines: int = 30) -> str:
 
 def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, linger_ms: int,
         sample_every_s: float, warmup_s: float, progress: Progress, phase: str = "freshness",
-        settings_overrides: Optional[dict] = None, memory: bool = True) -> dict:
+        settings_overrides: Optional[dict] = None, memory: bool = True,
+        on_sample: Optional[Callable[[float, Optional[int], "Matcher", Optional[dict]], None]] = None) -> dict:
+    """``on_sample(t_s, rss_bytes, matcher, sizes)`` runs at every memory sample, ``sizes`` the
+    worker's bounded structures as of its last status (benchmarks/soak.py)."""
     settings = cluster.topics(phase).model_copy(update={
         "state_dir": temp_state_dir(phase), "metrics_port": 0, **(settings_overrides or {})})
     client_kwargs = cluster.client_kwargs()
@@ -206,6 +217,8 @@ def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, lin
     workdir = tempfile.mkdtemp(prefix=f"recstream-bench-{phase}-")
     config = {"settings": json.loads(settings.model_dump_json()), "expect_items": len(items),
               "ready_path": os.path.join(workdir, "ready.json"), "result_path": os.path.join(workdir, "result.json")}
+    if on_sample is not None:
+        config.update(status_path=os.path.join(workdir, "status.json"), status_every_s=min(10.0, sample_every_s))
     config_path = os.path.join(workdir, "config.json")
     with open(config_path, "w") as fh:
         json.dump(config, fh)
@@ -235,6 +248,8 @@ def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, lin
                 rss = _rss(proc.pid)
                 if rss is not None:
                     samples.append((round(now - started, 2), rss))
+                if on_sample is not None:
+                    on_sample(now - started, rss, matcher, _read_json(config.get("status_path")))
                 next_sample += sample_every_s
             if proc.poll() is not None:
                 raise RuntimeError(f"the bench worker died (exit {proc.returncode}); log {log_path}:\n"
@@ -243,6 +258,8 @@ def run(cluster: Cluster, world: BenchWorld, *, seconds: float, rate: float, lin
         rss = _rss(proc.pid)
         if rss is not None:
             samples.append((round(time.monotonic() - started, 2), rss))
+        if on_sample is not None:
+            on_sample(time.monotonic() - started, rss, matcher, _read_json(config.get("status_path")))
         producer.stop()
         producer.join(timeout=30)
         grace = time.monotonic() + max(15.0, min(60.0, seconds / 4))

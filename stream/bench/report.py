@@ -93,14 +93,15 @@ def markdown_table(results: dict) -> str:
     out = "\n".join(rows)
     scale = results.get("scale")
     if scale:
-        lines = ["| users = items (with text) | ingest events/s: worker / bare (ratio) | incl. publishing (ratio) "
+        lines = ["| users / items (with text) | ingest events/s: worker / bare (ratio) | incl. publishing (ratio) "
                  "| event -> user vector p50 / p99 | update -> item vectors p50 / p99 | worker RSS end |",
                  "|---|---|---|---|---|---|"]
         for row in scale:
             ing, fr = row["ingest"], row["freshness"]
             vis, item = fr["event_to_vector"]["visible"], fr["item_refresh"]
-            rss = fr.get("memory", {}).get("rss_end_mb")
-            lines.append(f"| {row['users']:,} ({row['item_texts']:,}) | {_num(ing['worker_events_per_s'])} / "
+            rss = row.get("rss_mb", fr.get("memory", {}).get("rss_end_mb"))
+            lines.append(f"| {row['users']:,} / {row['items']:,} ({row['item_texts']:,}) "
+                         f"| {_num(ing['worker_events_per_s'])} / "
                          f"{_num(ing['bare_events_per_s'])} ({_num(ing['ratio'], 2)}) "
                          f"| {_num(ing['worker_publish_events_per_s'])} ({_num(ing['ratio_with_publish'], 2)}) "
                          f"| {_s(vis['p50_s'])} / {_s(vis['p99_s'])} | {_s(item['p50_s'])} / {_s(item['p99_s'])} "
