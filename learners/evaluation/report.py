@@ -157,7 +157,8 @@ def write_stability_plot(png_path: PathLike, results: dict) -> Path:
 
     k = results["k"]
     x_name, y_name = stability_axes(results)
-    labels = {"p1": "P1", "returning": "returning users", "plasticity": "plasticity", "retention": "retention"}
+    labels = {"p1": f"P1 NDCG@{k} (plasticity)", "plasticity": f"plasticity NDCG@{k}",
+              "returning": f"returning users' NDCG@{k} (stability)", "retention": f"retention NDCG@{k}"}
     figure = Figure(figsize=(6, 5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -169,8 +170,9 @@ def write_stability_plot(png_path: PathLike, results: dict) -> Path:
         axes.scatter([x[f"ndcg@{k}"]], [y[f"ndcg@{k}"]], s=36)
         axes.annotate(name, (x[f"ndcg@{k}"], y[f"ndcg@{k}"]), textcoords="offset points", xytext=(5, 4),
                       fontsize="small")
-    axes.set_xlabel(f"{labels[x_name]} NDCG@{k} (plasticity)")
-    axes.set_ylabel(f"{labels[y_name]} NDCG@{k} (stability)")
+    axes.set_xlabel(labels[x_name])
+    axes.set_ylabel(labels[y_name])
+    axes.margins(0.2)  # room for the names beside the points
     axes.set_title("Stability against plasticity, one point per strategy")
     axes.grid(True, alpha=0.3)
     return _save(figure, png_path)
