@@ -53,7 +53,9 @@ def offline_p1(scores, targets, history_rows, history_weights) -> tuple[list, li
     return recalls, ndcgs
 
 
-def test_live_figures_match_offline_p1_on_the_same_events_and_vectors():
+def test_live_figures_match_offline_p1_on_the_same_events_and_vectors(monkeypatch):
+    import stream.worker.online_eval as online_eval
+    monkeypatch.setattr(online_eval, "SCORES_PER_EVENT", 10**9)  # every user's first event: no sampling
     world = SyntheticWorld(n_items=80, n_users=30, seed=11)
     config = LearnerConfig(model_path=default_model_path(), device="cpu", vector_dim=32, negatives=32,
                            batch_size=32, history_length=16, max_text_tokens=24, replay_size=256,
