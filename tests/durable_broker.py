@@ -69,7 +69,8 @@ class MotoS3:
                 time.sleep(0.2)
         self.stop()
         tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
-        raise S3Unavailable(f"moto_server did not answer on {self.endpoint} within {self.start_timeout_s:.0f}s:\n{tail}")
+        raise S3Unavailable(f"moto_server did not answer on {self.endpoint} within {self.start_timeout_s:.0f}s:\n"
+                            f"{tail}")
 
     def create_bucket(self, prefix: str = "tansu") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -13,6 +13,7 @@ topics themselves.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -21,23 +22,20 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
-import errno
-
 import pytest
 
+from durable_broker import DurableBroker, MotoS3, S3Unavailable
 from learners.checkpoint import CheckpointStore
 from learners.records import event_to_json
 from learners.synthetic import SyntheticWorld
 from stream.kafka.broker import log_end_offsets, read_topic
 from stream.kafka.recovery import PublishedVersionMark, StateDirError
-from durable_broker import DurableBroker, MotoS3, S3Unavailable
 from test_chaos import FAST, GroupOffsets, final_totals, latest_vectors, launch, merge_ends, produce_all, stopped
 from worker_fakes import TP0, consumer_record, event_bytes, gauge, make_worker, skip_checkpoint_files
 from worker_harness import make_topics, produce_items
 
-
-# The harness's group session timeout (RECSTREAM_SESSION_TIMEOUT_MS in tests/worker_harness.py).
-SESSION_TIMEOUT_S = 6.0
+# Twice the harness's group session timeout (RECSTREAM_SESSION_TIMEOUT_MS in tests/worker_harness.py).
+FROZEN_S = 2 * 6.0
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +108,8 @@ def test_broker_killed_twice_under_a_running_worker_loses_and_doubles_nothing(du
     started = time.monotonic()
     bootstrap = durable_broker.bootstrap
     topics = make_topics(bootstrap, unique_topic)
-    items, events = new_stream(seed=31, n_events=3000)
-    parts = [events[:1000], events[1000:2000], events[2000:]]
+    items, events = new_stream(seed=31, n_events=1800)
+    parts = [events[:600], events[600:1200], events[1200:]]
     produce_items(bootstrap, topics.items, items)
     ends = produce_all(bootstrap, topics.events, encoded(parts[0]))
     state_dir = tmp_path / "state"
@@ -121,7 +119,7 @@ def test_broker_killed_twice_under_a_running_worker_loses_and_doubles_nothing(du
         consumed = 0.0
         for n, part in enumerate(parts[1:], start=1):
             # Killed mid-stream: records read but not yet trained, checkpointed or committed.
-            m = worker.wait_for(lambda m: m.get("recstream_events_consumed_total", 0) >= consumed + 300, 300,
+            m = worker.wait_for(lambda m: m.get("recstream_events_consumed_total", 0) >= consumed + 200, 300,
                                 "the worker under way")
             consumed = m["recstream_events_consumed_total"]
             durable_broker.kill()
@@ -148,31 +146,35 @@ def test_broker_killed_twice_under_a_running_worker_loses_and_doubles_nothing(du
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_broker_frozen_past_the_session_timeout_the_worker_rejoins_exactly_once(durable_broker, unique_topic,
-                                                                                tmp_path):
+def test_broker_frozen_past_the_session_timeout_loses_and_doubles_nothing(durable_broker, unique_topic, tmp_path):
+    """Frozen, the broker answers nothing while its connections stay open: requests time out and the
+    client's session expires on its side. tansu keeps the member when it resumes (its rebalance count
+    stays put); a broker that evicts it sends the worker through the rejoin the rebalance tests cover.
+    Either way the worker must hold its partitions again and apply every event once."""
     started = time.monotonic()
     bootstrap = durable_broker.bootstrap
     topics = make_topics(bootstrap, unique_topic)
-    items, events = new_stream(seed=37, n_events=2000)
+    items, events = new_stream(seed=37, n_events=1200)
     produce_items(bootstrap, topics.items, items)
-    ends = produce_all(bootstrap, topics.events, encoded(events[:1200]))
+    ends = produce_all(bootstrap, topics.events, encoded(events[:700]))
     state_dir = tmp_path / "state"
     worker = launch(bootstrap, topics, state_dir, tmp_path / "worker.log", **FAST)
     committed = None
     try:
-        m = worker.wait_for(lambda m: m.get("recstream_events_consumed_total", 0) >= 400, 300, "the worker under way")
-        rebalances = m.get("recstream_rebalances_total", 0)
+        m = worker.wait_for(lambda m: m.get("recstream_events_consumed_total", 0) >= 300, 300, "the worker under way")
+        rebalances, errors = m.get("recstream_rebalances_total", 0), m.get("recstream_broker_errors_total", 0)
         durable_broker.freeze()
-        time.sleep(2.5 * SESSION_TIMEOUT_S)
+        time.sleep(FROZEN_S)
         durable_broker.thaw()
         assert worker.proc.poll() is None, f"the worker died while the broker was frozen:\n{worker.tail()}"
-        ends = merge_ends(ends, produce_all(bootstrap, topics.events, encoded(events[1200:])))
+        ends = merge_ends(ends, produce_all(bootstrap, topics.events, encoded(events[700:])))
         committed = GroupOffsets(bootstrap, topics.group, topics.events)
         m = drained(worker, committed, ends)
-        print(f"\nbroker frozen {2.5 * SESSION_TIMEOUT_S:.0f}s after {400}+ records; rebalances "
+        print(f"\nbroker frozen {FROZEN_S:.0f}s after 300+ records; rebalances "
               f"{rebalances:.0f} -> {m.get('recstream_rebalances_total', 0):.0f}, broker errors "
               f"{m.get('recstream_broker_errors_total', 0):.0f}, partitions {m.get('recstream_partitions_assigned')}")
-        assert m.get("recstream_partitions_assigned") == 3
+        assert m.get("recstream_partitions_assigned") == 3, "the worker must hold its partitions again"
+        assert m.get("recstream_broker_errors_total", 0) > errors, "the frozen broker must be seen and counted"
         stopped(worker, "term")
         final_committed = committed(ends)
     finally:
@@ -267,9 +269,10 @@ def test_state_dir_unwritable_mid_run_stops_clearly_and_commits_nothing_past_the
     started = time.monotonic()
     bootstrap, state_dir = broker.bootstrap, state_dir_fault.state_dir
     topics = make_topics(bootstrap, unique_topic)
-    items, events = new_stream(seed=41, n_events=2400)
+    items, events = new_stream(seed=41, n_events=1400)
     produce_items(bootstrap, topics.items, items)
-    ends = produce_all(bootstrap, topics.events, encoded(events[:800]))
+    base = 2 * FAST["experience_size"]  # trained to the last event: no experience in flight at the fault
+    ends = produce_all(bootstrap, topics.events, encoded(events[:base]))
     logs = [tmp_path / "worker-0.log", tmp_path / "worker-1.log"]
     # Training waits for a full experience, so the checkpoints due meanwhile fail first.
     worker = launch(bootstrap, topics, state_dir, logs[0], **{**FAST, "max_experience_wait_s": 600})
@@ -277,9 +280,9 @@ def test_state_dir_unwritable_mid_run_stops_clearly_and_commits_nothing_past_the
     try:
         drained(worker, committed, ends)
         state_dir_fault.inject()
-        ends = merge_ends(ends, produce_all(bootstrap, topics.events, encoded(events[800:900])))
+        ends = merge_ends(ends, produce_all(bootstrap, topics.events, encoded(events[base:base + 100])))
         m = worker.wait_for(lambda m: m.get("recstream_checkpoint_failures_total", 0) >= 2
-                            and m.get("recstream_events_consumed_total", 0) >= 900, 120,
+                            and m.get("recstream_events_consumed_total", 0) >= base + 100, 120,
                             "checkpoints failing while the state dir is unwritable")
         durable = {p: o for _, p, o in CheckpointStore(state_dir).latest_extra()["event_offsets"]}
         held = committed(ends)
@@ -290,7 +293,7 @@ def test_state_dir_unwritable_mid_run_stops_clearly_and_commits_nothing_past_the
         assert "checkpoint failed, offsets stay uncommitted" in worker.tail(100)
 
         # A model update: its vectors cannot go out before its version is on disk, so the worker stops.
-        ends = merge_ends(ends, produce_all(bootstrap, topics.events, encoded(events[900:1600])))
+        ends = merge_ends(ends, produce_all(bootstrap, topics.events, encoded(events[base + 100:1000])))
         code = worker.proc.wait(timeout=300)
         worker.close_log()
         said = worker.tail(30)
@@ -302,7 +305,7 @@ def test_state_dir_unwritable_mid_run_stops_clearly_and_commits_nothing_past_the
 
         state_dir_fault.clear()
         worker = launch(bootstrap, topics, state_dir, logs[1], **FAST)
-        ends = merge_ends(ends, produce_all(bootstrap, topics.events, encoded(events[1600:])))
+        ends = merge_ends(ends, produce_all(bootstrap, topics.events, encoded(events[1000:])))
         drained(worker, committed, ends)
         stopped(worker, "term")
         final_committed = committed(ends)
