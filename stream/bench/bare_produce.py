@@ -6,7 +6,9 @@ worker's exact output shape: the same encoder (``encode_vectors`` with
 ``user_extras``: a ``because`` of up to three items and the user's
 ``recent_items``, kept here as a plain list per user), the same key, the same producer
 (``make_producer``: partitioner, linger, batch size, acks) and the same window
-(``USER_PUBLISH_WINDOW_S``), so the two cannot drift apart. What it leaves out
+(``USER_PUBLISH_WINDOW_S``) and the same bound on records in flight (a flush
+once more than ``MAX_UNACKNOWLEDGED_VECTORS`` are unacknowledged, as the
+worker's ``deliver_refused``), so the two cannot drift apart. What it leaves out
 is the worker's own work: validation, de-duplication, user state, the model's
 vectors (a fixed table of random rows stands in) and the delivery bookkeeping.
 
@@ -20,12 +22,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import deque
 
 import numpy as np
 
 from stream.kafka.messages import encode_vectors, user_extras
 from stream.kafka.sinks import make_producer
-from stream.worker.publisher import USER_PUBLISH_WINDOW_S
+from stream.worker.publisher import MAX_UNACKNOWLEDGED_VECTORS, USER_PUBLISH_WINDOW_S
 
 _WEIGHTS = {"click": 1.0, "purchase": 2.0, "favourite": 3.0}
 _BECAUSE_ITEMS = 3
@@ -47,6 +50,7 @@ def bare_produce(settings, topic: str, n: int, dim: int, client_kwargs: dict, ti
     recent: dict[str, list] = {}  # user -> their newest distinct (item, weight), newest first
     keep = max(settings.recent_items, _BECAUSE_ITEMS)
     window_started = 0.0
+    in_flight: deque = deque()  # futures of the records sent since the last flush, oldest first
 
     def touch(user: str, item: str, weight: float) -> None:
         newest = [(item, weight)] + [pair for pair in recent.get(user, ()) if pair[0] != item]
@@ -59,8 +63,13 @@ def bare_produce(settings, topic: str, n: int, dim: int, client_kwargs: dict, ti
                              [[item for item, _ in recent[u][:settings.recent_items]] for u in users])
         rows = vectors[np.arange(len(users)) % _VECTOR_ROWS]
         for key, value in encode_vectors("user", users, rows, 0, time.time(), extras):
-            send(out_topic, key=key, value=value)
+            in_flight.append(send(out_topic, key=key, value=value))
         window.clear()
+        while in_flight and in_flight[0].is_done:
+            in_flight.popleft()
+        if len(in_flight) > MAX_UNACKNOWLEDGED_VECTORS:
+            producer.flush()
+            in_flight.clear()
 
     try:
         seen, first, started = 0, 0, None
