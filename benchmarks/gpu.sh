@@ -25,9 +25,11 @@
 # outside that machine can be reached, so nothing is installed there) the script needs a venv at
 # .venv with this project's dependencies and a CUDA build of torch, and stops with a message when
 # there is none. The tool carries ignored paths along (carry [".venv"]), but only 64 MiB in all:
-# a torch venv (about 6 GB) has to be on the machine already. Put the CPU reference somewhere git
-# does not ignore (or carry it), then run it as the tool's command with timeout_s 540:
-#   bash benchmarks/gpu.sh $OUT/gpu --device cuda --cpu-reference cpu-reference.json
+# a torch venv (about 6 GB) has to be on the machine already. Untracked files that git does not
+# ignore travel with the tree: copy ml-latest-small (3 MB) and the CPU reference into it first
+# (../shared is not copied), then run as the tool's command, with timeout_s 540:
+#   bash benchmarks/gpu.sh $OUT/gpu --device cuda --data gpu-data/ml-latest-small \
+#       --cpu-reference gpu-data/cpu-reference.json
 # and the files come back from $OUT/gpu (gpu.json holds every section).
 set -uo pipefail
 
@@ -98,18 +100,18 @@ step() {
     grep -v -e '^WARNING' -e 'Warning' -e 'warnings.warn' "$OUT/$name.log" | tail -n 4 | sed 's/^/   /'
 }
 
-# Limits, in order: 40 + 70 + 90 + 110 + 40 + 120 = 470 s, plus the checks above and the summary.
-step decoder 40 "$PYTHON" benchmarks/gpu_models.py "$DECODER" "${TINY[@]}" --device "$DEVICE" --out "$OUT/decoder.json"
-step training-minilm 70 "$PYTHON" benchmarks/gpu_steps.py training --model "$MINILM" --label minilm \
+# Limits, in order: 35 + 60 + 90 + 100 + 40 + 140 = 465 s, plus the checks above and the summary.
+step decoder 35 "$PYTHON" benchmarks/gpu_models.py "$DECODER" "${TINY[@]}" --device "$DEVICE" --out "$OUT/decoder.json"
+step training-minilm 60 "$PYTHON" benchmarks/gpu_steps.py training --model "$MINILM" --label minilm \
     --device "$DEVICE" "${TINY[@]}" --out "$OUT/training-minilm.json"
 step training-qwen2 90 "$PYTHON" benchmarks/gpu_steps.py training --model "$DECODER" --label qwen2-0.5b-random \
     --device "$DEVICE" "${TINY[@]}" --out "$OUT/training-qwen2.json"
-step freshness 110 "$PYTHON" benchmarks/gpu_steps.py freshness --device "$DEVICE" "${TINY[@]}" \
-    --budget-s $((100 * LIMIT_SCALE)) --out "$OUT/freshness.json"
+step freshness 100 "$PYTHON" benchmarks/gpu_steps.py freshness --device "$DEVICE" "${TINY[@]}" \
+    --budget-s $((90 * LIMIT_SCALE)) --out "$OUT/freshness.json"
 step encoding 40 "$PYTHON" benchmarks/gpu_steps.py encoding --model "minilm=$MINILM" \
     --model "qwen2-0.5b-random=$DECODER" --device "$DEVICE" "${TINY[@]}" --out "$OUT/encoding.json"
 if [ -n "$DATA" ]; then
-    step evaluate 120 "$PYTHON" benchmarks/gpu_steps.py evaluate --data "$DATA" --work "$WORK/evaluate" \
+    step evaluate 140 "$PYTHON" benchmarks/gpu_steps.py evaluate --data "$DATA" --work "$WORK/evaluate" \
         --device "$DEVICE" "${TINY[@]}" "${CPU_REFERENCE[@]}" --out "$OUT/evaluate.json"
 else
     echo "no MovieLens folder (--data DIR)" >"$OUT/evaluate.log"
