@@ -113,7 +113,8 @@ def table(summary: dict) -> str:
     first = fresh.get("at_1000") or {}
     figure = first.get("error") or f"p50 {_num(first.get('p50_s'), 3)} s, p99 {_num(first.get('p99_s'), 3)} s"
     lines.append(f"| event -> user vector at 1,000/s | {figure} | {_mib(first.get('device_memory_used_peak_bytes'))} |")
-    tried = ", ".join(f"{r['rate_events_per_s']:.0f}{'' if r.get('ok') else ' (over)'}" for r in fresh.get("runs") or [])
+    tried = ", ".join(f"{r['rate_events_per_s']:.0f}{'' if r.get('ok') else ' (over)'}"
+                      for r in fresh.get("runs") or [])
     lines.append(f"| highest rate with p99 <= {fresh.get('p99_limit_s', 0.5)} s | "
                  f"{_num(fresh.get('highest_rate_p99_within_limit'), 0)} events/s (tried {tried or '-'}) | |")
     if _error(fresh):

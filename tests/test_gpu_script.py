@@ -35,7 +35,7 @@ def _figure_or_error(section: dict, *keys: str) -> None:
 def rehearsal(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("gpu")
     args = ["bash", str(SCRIPT), str(out), "--device", "cpu", "--tiny"]
-    if MOVIELENS is None:  # the evaluation step then records its error; a synthetic file stands in
+    if MOVIELENS is None:  # without the shared data set, a small synthetic MovieLens folder stands in
         args += ["--data", str(_synthetic_movielens(tmp_path_factory.mktemp("ml")))]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1500,
                           env={**os.environ, "LIMIT_SCALE": os.environ.get("LIMIT_SCALE", "6")})
@@ -46,7 +46,8 @@ def rehearsal(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
 def _synthetic_movielens(folder: Path) -> Path:
     movies = ["movieId,title,genres"] + [f"{i},Movie {i} ({1990 + i % 30}),Drama|Comedy" for i in range(1, 41)]
     ratings = ["userId,movieId,rating,timestamp"] + [
-        f"{u},{1 + (u * 7 + k) % 40},{1 + (u + k) % 5}.0,{1_000_000 + u * 100 + k}" for u in range(1, 61) for k in range(10)]
+        f"{u},{1 + (u * 7 + k) % 40},{1 + (u + k) % 5}.0,{1_000_000 + u * 100 + k}"
+        for u in range(1, 61) for k in range(10)]
     (folder / "movies.csv").write_text("\n".join(movies) + "\n")
     (folder / "ratings.csv").write_text("\n".join(ratings) + "\n")
     return folder
