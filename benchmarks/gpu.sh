@@ -41,33 +41,38 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE=${2:-}; shift 2 ;;
         --tiny) TINY=(--tiny); shift ;;
-        --data) DATA=${2:-}; shift 2 ;;
+        --data) DATA=$(realpath "${2:-}"); shift 2 ;;
         --cpu-reference) CPU_REFERENCE=(--cpu-reference "$(realpath "${2:-}")"); shift 2 ;;
         *) usage ;;
     esac
 done
 [ "$DEVICE" = cuda ] || [ "$DEVICE" = cpu ] || usage
 
+mkdir -p "$OUT"
+OUT=$(realpath "$OUT")
+# stop MESSAGE: nothing can be measured; OUT/gpu.json says why (plain text, no venv needed).
+stop() {
+    echo "benchmarks/gpu.sh: $1" >&2
+    local line=${1//$'\n'/ }
+    printf '{"schema": "recstream-gpu/1", "device": "%s", "error": "%s"}\n' "$DEVICE" "${line//\"/\'}" >"$OUT/gpu.json"
+    exit 3
+}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "" 2>/dev/null; then
-    echo "benchmarks/gpu.sh: no usable venv at $ROOT/.venv. This script installs nothing (a GPU machine" >&2
-    echo "  reaches no package index): bring a venv with this project's dependencies and a CUDA torch" >&2
-    echo "  to .venv (the device tool's carry), or create one there, then run it again." >&2
-    exit 3
+    stop "no usable venv at $ROOT/.venv. This script installs nothing (a GPU machine reaches no package
+  index): bring a venv with this project's dependencies and a CUDA build of torch to .venv, then run it again."
 fi
 PYTHON=$ROOT/.venv/bin/python
 # The tree's own packages, wherever the venv's editable install pointed when it was made.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if ! import_error=$("$PYTHON" -c "import torch, transformers, avalanche, peft, kafka, stream, learners" 2>&1); then
-    echo "benchmarks/gpu.sh: the venv at .venv cannot import the project's dependencies:" >&2
-    echo "$import_error" | tail -n 3 >&2
-    exit 3
+    stop "the venv at .venv cannot import the project's dependencies ($(echo "$import_error" | tail -n 1)):
+  install them into it (pip install -e '.[test]') where a package index is reachable"
 fi
 if [ "$DEVICE" = cuda ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "benchmarks/gpu.sh: --device cuda but torch sees no CUDA device (a CPU build of torch, or no GPU)" >&2
-    exit 3
+    stop "--device cuda but torch sees no CUDA device (a CPU build of torch, or no GPU): use --device cpu"
 fi
 if [ -z "$DATA" ]; then
     for candidate in ../shared/data/movielens-latest-small shared/data/movielens-latest-small; do
@@ -75,8 +80,6 @@ if [ -z "$DATA" ]; then
     done
 fi
 
-mkdir -p "$OUT"
-OUT=$(realpath "$OUT")
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/recstream-gpu-XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 MINILM=$("$PYTHON" -c "from stream.config import default_model_path; print(default_model_path())")

@@ -132,4 +132,5 @@ def test_without_a_venv_it_says_so_and_stops(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 3
     assert "no usable venv" in proc.stderr
-    assert not (tmp_path / "out").exists()
+    summary = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    assert summary["error"].startswith("no usable venv") and summary["device"] == "cuda"
