@@ -6,14 +6,17 @@ Two signals about items with little history, read from the events themselves:
   weighs 1, a purchase 2, a favourite 3. An item whose few events are
   purchases and favourites is picked next more often than one with as many
   clicks. The item's mean weight minus the stream's, shrunk towards 0 by
-  ``PRIOR_EVENTS`` pseudo-events, so one event says little.
+  ``PRIOR_EVENTS`` pseudo-events, so one event says little. Events count by
+  their credibility (``learners.credibility``), so new accounts that favourite
+  one item over and over do not make it the stream's best.
 * newness: how recently the item had its first event. It is
   exp(-events since then / catalogue size), the popularity ladder's time
   scale (``learners.popularity``), so it adapts to the stream rather than to a
   clock.
 
-Per catalogue row the table holds three statistics: weighted events, events,
-and the stream position of the first event plus 1 (0: none yet). They are
+Per catalogue row the table holds four statistics: credible weighted events,
+events, the stream position of the first event plus 1 (0: none yet), and
+credible events (the sum of the events' credibility). They are
 counted as the ladder's counts are: never trained, saved with the model, and
 the same on every rank. This module holds the arithmetic.
 """
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import torch
 
-COLUMNS = 3
-WEIGHTED, EVENTS, FIRST = range(COLUMNS)
+from learners import credibility
+
+COLUMNS = 4
+WEIGHTED, EVENTS, FIRST, CREDIBLE = range(COLUMNS)
 PRIOR_EVENTS = 2.0  # pseudo-events at the stream's mean weight in every item's conversion
 
 
@@ -32,18 +37,27 @@ def empty(rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.zeros(rows, COLUMNS, dtype=torch.float64, device=device)
 
 
+def with_credible(table: torch.Tensor) -> torch.Tensor:
+    """A table of an older layout (no credible column) in this one: its events count as credible."""
+    if table.shape[1] == COLUMNS:
+        return table
+    return torch.cat([table, table[:, EVENTS:EVENTS + 1]], dim=1)
+
+
 def stream_mean_weight(table: torch.Tensor) -> float:
-    """Mean event weight of everything counted so far (0 before any event)."""
-    events = float(table[:, EVENTS].sum())
-    return float(table[:, WEIGHTED].sum()) / events if events else 0.0
+    """Mean weight of the credible events counted so far (0 before any)."""
+    credible = float(table[:, CREDIBLE].sum())
+    return float(table[:, WEIGHTED].sum()) / credible if credible else 0.0
 
 
 @torch.no_grad()
-def observe(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, position: float) -> None:
+def observe(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, position: float,
+            credibility: torch.Tensor | None = None) -> None:
     """Count events of ``rows`` (in event order) with their ``weights`` into ``table``, in place.
 
     ``position``: events counted before this batch, stream-wide. A weight that is not a
-    number (the event is no longer known) counts at the stream's mean, so it moves nothing."""
+    number (the event is no longer known) counts at the stream's mean, so it moves nothing.
+    ``credibility`` (default 1 each): how much each event counts in the credible columns."""
     if not len(rows):
         return
     rows = rows.to(table.device, torch.long)
@@ -59,15 +73,17 @@ def observe(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, posi
     first.scatter_reduce_(0, rows, order, reduce="amin")
     new = (table[:, FIRST] == 0) & torch.isfinite(first)
     table[new, FIRST] = position + first[new] + 1.0
-    table[:, WEIGHTED].index_add_(0, rows, weights)
+    credible = torch.ones_like(weights) if credibility is None else credibility.to(table.device, torch.float64)
+    table[:, WEIGHTED].index_add_(0, rows, weights * credible)
     table[:, EVENTS].index_add_(0, rows, torch.ones_like(weights))
+    table[:, CREDIBLE].index_add_(0, rows, credible)
 
 
 def conversion(table: torch.Tensor, n_items: int) -> torch.Tensor:
-    """[n_items]: each item's mean event weight minus the stream's, shrunk towards 0."""
+    """[n_items]: each item's mean credible event weight minus the stream's, shrunk towards 0."""
     rows = table[:n_items]
     mean = stream_mean_weight(table)
-    return (rows[:, WEIGHTED] - rows[:, EVENTS] * mean) / (rows[:, EVENTS] + PRIOR_EVENTS)
+    return (rows[:, WEIGHTED] - rows[:, CREDIBLE] * mean) / (rows[:, CREDIBLE] + PRIOR_EVENTS)
 
 
 def newness(table: torch.Tensor, n_items: int) -> torch.Tensor:
@@ -77,3 +93,9 @@ def newness(table: torch.Tensor, n_items: int) -> torch.Tensor:
     age = now - (rows[:, FIRST] - 1.0)
     seen = rows[:, FIRST] > 0
     return torch.where(seen, torch.exp(-age.clamp(min=0.0) / max(n_items, 1)), torch.zeros_like(age))
+
+
+def discount(table: torch.Tensor, n_items: int) -> torch.Tensor:
+    """[n_items] in [0, 1]: how much of its shared statistics each item keeps (``credibility.item_discount``)."""
+    return credibility.item_discount(table[:n_items, CREDIBLE], table[:n_items, EVENTS],
+                                     table[:, CREDIBLE].sum(), table[:, EVENTS].sum())

@@ -12,7 +12,7 @@ import copy
 import logging
 import random
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 
 from learners import trending
 from learners.catalogue import Catalogue
+from learners.credibility import event_credibility, suspected_counts
 from learners.config import LearnerConfig  # re-exported: torch-free, so the CLI reads it without torch
 from learners.encoder import TextEncoder, resolve_device
 from learners.event_rank import event_ranks, ndcg_full
@@ -50,6 +51,8 @@ class LearnReport:
     touched_items: int
     steps: int = 0
     replay_samples: int = 0
+    # Events counted at less than full weight on the shared statistics, by reason (learners.credibility).
+    suspected: dict = field(default_factory=dict)
 
 
 class ContinualRecommender:
@@ -341,13 +344,17 @@ class ContinualRecommender:
             item_rows = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
             sample_weights = torch.from_numpy(np.full(len(items), np.nan) if event_weights is None
                                               else np.asarray(event_weights, np.float64))
+            credible = event_credibility(hist_rows, hist_weights, items, self.config.established_user_items)
+            suspected = suspected_counts(credible, hist_rows, hist_weights, items)
+            credible = torch.from_numpy(credible)
             if self.collective is not None:  # popularity and re-embedding see the group's items
-                item_rows, sample_weights = self.collective.gather_rows(item_rows, sample_weights)
+                item_rows, gathered = self.collective.gather_rows(item_rows, torch.stack([sample_weights, credible], 1))
+                sample_weights, credible = gathered[:, 0], gathered[:, 1]
                 items = item_rows.numpy()
                 trained = torch.tensor(sorted(self.model.text_trained), dtype=torch.long)
                 self.model.text_trained.update(self.collective.gather_rows(trained).tolist())
             touched = np.unique(items)
-            self.model.observe_popularity(item_rows, sample_weights)
+            self.model.observe_popularity(item_rows, sample_weights, credible)
             if served is not None:  # what the re-embedding covers, to cover it again after an undo
                 check = UpdateCheck(self.model_version + 1, served, self._refresh_cursor,
                                      list(self.model.text_trained), touched, stats.steps > steps_before)
@@ -375,7 +382,7 @@ class ContinualRecommender:
         replay = self.parts.replay
         replayed = replay.storage_policy.filled if replay is not None else 0
         return LearnReport(self.model_version, stats.samples - samples_before, stats.seconds - seconds_before,
-                           loss, penalty, len(touched), stats.steps - steps_before, replayed)
+                           loss, penalty, len(touched), stats.steps - steps_before, replayed, suspected)
 
     # -- guarded updates ------------------------------------------------------------
     def guard_updates(self, tolerance: float) -> None:
@@ -510,7 +517,8 @@ class ContinualRecommender:
                 if self.item_item is not None:
                     table = self.item_item.items(table, np.arange(len(table)))
                 values = trending.item_value(self.model.rising(trending.EVIDENCE).cpu().numpy(),
-                                             self.model.conversion().cpu().numpy(), self.model.newness().cpu().numpy())
+                                             self.model.conversion().cpu().numpy(),
+                                             (self.model.newness() * self.model.discount()).cpu().numpy())
                 self._item_table = self.trending.items(table, values)
                 self._user_tables = {k: t.detach().float().cpu() for k, t in self.model.user_tables().items()}
             self.model.train()

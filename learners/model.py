@@ -117,14 +117,33 @@ class TwoTower(nn.Module):
 
     # -- popularity -----------------------------------------------------------------
     @torch.no_grad()
-    def observe_popularity(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    def observe_popularity(self, rows: torch.Tensor, weights: torch.Tensor | None = None,
+                           credibility: torch.Tensor | None = None) -> None:
         """Count events of ``rows`` (in event order) on every rung of the popularity ladder, and
-        with their event ``weights`` (NaN: not known) into the items' evidence."""
+        with their event ``weights`` (NaN: not known) into the items' evidence; each counts on
+        what every user shares by its ``credibility`` (``learners.credibility``; default 1)."""
         position = float(self.evidence.data[:, item_evidence.EVENTS].sum())
-        self.ladder.observe(self.popularity.data, rows, self.n_items)
+        self.ladder.observe(self.popularity.data, rows, self.n_items, credibility)
         if weights is None:
             weights = torch.full((len(rows),), float("nan"), dtype=torch.float64)
-        item_evidence.observe(self.evidence.data, rows, weights, position)
+        item_evidence.observe(self.evidence.data, rows, weights, position, credibility)
+
+    @torch.no_grad()
+    def shared_counts(self) -> torch.Tensor:
+        """[n_items, rungs]: the popularity counts every user's score reads. The decaying rungs
+        as counted (credible events), the all-time rung from credible events, and each item's
+        row scaled by its discount (``item_evidence.discount``): an item whose events come
+        mostly from users with no other history keeps little of its count."""
+        n = self.n_items
+        table = self.evidence.data
+        counts = torch.cat([self.popularity.data[:n, :-1],
+                            table[:n, item_evidence.CREDIBLE:item_evidence.CREDIBLE + 1].to(self.popularity.dtype)], 1)
+        return counts * item_evidence.discount(table, n).to(counts.dtype)[:, None]
+
+    @torch.no_grad()
+    def discount(self) -> torch.Tensor:
+        """[n_items] in [0, 1]: how much of its shared statistics each item keeps (``item_evidence.discount``)."""
+        return item_evidence.discount(self.evidence.data, self.n_items)
 
     @torch.no_grad()
     def conversion(self) -> torch.Tensor:
@@ -138,14 +157,15 @@ class TwoTower(nn.Module):
 
     @torch.no_grad()
     def rising(self, evidence: float) -> torch.Tensor:
-        """[n_items]: how busy each item is now, faded by its events of all time (``PopularityLadder.rising``)."""
-        return self.ladder.rising(self.popularity.data, self.n_items, evidence)
+        """[n_items]: how busy each item is now, faded by its events of all time (``PopularityLadder.rising``),
+        from the shared counts."""
+        return self.ladder.rising(self.shared_counts(), self.n_items, evidence)
 
     def finish_items(self, learned: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Unit learned item parts -> published item vectors (popularity coordinates added)."""
         if not self.pop_dims:
             return learned
-        features = self.ladder.features(self.popularity.data, rows, self.n_items).to(learned.device, learned.dtype)
+        features = self.ladder.features(self.shared_counts(), rows, self.n_items).to(learned.device, learned.dtype)
         prior = features * (self.popularity_weight / math.sqrt(self.pop_dims))
         scale = torch.sqrt(1.0 - (prior * prior).sum(-1, keepdim=True))
         return torch.cat([learned * scale, prior], dim=-1)

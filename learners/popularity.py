@@ -42,15 +42,22 @@ class PopularityLadder:
         return torch.tensor(per_rung, dtype=torch.float64)
 
     @torch.no_grad()
-    def observe(self, counts: torch.Tensor, rows: torch.Tensor, catalogue_size: int) -> None:
-        """Count events of ``rows`` (in event order) into ``counts`` [rows, rungs], in place."""
+    def observe(self, counts: torch.Tensor, rows: torch.Tensor, catalogue_size: int,
+                credibility: torch.Tensor | None = None) -> None:
+        """Count events of ``rows`` (in event order) into ``counts`` [rows, rungs], in place.
+
+        ``credibility`` (default 1 each): how much each event counts on the decaying rungs. The
+        all-time rung counts every event: it is the training batches' item frequency (log-Q)."""
         n = len(rows)
         if n == 0:
             return
         decay = self.decays(catalogue_size)  # float64: decay ** n underflows gracefully, not to garbage
         ages = torch.arange(n - 1, -1, -1, dtype=torch.float64)
+        added = decay[None, :] ** ages[:, None]
+        if credibility is not None:
+            added[:, :-1] *= credibility.to(torch.float64)[:, None]
         counts.mul_((decay ** n).to(counts.dtype))
-        counts.index_add_(0, rows.to(counts.device), (decay[None, :] ** ages[:, None]).to(counts.dtype))
+        counts.index_add_(0, rows.to(counts.device), added.to(counts.dtype))
 
     def features(self, counts: torch.Tensor, rows: torch.Tensor, n_items: int) -> torch.Tensor:
         """[len(rows), rungs] in [0, 1]: log-scaled count over the catalogue's highest, per rung."""

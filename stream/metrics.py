@@ -40,6 +40,9 @@ class WorkerMetrics:
         self.dead_lettered = Counter("recstream_events_dead_lettered_total", "Records sent to the dead-letter topic",
                                      ["reason"], registry=r)
         self.duplicates = Counter("recstream_events_duplicate_total", "Events ignored as repeated deliveries", registry=r)
+        self.events_suspected = Counter(
+            "recstream_events_suspected_total", "Events counted at less than full weight on the statistics every "
+            "user shares (they still train): repeated_item, new_user (learners.credibility)", ["reason"], registry=r)
         self.record_failures = Counter(
             "recstream_record_failures_total",
             "Valid records a later stage failed on, set aside so the worker goes on (see the log)", ["stage"],

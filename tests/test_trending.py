@@ -86,7 +86,8 @@ def test_published_vectors_carry_the_items_values_and_one_user_value():
     learner.learn()
     items = learner.item_vectors()
     rising = learner.model.rising(trending.EVIDENCE).numpy()
-    conversion, newness = learner.model.conversion().numpy(), learner.model.newness().numpy()
+    conversion = learner.model.conversion().numpy()
+    newness = (learner.model.newness() * learner.model.discount()).numpy()  # new to the stream, by credible users
     assert rising.max() > 0 and newness.max() > 0 and np.abs(conversion).max() > 0
     values = trending.item_value(rising, conversion, newness)
     np.testing.assert_allclose(items[:, -1], ITEM_SHARE * values[: len(items)], atol=1e-6)

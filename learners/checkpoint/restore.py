@@ -61,6 +61,8 @@ def apply(data: dict, learner: "ContinualRecommender") -> None:
     tensors = data["learner.safetensors"]
     if "evidence" not in tensors:  # written before the items' evidence was kept: it starts empty
         tensors = {**tensors, "evidence": item_evidence.empty(tensors["popularity"].shape[0])}
+    # An older layout's events count as credible.
+    tensors = {**tensors, "evidence": item_evidence.with_credible(tensors["evidence"])}
     params = dict(model.named_parameters())
     for name, value in tensors.items():
         if name in params and params[name].shape != value.shape and "." not in name:

@@ -127,6 +127,8 @@ class Trainer:
         m.item_refresh.observe(time.monotonic() - updated_at)
         m.train_steps.inc(report.steps)
         m.train_samples.inc(report.samples)
+        for reason, count in report.suspected.items():
+            m.events_suspected.labels(reason).inc(count)
         m.train_loss.set(report.loss)
         m.ewc_penalty.set(report.ewc_penalty)
         m.train_step_seconds.observe(report.seconds)
