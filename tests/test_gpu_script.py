@@ -34,7 +34,11 @@ def _figure_or_error(section: dict, *keys: str) -> None:
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("gpu")
-    args = ["bash", str(SCRIPT), str(out), "--device", "cpu", "--tiny"]
+    # A stand-in CPU reference of the tiny evaluation's size (600 events, 3 blocks): the comparison runs.
+    reference = tmp_path_factory.mktemp("reference") / "cpu.json"
+    reference.write_text(json.dumps({"events": 600, "blocks": 3,
+                                     "strategies": {"naive": {"recall@10": 0.0, "ndcg@10": 0.0}}}))
+    args = ["bash", str(SCRIPT), str(out), "--device", "cpu", "--tiny", "--cpu-reference", str(reference)]
     if MOVIELENS is None:  # without the shared data set, a small synthetic MovieLens folder stands in
         args += ["--data", str(_synthetic_movielens(tmp_path_factory.mktemp("ml")))]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1500,
@@ -80,6 +84,8 @@ def test_every_section_has_figures_or_an_error(rehearsal):
         assert set(evaluation["figures"]) == {"naive", "ewc_replay"}
         for figures in evaluation["figures"].values():
             _figure_or_error(figures, "recall@10", "ndcg@10")
+        ndcg = evaluation["cpu_reference"]["comparison"]["naive"]["ndcg@10"]
+        assert ndcg["reference"] == 0.0 and ndcg["diff"] == round(evaluation["figures"]["naive"]["ndcg@10"], 4)
     # On a CPU every peak is null, but each measurement has its entry.
     peak = summary["peak_memory"]
     assert all(v is None for v in peak["training"].values()) and peak["evaluate"] is None
