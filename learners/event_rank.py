@@ -11,6 +11,7 @@ both read these ranks.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 K = 10
 NO_RANK = -1  # the event's item is in the user's history (or outside the catalogue): not tested
@@ -24,7 +25,9 @@ def event_ranks(users: np.ndarray, items: np.ndarray, targets: np.ndarray, histo
     ``history_*`` [n, length] as the learner's histories give them (weight 0: an empty place)."""
     if not len(users):
         return np.zeros(0, np.int64)
-    return ranks_from_scores(users @ items.T, targets, history_rows, history_weights)
+    # torch's product: numpy's BLAS threads were ten times slower on a busy CPU.
+    scores = (torch.from_numpy(np.ascontiguousarray(users)) @ torch.from_numpy(np.ascontiguousarray(items)).T).numpy()
+    return ranks_from_scores(scores, targets, history_rows, history_weights)
 
 
 def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, history_rows: np.ndarray,

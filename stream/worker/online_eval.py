@@ -24,14 +24,14 @@ from typing import Sequence
 import numpy as np
 
 from learners.event_rank import NO_RANK, event_ranks, ndcg_at_k, ranks_from_scores, recall_at_k
-from learners.records import Event
+from learners.records import USER_ID_OF, Event
 from stream.metrics import WorkerMetrics
 
 SCORERS = ("model", "popularity")
 # Item scores per ingested event, on average (each a product and a comparison over the vector
 # dimension): what keeps ingest within 5 % of its rate without the scoring, at any catalogue size.
-SCORES_PER_EVENT = 32
-MAX_PER_BATCH = 64  # and at most this many events scored in one poll batch
+SCORES_PER_EVENT = 16
+MAX_PER_BATCH = 32  # and at most this many events scored in one poll batch
 
 
 class RollingMean:
@@ -88,11 +88,9 @@ class OnlineEval:
         return out
 
     def _sample(self, events: Sequence[Event], catalogue_size: int) -> list[int]:
-        first, users = [], set()
-        for i, event in enumerate(events):
-            if event.user_id not in users:
-                users.add(event.user_id)
-                first.append(i)
+        users = list(map(USER_ID_OF, events))
+        # Each user's first index: built backwards, so the earliest of a user's events is the one kept.
+        first = sorted(dict(zip(reversed(users), range(len(users) - 1, -1, -1))).values())
         share = min(1.0, SCORES_PER_EVENT / max(catalogue_size, 1))
         keep = np.flatnonzero(self._rng.random(len(first)) < share)
         if len(keep) > MAX_PER_BATCH:
