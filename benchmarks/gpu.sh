@@ -50,6 +50,7 @@ done
 
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
+rm -f "$OUT"/{decoder,training-minilm,training-qwen2,freshness,encoding,evaluate,gpu}.json  # no earlier run's figures
 # stop MESSAGE: nothing can be measured; OUT/gpu.json says why (plain text, no venv needed).
 stop() {
     echo "benchmarks/gpu.sh: $1" >&2
@@ -101,6 +102,8 @@ step() {
         echo "   failed (exit $rc); log $OUT/$name.log"
     fi
     grep -v -e '^WARNING' -e 'Warning' -e 'warnings.warn' "$OUT/$name.log" | tail -n 4 | sed 's/^/   /'
+    # gpu.json after every step: a run cut short from outside still leaves every section so far.
+    "$PYTHON" benchmarks/gpu_report.py summary "$OUT" --device "$DEVICE" >/dev/null
 }
 
 # Limits, in order: 35 + 60 + 90 + 100 + 40 + 140 = 465 s, plus the checks above and the summary.
