@@ -44,6 +44,7 @@ def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, history_rows: np.
         return out
     rows = np.flatnonzero(tested)
     scores = scores[rows]
+    scores[np.isnan(scores)] = -np.inf  # broken weights rank their items last, never first
     target_scores = scores[np.arange(len(rows)), targets[rows]][:, None]
     user_of, place = np.nonzero(known[rows] & (history_rows[rows] < m))
     scores[user_of, history_rows[rows][user_of, place]] = -np.inf

@@ -441,8 +441,7 @@ class ContinualRecommender:
         if tested.sum() < MIN_CHECK_EVENTS and not final:
             return
         self._check = None
-        before, after = float(ndcg_full(old[tested]).mean()) if tested.any() else 0.0, \
-            float(ndcg_full(new[tested]).mean()) if tested.any() else 0.0
+        before, after = ndcg_full(old[tested]), ndcg_full(new[tested])
         if tested.sum() < MIN_CHECK_EVENTS or not update_is_worse(before, after, self.guard_tolerance):
             self._undo.discard()
             return
@@ -455,8 +454,8 @@ class ContinualRecommender:
         self._tables_stale = True
         log.warning("model version %d undone: on the %d newest events it had not trained on it ranks worse "
                     "than the version it replaced (NDCG %.4f against %.4f, more than %.0f%% lower); the "
-                    "previous weights serve again as version %d", check.version, int(tested.sum()), after,
-                    before, 100 * self.guard_tolerance, self.model_version)
+                    "previous weights serve again as version %d", check.version, int(tested.sum()), after.mean(),
+                    before.mean(), 100 * self.guard_tolerance, self.model_version)
 
     @torch.no_grad()
     def _weigh_item_item(self, hist_rows: np.ndarray, hist_weights: np.ndarray, items: np.ndarray) -> None:
