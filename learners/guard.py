@@ -23,7 +23,6 @@ stay applied whatever happens to the weights.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,7 +32,6 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from learners.optim import gradient_rows
 
-log = logging.getLogger(__name__)
 
 # Newest untrained events an update is judged on (per check; fewer when fewer are there).
 CHECK_EVENTS = 256
