@@ -51,7 +51,9 @@ def run(args, seed: int) -> dict:
     counts = Counter(e.item_id for e in warm)
     targets = rng.sample(sorted(i.item_id for i in items if counts[i.item_id] < 3), args.targets)
     trend_users = [u for u, _ in Counter(e.user_id for e in warm).most_common(args.fake_users)] if args.trend else None
-    config = dataclasses.replace(LearnerConfig(model_path=args.model or default_model_path(), seed=seed, device="cpu"),
+    # Refits of the item-item head by the event count alone (not wall time), so runs repeat exactly.
+    config = dataclasses.replace(LearnerConfig(model_path=args.model or default_model_path(), seed=seed, device="cpu",
+                                               item_item_time_share=0.0),
                                  **json.loads(args.config))
     learner = ContinualRecommender(config)
     learner.add_items(items)

@@ -112,11 +112,12 @@ class LearnerConfig:
              "are against the stream's and how new it is (learners.trending, learners.item_evidence); it "
              "ranks new and rarely seen items by what their own events say; 0 = none", ge=0)
     established_user_items: int = setting(
-        10, "distinct items a user's history needs before their events count in full on the statistics "
-            "every user shares (popularity rungs, the trending coordinate); fewer count in proportion, and "
-            "an item a user already has counts 0, so a burst of new accounts hammering a few items cannot "
-            "take over everyone's top 10 (learners.credibility); the events still train the model and "
-            "their own users' vectors; 0 = every event counts in full", ge=0)
+        10, "distinct items after which a user counts as established: an item keeps its share of the "
+            "statistics every user shares (popularity rungs, trending coordinate) by how much of it came "
+            "from established users against the stream's, and a user's repeat of an item is not counted "
+            "again, so a burst of new accounts hammering a few items cannot take over everyone's top 10 "
+            "(learners.credibility); the events still train the model and their own users' vectors; "
+            "0 = every event counts in full", ge=0)
     seed: int = setting(0, "random seed")
 
     # --- set by code only ----------------------------------------------------

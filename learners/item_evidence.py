@@ -6,17 +6,18 @@ Two signals about items with little history, read from the events themselves:
   weighs 1, a purchase 2, a favourite 3. An item whose few events are
   purchases and favourites is picked next more often than one with as many
   clicks. The item's mean weight minus the stream's, shrunk towards 0 by
-  ``PRIOR_EVENTS`` pseudo-events, so one event says little. Events count by
-  their credibility (``learners.credibility``), so new accounts that favourite
-  one item over and over do not make it the stream's best.
+  ``PRIOR_EVENTS`` pseudo-events, so one event says little. A user's repeat
+  of an item is not counted again (``learners.credibility``), so accounts that
+  favourite one item over and over do not make it the stream's best.
 * newness: how recently the item had its first event. It is
   exp(-events since then / catalogue size), the popularity ladder's time
   scale (``learners.popularity``), so it adapts to the stream rather than to a
   clock.
 
-Per catalogue row the table holds four statistics: credible weighted events,
-events, the stream position of the first event plus 1 (0: none yet), and
-credible events (the sum of the events' credibility). They are
+Per catalogue row the table holds five statistics: weighted counted events,
+events, the stream position of the first event plus 1 (0: none yet), credible
+events (the sum of how established each event's user was) and counted events
+(events less users' repeats of the item). They are
 counted as the ladder's counts are: never trained, saved with the model, and
 the same on every rank. This module holds the arithmetic.
 """
@@ -27,8 +28,8 @@ import torch
 
 from learners import credibility
 
-COLUMNS = 4
-WEIGHTED, EVENTS, FIRST, CREDIBLE = range(COLUMNS)
+COLUMNS = 5
+WEIGHTED, EVENTS, FIRST, CREDIBLE, COUNTED = range(COLUMNS)
 PRIOR_EVENTS = 2.0  # pseudo-events at the stream's mean weight in every item's conversion
 
 
@@ -38,26 +39,28 @@ def empty(rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def with_credible(table: torch.Tensor) -> torch.Tensor:
-    """A table of an older layout (no credible column) in this one: its events count as credible."""
+    """A table of an older layout (three columns) in this one: its events count as credible and counted."""
     if table.shape[1] == COLUMNS:
         return table
-    return torch.cat([table, table[:, EVENTS:EVENTS + 1]], dim=1)
+    events = table[:, EVENTS:EVENTS + 1]
+    return torch.cat([table[:, :CREDIBLE]] + [events] * (COLUMNS - CREDIBLE), dim=1)
 
 
 def stream_mean_weight(table: torch.Tensor) -> float:
-    """Mean weight of the credible events counted so far (0 before any)."""
-    credible = float(table[:, CREDIBLE].sum())
-    return float(table[:, WEIGHTED].sum()) / credible if credible else 0.0
+    """Mean weight of the events counted so far (0 before any)."""
+    counted = float(table[:, COUNTED].sum())
+    return float(table[:, WEIGHTED].sum()) / counted if counted else 0.0
 
 
 @torch.no_grad()
 def observe(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, position: float,
-            credibility: torch.Tensor | None = None) -> None:
+            counted: torch.Tensor | None = None, established: torch.Tensor | None = None) -> None:
     """Count events of ``rows`` (in event order) with their ``weights`` into ``table``, in place.
 
     ``position``: events counted before this batch, stream-wide. A weight that is not a
     number (the event is no longer known) counts at the stream's mean, so it moves nothing.
-    ``credibility`` (default 1 each): how much each event counts in the credible columns."""
+    ``counted`` / ``established`` (``learners.credibility``; default 1 each): whether each event
+    counts (0: the user's repeat of the item) and how established its user was."""
     if not len(rows):
         return
     rows = rows.to(table.device, torch.long)
@@ -73,17 +76,20 @@ def observe(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, posi
     first.scatter_reduce_(0, rows, order, reduce="amin")
     new = (table[:, FIRST] == 0) & torch.isfinite(first)
     table[new, FIRST] = position + first[new] + 1.0
-    credible = torch.ones_like(weights) if credibility is None else credibility.to(table.device, torch.float64)
-    table[:, WEIGHTED].index_add_(0, rows, weights * credible)
-    table[:, EVENTS].index_add_(0, rows, torch.ones_like(weights))
-    table[:, CREDIBLE].index_add_(0, rows, credible)
+    ones = torch.ones_like(weights)
+    counted = ones if counted is None else counted.to(table.device, torch.float64)
+    established = ones if established is None else established.to(table.device, torch.float64)
+    table[:, WEIGHTED].index_add_(0, rows, weights * counted)
+    table[:, EVENTS].index_add_(0, rows, ones)
+    table[:, CREDIBLE].index_add_(0, rows, established)
+    table[:, COUNTED].index_add_(0, rows, counted)
 
 
 def conversion(table: torch.Tensor, n_items: int) -> torch.Tensor:
-    """[n_items]: each item's mean credible event weight minus the stream's, shrunk towards 0."""
+    """[n_items]: each item's mean event weight minus the stream's, shrunk towards 0."""
     rows = table[:n_items]
     mean = stream_mean_weight(table)
-    return (rows[:, WEIGHTED] - rows[:, CREDIBLE] * mean) / (rows[:, CREDIBLE] + PRIOR_EVENTS)
+    return (rows[:, WEIGHTED] - rows[:, COUNTED] * mean) / (rows[:, COUNTED] + PRIOR_EVENTS)
 
 
 def newness(table: torch.Tensor, n_items: int) -> torch.Tensor:

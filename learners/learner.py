@@ -344,17 +344,16 @@ class ContinualRecommender:
             item_rows = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
             sample_weights = torch.from_numpy(np.full(len(items), np.nan) if event_weights is None
                                               else np.asarray(event_weights, np.float64))
-            credible = event_credibility(hist_rows, hist_weights, items, self.config.established_user_items)
-            suspected = suspected_counts(credible, hist_rows, hist_weights, items)
-            credible = torch.from_numpy(credible)
+            credibility = event_credibility(hist_rows, hist_weights, items, self.config.established_user_items)
+            suspected = suspected_counts(credibility)
+            per_event = torch.stack([sample_weights, *map(torch.from_numpy, credibility)], 1)
             if self.collective is not None:  # popularity and re-embedding see the group's items
-                item_rows, gathered = self.collective.gather_rows(item_rows, torch.stack([sample_weights, credible], 1))
-                sample_weights, credible = gathered[:, 0], gathered[:, 1]
+                item_rows, per_event = self.collective.gather_rows(item_rows, per_event)
                 items = item_rows.numpy()
                 trained = torch.tensor(sorted(self.model.text_trained), dtype=torch.long)
                 self.model.text_trained.update(self.collective.gather_rows(trained).tolist())
             touched = np.unique(items)
-            self.model.observe_popularity(item_rows, sample_weights, credible)
+            self.model.observe_popularity(item_rows, *per_event.T)  # event weights, counted, established
             if served is not None:  # what the re-embedding covers, to cover it again after an undo
                 check = UpdateCheck(self.model_version + 1, served, self._refresh_cursor,
                                      list(self.model.text_trained), touched, stats.steps > steps_before)

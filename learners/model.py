@@ -118,26 +118,27 @@ class TwoTower(nn.Module):
     # -- popularity -----------------------------------------------------------------
     @torch.no_grad()
     def observe_popularity(self, rows: torch.Tensor, weights: torch.Tensor | None = None,
-                           credibility: torch.Tensor | None = None) -> None:
+                           counted: torch.Tensor | None = None, established: torch.Tensor | None = None) -> None:
         """Count events of ``rows`` (in event order) on every rung of the popularity ladder, and
-        with their event ``weights`` (NaN: not known) into the items' evidence; each counts on
-        what every user shares by its ``credibility`` (``learners.credibility``; default 1)."""
+        with their event ``weights`` (NaN: not known) into the items' evidence. ``counted`` /
+        ``established`` (``learners.credibility``; default 1 each): whether each event counts on
+        what every user shares (0: the user's repeat of the item), and how established its user was."""
         position = float(self.evidence.data[:, item_evidence.EVENTS].sum())
-        self.ladder.observe(self.popularity.data, rows, self.n_items, credibility)
+        self.ladder.observe(self.popularity.data, rows, self.n_items, counted)
         if weights is None:
             weights = torch.full((len(rows),), float("nan"), dtype=torch.float64)
-        item_evidence.observe(self.evidence.data, rows, weights, position, credibility)
+        item_evidence.observe(self.evidence.data, rows, weights, position, counted, established)
 
     @torch.no_grad()
     def shared_counts(self) -> torch.Tensor:
-        """[n_items, rungs]: the popularity counts every user's score reads. The decaying rungs
-        as counted (credible events), the all-time rung from credible events, and each item's
-        row scaled by its discount (``item_evidence.discount``): an item whose events come
-        mostly from users with no other history keeps little of its count."""
+        """[n_items, rungs]: the popularity counts every user's score reads. The rungs as counted
+        (users' repeats of an item left out), and each item's row scaled by its discount
+        (``item_evidence.discount``): an item whose events come mostly from users with no other
+        history keeps little of its count."""
         n = self.n_items
         table = self.evidence.data
         counts = torch.cat([self.popularity.data[:n, :-1],
-                            table[:n, item_evidence.CREDIBLE:item_evidence.CREDIBLE + 1].to(self.popularity.dtype)], 1)
+                            table[:n, item_evidence.COUNTED:item_evidence.COUNTED + 1].to(self.popularity.dtype)], 1)
         return counts * item_evidence.discount(table, n).to(counts.dtype)[:, None]
 
     @torch.no_grad()

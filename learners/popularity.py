@@ -43,10 +43,10 @@ class PopularityLadder:
 
     @torch.no_grad()
     def observe(self, counts: torch.Tensor, rows: torch.Tensor, catalogue_size: int,
-                credibility: torch.Tensor | None = None) -> None:
+                counted: torch.Tensor | None = None) -> None:
         """Count events of ``rows`` (in event order) into ``counts`` [rows, rungs], in place.
 
-        ``credibility`` (default 1 each): how much each event counts on the decaying rungs. The
+        ``counted`` (default 1 each): how much each event counts on the decaying rungs. The
         all-time rung counts every event: it is the training batches' item frequency (log-Q)."""
         n = len(rows)
         if n == 0:
@@ -54,8 +54,8 @@ class PopularityLadder:
         decay = self.decays(catalogue_size)  # float64: decay ** n underflows gracefully, not to garbage
         ages = torch.arange(n - 1, -1, -1, dtype=torch.float64)
         added = decay[None, :] ** ages[:, None]
-        if credibility is not None:
-            added[:, :-1] *= credibility.to(torch.float64)[:, None]
+        if counted is not None:
+            added[:, :-1] *= counted.to(torch.float64)[:, None]
         counts.mul_((decay ** n).to(counts.dtype))
         counts.index_add_(0, rows.to(counts.device), added.to(counts.dtype))
 

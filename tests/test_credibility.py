@@ -18,42 +18,49 @@ def _histories(*rows_per_user: list[int], length: int = 6) -> tuple[np.ndarray, 
     return rows, weights
 
 
-def test_a_user_counts_by_distinct_items_held_and_once_per_item():
+def test_a_user_counts_once_per_item_and_is_established_by_distinct_items():
     rows, weights = _histories([], [1, 1, 1], [1, 2, 3, 4], [5, 6, 7, 8, 9, 0], [2, 3])
-    items = np.array([7, 4, 9, 4, 2])
-    got = credibility.event_credibility(rows, weights, items, established_items=4)
-    # new user; 1 distinct item; 4 distinct; 6 distinct (row 0 held counts); repeat of item 2
-    np.testing.assert_allclose(got, [0.0, 0.25, 1.0, 1.0, 0.0])
-    assert credibility.suspected_counts(got, rows, weights, items) == {"repeated_item": 1, "new_user": 2}
+    got = credibility.event_credibility(rows, weights, np.array([7, 4, 9, 4, 2]), established_items=4)
+    np.testing.assert_allclose(got.counted, [1, 1, 1, 1, 0])  # the last user had item 2 already
+    # new user; 1 distinct item; 4; 6 (row 0 held counts); a repeat
+    np.testing.assert_allclose(got.established, [0.0, 0.25, 1.0, 1.0, 0.0])
+    assert credibility.suspected_counts(got) == {"repeated_item": 1, "new_user": 2}
 
 
 def test_zero_established_items_counts_every_event_in_full():
     rows, weights = _histories([], [3, 3])
-    np.testing.assert_allclose(credibility.event_credibility(rows, weights, np.array([1, 3]), 0), [1.0, 1.0])
+    got = credibility.event_credibility(rows, weights, np.array([1, 3]), 0)
+    np.testing.assert_allclose(got.counted, [1.0, 1.0])
+    np.testing.assert_allclose(got.established, [1.0, 1.0])
 
 
-def test_an_item_of_new_accounts_loses_its_share_and_an_ordinary_one_keeps_it():
-    table = item_evidence.empty(3)
-    # item 0: 100 events, all credible; item 1: 100 events from new accounts; item 2: one new-account event
-    rows = torch.tensor([0] * 100 + [1] * 100 + [2])
-    credible = torch.tensor([1.0] * 100 + [0.0] * 100 + [0.0], dtype=torch.float64)
-    item_evidence.observe(table, rows, torch.full((201,), 3.0, dtype=torch.float64), 0.0, credible)
-    discount = item_evidence.discount(table, 3)
-    assert discount[0] == 1.0
-    assert discount[1] < 0.1
-    assert 0.5 < discount[2] < 1.0  # one event says little: shrunk towards the stream
+def _discount(established_per_item: list[list[float]]) -> torch.Tensor:
+    table = item_evidence.empty(len(established_per_item))
+    rows = torch.tensor([i for i, events in enumerate(established_per_item) for _ in events])
+    established = torch.tensor([e for events in established_per_item for e in events], dtype=torch.float64)
+    item_evidence.observe(table, rows, torch.full((len(rows),), 3.0, dtype=torch.float64), 0.0,
+                          torch.ones(len(rows), dtype=torch.float64), established)
+    return item_evidence.discount(table, len(established_per_item))
 
 
-def test_decaying_rungs_count_credibility_and_the_all_time_rung_every_event():
+def test_an_item_of_new_accounts_loses_its_counts_and_one_newcomers_start_with_keeps_them():
+    discount = _discount([[1.0] * 100, [0.1] * 100, [0.6] * 50 + [1.0] * 50, [0.0]])
+    assert discount[0] == 1.0  # established users only
+    assert discount[1] < 0.3  # new accounts only
+    assert discount[2] == 1.0  # half of its events from users still new: within the tolerated share
+    assert discount[3] == 1.0  # one event of a new user says little: shrunk towards the stream
+
+
+def test_decaying_rungs_leave_repeats_out_and_the_all_time_rung_counts_every_event():
     ladder = PopularityLadder((1.0,))
     counts = torch.zeros(2, ladder.rungs, dtype=torch.float64)
-    ladder.observe(counts, torch.tensor([0, 1, 1]), 1000, torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
-    assert counts[1, 0] < counts[0, 0]
+    ladder.observe(counts, torch.tensor([0, 1, 1]), 1000, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+    assert counts[1, 0] < counts[0, 0] + 1e-3
     assert counts[1, -1] == 2.0 and counts[0, -1] == 1.0  # log-Q reads what was in the batches
 
 
-def test_an_older_evidence_table_loads_with_its_events_credible():
-    old = torch.tensor([[6.0, 2.0, 1.0]], dtype=torch.float64)
-    table = item_evidence.with_credible(old)
+def test_an_older_evidence_table_loads_with_its_events_credible_and_counted():
+    table = item_evidence.with_credible(torch.tensor([[6.0, 2.0, 1.0]], dtype=torch.float64))
     assert table.shape == (1, item_evidence.COLUMNS)
-    assert table[0, item_evidence.CREDIBLE] == 2.0
+    assert table[0, item_evidence.CREDIBLE] == 2.0 and table[0, item_evidence.COUNTED] == 2.0
+    assert table[0, item_evidence.WEIGHTED] == 6.0
