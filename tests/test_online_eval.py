@@ -56,6 +56,7 @@ def offline_p1(scores, targets, history_rows, history_weights) -> tuple[list, li
 def test_live_figures_match_offline_p1_on_the_same_events_and_vectors(monkeypatch):
     import stream.worker.online_eval as online_eval
     monkeypatch.setattr(online_eval, "SCORES_PER_EVENT", 10**9)  # every user's first event: no sampling
+    monkeypatch.setattr(online_eval, "TIME_SHARE", 10**9)  # and no batch skipped for time
     world = SyntheticWorld(n_items=80, n_users=30, seed=11)
     config = LearnerConfig(model_path=default_model_path(), device="cpu", vector_dim=32, negatives=32,
                            batch_size=32, history_length=16, max_text_tokens=24, replay_size=256,
@@ -92,6 +93,26 @@ def test_live_figures_match_offline_p1_on_the_same_events_and_vectors(monkeypatc
         assert metrics.online_recall.labels(scorer=scorer)._value.get() == pytest.approx(np.mean(recalls))  # noqa: SLF001
         assert metrics.online_ndcg.labels(scorer=scorer)._value.get() == pytest.approx(np.mean(ndcgs))  # noqa: SLF001
     assert np.mean(offline["model"][1]) > 0  # the synthetic users' tastes are learnable
+
+
+def test_scoring_keeps_to_its_share_of_the_time(monkeypatch):
+    import stream.worker.online_eval as online_eval
+    clock = [0.0]
+    monkeypatch.setattr(online_eval.time, "perf_counter", lambda: clock[0])
+    live = OnlineEval.__new__(OnlineEval)
+    live._debt_s, live._last = 0.0, 0.0  # noqa: SLF001 - the budget alone
+    scored = []
+
+    def costly(events):  # every scoring takes 10 ms
+        clock[0] += 0.010
+        scored.append(events)
+        return {}
+
+    live._score = costly  # noqa: SLF001
+    for batch in range(1000):  # a batch every 20 ms of other work: 20 s
+        clock[0] += 0.020
+        live.score([batch])
+    assert 0.01 * 20 <= 0.010 * len(scored) <= online_eval.TIME_SHARE * 21  # about 2 % of the time
 
 
 def test_a_large_catalogue_scores_a_bounded_uniform_sample(monkeypatch):

@@ -12,13 +12,17 @@ Only a user's first event in a batch is eligible (for a later one the history
 before it would include events of the same batch), and of those a share
 ``min(1, SCORES_PER_EVENT / catalogue size)``, at most ``MAX_PER_BATCH``: the
 cost per ingested event stays bounded however large the catalogue, and one
-matrix product [sampled users, d] x [d, items] scores a batch.
+matrix product [sampled users, d] x [d, items] scores a batch. On top of that a
+time budget: scoring takes at most ``TIME_SHARE`` of the loop's time (a batch
+that comes while the budget is spent is not scored; which batches are skipped
+depends on timing only, not on what they hold, so the sample stays uniform).
 Rolling Recall@10 and NDCG@10 over the last ``--online-eval-window`` scored
 events are the gauges ``recstream_online_*_at_10{scorer=...}``.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +36,8 @@ SCORERS = ("model", "popularity")
 # dimension): what keeps ingest within 5 % of its rate without the scoring, at any catalogue size.
 SCORES_PER_EVENT = 16
 MAX_PER_BATCH = 32  # and at most this many events scored in one poll batch
+TIME_SHARE = 0.02  # of the loop's wall time, at most, spent scoring
+CREDIT_S = 0.05  # time budget an idle spell can save up: no long bursts of scoring after one
 
 
 class RollingMean:
@@ -63,12 +69,25 @@ class OnlineEval:
         self.recall = {scorer: RollingMean(window) for scorer in SCORERS}
         self.ndcg = {scorer: RollingMean(window) for scorer in SCORERS}
         self._rng = np.random.default_rng(seed)
+        self._debt_s = 0.0  # scoring time spent beyond the budget (negative: budget in hand)
+        self._last = time.perf_counter()
         half_lives = np.asarray(learner.model.ladder.half_lives or (1.0,), np.float64)
         self._rung = int(np.argmin(np.abs(np.log(half_lives))))  # the half-life nearest one catalogue
 
     def score(self, events: Sequence[Event]) -> dict[str, np.ndarray]:
         """Rank a sample of ``events`` (valid, about to be applied; the caller holds the learner's
         lock) under each scorer; returns the ranks of the tested ones per scorer."""
+        started = time.perf_counter()
+        self._debt_s = max(self._debt_s - TIME_SHARE * (started - self._last), -CREDIT_S)
+        self._last = started
+        if self._debt_s > 0:
+            return {scorer: np.zeros(0, np.int64) for scorer in SCORERS}
+        try:
+            return self._score(events)
+        finally:
+            self._debt_s += time.perf_counter() - started
+
+    def _score(self, events: Sequence[Event]) -> dict[str, np.ndarray]:
         learner = self.learner
         catalogue = learner.catalogue
         chosen = self._sample(events, len(catalogue))
