@@ -97,7 +97,8 @@ class UpdateUndo(SupervisedPlugin):
                 continue
             self._dense[name] = param.detach().clone()
             self._moments[name] = {k: v.clone() for k, v in state.items()} if state else None
-        self._shadow = {k: v.clone() for k, v in self.average.shadow.items()} if self.average else None
+        # Through its checkpoint form: whatever the average keeps besides its shadow comes back too.
+        self._shadow = {k: v.clone() for k, v in self.average.state().items()} if self.average else None
         self.active = True
 
     @torch.no_grad()
@@ -151,7 +152,7 @@ class UpdateUndo(SupervisedPlugin):
         if self.ewc is not None:
             self._undo_ewc(params, ewc_folded)
         if self._shadow is not None:
-            self.average.shadow = self._shadow
+            self.average.load_state(self._shadow, next(self.model.parameters()).device)
         self.active = False
 
     def _undo_row_moments(self, state: dict, moments: dict, saved: _Rows) -> None:

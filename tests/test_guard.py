@@ -35,7 +35,7 @@ def state_of(learner) -> dict[str, torch.Tensor]:
             out[f"opt/{name}/{key}"] = value.clone()
     for key, value in learner.parts.ewc.state().items():
         out[f"ewc/{key}"] = value.clone()
-    for key, value in learner.average.state().items():
+    for key, value in learner.average.shadow.items():  # what it chose by ranking the events stays
         out[f"avg/{key}"] = value.clone()
     return out
 
