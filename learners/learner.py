@@ -23,7 +23,7 @@ from learners.catalogue import Catalogue
 from learners.credibility import event_credibility, suspected_counts
 from learners.config import LearnerConfig  # re-exported: torch-free, so the CLI reads it without torch
 from learners.encoder import TextEncoder, resolve_device
-from learners.event_rank import event_ranks, ndcg_full
+from learners.event_rank import NO_RANK, event_ranks, ndcg_at_k, ndcg_full
 from learners.experience import make_experience
 from learners.features import ItemFeatures
 from learners.guard import (CHECK_EVENTS, MIN_CHECK_EVENTS, UpdateCheck, UpdateUndo, model_items,
@@ -33,12 +33,14 @@ from learners.item_item import VALIDATION_SAMPLES, ItemItemHead, SharedFits, hea
 from learners.model import TwoTower
 from learners.records import EVENT_TYPE_OF, EVENT_WEIGHTS, ITEM_ID_OF, USER_ID_OF, Event, Item, encoder_text
 from learners.row_agreement import RowAgreement
-from learners.serving_average import ServingAverage
+from learners.serving_average import SHARES, ServingAverage
 from learners.strategy import build_strategy
 from learners.stream_state import StreamState
 from learners.users import UserHistories, histories_by_id
 
 log = logging.getLogger(__name__)
+
+SHARE_SAMPLES = 256  # the newest events of an experience that choose the serving average's share
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,8 @@ class ContinualRecommender:
         try:  # model-side work only from here: no lock, see __init__
             if refit is not None and head.active:  # before training on them: events neither part has seen
                 self._weigh_item_item(hist_rows, hist_weights, items)
+            if self.average is not None and self.average.shadow and self.collective is None:
+                self._choose_serving_share(hist_rows, hist_weights, items)  # before training on them too
             experience = make_experience(hist_rows, hist_weights, items, self.model_version, owners)
             stats = self.parts.stats
             samples_before, seconds_before, steps_before = stats.samples, stats.seconds, stats.steps
@@ -468,6 +472,24 @@ class ContinualRecommender:
         model_users = self.model.user_vectors(rows, weights).float().cpu().numpy()
         self.model.train()
         self.item_item.weigh(model_users, model_items, hist_rows[pick], hist_weights[pick], items[pick])
+
+    @torch.no_grad()
+    def _choose_serving_share(self, hist_rows: np.ndarray, hist_weights: np.ndarray, items: np.ndarray) -> None:
+        """Let the serving average choose how much of it is published, by how each share ranks
+        this experience's newest events, which nothing has trained on yet (model side only)."""
+        pick = slice(-SHARE_SAMPLES, None)
+        rows = torch.from_numpy(np.ascontiguousarray(hist_rows[pick], np.int64)).to(self.device)
+        weights = torch.from_numpy(np.ascontiguousarray(hist_weights[pick], np.float32)).to(self.device)
+        self.model.eval()
+        users = self.model.user_vectors(rows, weights).float().cpu().numpy()
+        gains = []
+        for share in SHARES:
+            with self.average.applied(share):
+                table = self.model.item_table().float().cpu().numpy()
+            ranks = event_ranks(users, table, items[pick], hist_rows[pick], hist_weights[pick])
+            gains.append(float(ndcg_at_k(ranks[ranks != NO_RANK]).mean()) if (ranks != NO_RANK).any() else 0.0)
+        self.model.train()
+        self.average.choose(gains)
 
     def _refresh_after_update(self, touched: np.ndarray) -> None:
         """Re-embed trained items plus a rolling slice of the catalogue."""

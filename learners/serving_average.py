@@ -14,6 +14,13 @@ held forgetting no better and cost more accuracy (README "Evaluation").
 
 The encoder's trainable top layers are never averaged: the cached pooled
 text features they produce are shared with training.
+
+How much of the average is published is chosen on the stream (``choose``):
+before an update trains on its events, the live item side, the average and
+halfway between them each rank those events, and the share that ranked the
+newest events best (decayed evidence) is published. Where tastes hold, the
+average's smoothing pays; where they move on, its lag costs, and the live
+weights take over.
 """
 
 from __future__ import annotations
@@ -22,8 +29,14 @@ import contextlib
 from typing import Iterable, Iterator, Optional
 
 import torch
+import numpy as np
 from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
+
+
+SHARES = (0.0, 0.5, 1.0)  # the average's share in the published item side: live, halfway, averaged
+EVIDENCE_MEMORY = 0.7  # each update's ranking evidence decays by this per update
+_CHOICE_KEY = "choice.share_evidence"  # [share, evidence...] beside the shadow tensors (not a parameter name)
 
 
 class ServingAverage(SupervisedPlugin):
@@ -36,6 +49,9 @@ class ServingAverage(SupervisedPlugin):
         self.decay = decay
         self.names = frozenset(names) if names is not None else None
         self.shadow: dict[str, torch.Tensor] = {}
+        # What is published: this share of the way from the live weights to the average (``choose``).
+        self.share = 1.0
+        self.evidence = np.zeros(len(SHARES))
 
     def _tracked(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, param in self.model.named_parameters():
@@ -57,16 +73,19 @@ class ServingAverage(SupervisedPlugin):
 
     @contextlib.contextmanager
     @torch.no_grad()
-    def applied(self) -> Iterator[None]:
-        """The model with the averaged weights in place (restored on exit)."""
+    def applied(self, share: Optional[float] = None) -> Iterator[None]:
+        """The model with the published weights in place (restored on exit): the average's
+        ``share`` (default: the one chosen on the stream, ``choose``) of the way from the live
+        weights to the averaged ones."""
+        share = self.share if share is None else share
         live: dict[str, torch.Tensor] = {}
         for name, param in self._tracked():
             shadow = self.shadow.get(name)
-            if shadow is None or shadow.shape[1:] != param.shape[1:]:
+            if shadow is None or shadow.shape[1:] != param.shape[1:] or share <= 0.0:
                 continue
             rows = min(len(shadow), len(param))
             live[name] = param.detach()[:rows].clone()
-            param.detach()[:rows].copy_(shadow[:rows])
+            param.detach()[:rows].lerp_(shadow[:rows], share)
         try:
             yield
         finally:
@@ -74,9 +93,23 @@ class ServingAverage(SupervisedPlugin):
             for name, value in live.items():
                 params[name].detach()[: len(value)].copy_(value)
 
+    def choose(self, gains: np.ndarray) -> float:
+        """Add each of ``SHARES``' NDCG@10 on the newest events (ranked before they train
+        anything) to its decayed evidence and publish with the best share so far: a stream
+        whose tastes hold keeps the smoothed average, one that moves on follows the live weights."""
+        self.evidence = self.evidence * EVIDENCE_MEMORY + np.asarray(gains, np.float64)
+        self.share = float(SHARES[int(np.argmax(self.evidence))])
+        return self.share
+
     def state(self) -> dict[str, torch.Tensor]:
-        return {name: t.detach().cpu() for name, t in self.shadow.items()}
+        out = {name: t.detach().cpu() for name, t in self.shadow.items()}
+        out[_CHOICE_KEY] = torch.from_numpy(np.concatenate([[self.share], self.evidence]))
+        return out
 
     def load_state(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
         tracked = {name for name, _ in self._tracked()}  # an older checkpoint may average more
         self.shadow = {name: t.to(device).clone() for name, t in state.items() if name in tracked}
+        choice = state.get(_CHOICE_KEY)
+        if choice is not None and len(choice) == 1 + len(SHARES):  # else: chosen afresh from the stream
+            values = choice.double().numpy()
+            self.share, self.evidence = float(values[0]), values[1:].copy()

@@ -26,7 +26,7 @@ from avalanche.training.supervised import Naive
 
 from learners.errors import ConfigError
 from learners.ewc import OnlineFisherEWC
-from learners.experience import dataset_tensors
+from learners.experience import dataset_owners, dataset_tensors
 from learners.optim import RowSparseAdam
 from learners.replay_buffer import TensorReservoir
 
@@ -97,23 +97,42 @@ class RecommenderTemplate(Naive):
 
 
 class ReservoirReplay(SupervisedPlugin):
-    """Experience replay: ``batch_size_mem`` samples drawn uniformly from the reservoir join
-    every minibatch (after the first experience); the experience's samples then enter the
+    """Experience replay: ``batch_size_mem`` samples drawn from the reservoir join every
+    minibatch (after the first experience); the experience's samples then enter the
     reservoir after it. Unlike Avalanche's ``ReplayPlugin`` (offered as the strategy
     ``avalanche_ewc_replay``) there is no replay data loader with a per-sample collate: the
-    samples are indexed straight out of the reservoir's tensors."""
+    samples are indexed straight out of the reservoir's tensors.
+
+    The draw leaves out the samples of users who are in the experience being trained: their
+    own new events already train them, and replaying their older tastes would pull them back
+    where they just moved on (drift). What replay keeps is the users who are away, the ones
+    fine-tuning forgets and who come back to find the model gone elsewhere."""
 
     def __init__(self, mem_size: int, batch_size_mem: int, storage_policy: Optional[TensorReservoir] = None) -> None:
         super().__init__()
         self.mem_size = mem_size
         self.batch_size_mem = batch_size_mem
         self.storage_policy = storage_policy if storage_policy is not None else TensorReservoir(max_size=mem_size)
+        self._away: Optional[torch.Tensor] = None  # reservoir places of users not in this experience
+
+    def before_training_exp(self, strategy, **kwargs):
+        self._away = None
+        present = dataset_owners(strategy.experience.dataset)
+        if present is None or not self.storage_policy.filled:
+            return
+        owners = self.storage_policy.owners()
+        away = torch.nonzero(~torch.isin(owners, present[present != 0])).squeeze(1)
+        if 0 < len(away) < len(owners):
+            self._away = away
 
     def before_training_iteration(self, strategy, **kwargs):
         if not self.storage_policy.filled or not self.batch_size_mem:
             return
         tensors = self.storage_policy.tensors()
-        pick = torch.randint(0, len(tensors[2]), (self.batch_size_mem,))
+        if self._away is not None:
+            pick = self._away[torch.randint(0, len(self._away), (self.batch_size_mem,))]
+        else:
+            pick = torch.randint(0, len(tensors[2]), (self.batch_size_mem,))
         device = strategy.mbatch[0].device
         extra = [t[pick].to(device, a.dtype) for t, a in zip(tensors, strategy.mbatch)]
         extra.append(torch.zeros(len(pick), dtype=torch.long, device=device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from avalanche.training.storage_policy import ExemplarsBuffer
 
@@ -192,3 +193,25 @@ def test_owner_tags_come_from_the_experience_and_survive_load():
     copy = TensorReservoir(max_size=30)
     copy.load(*policy.tensors(), policy.seen_samples, owners=policy.owners())
     assert copy.remove_owner(7) == 10 and set(copy.owners().tolist()) == {8}
+
+
+def test_replay_leaves_out_the_users_who_are_in_the_experience():
+    plugin = ReservoirReplay(mem_size=64, batch_size_mem=256)
+
+    class Strategy:
+        mbatch = None
+
+    rows, weights, items = _samples(0, 40)
+    owners = np.arange(40) % 4 + 1  # four users, ten samples each
+    strategy = Strategy()
+    strategy.experience = make_experience(rows.numpy(), weights.numpy(), items.numpy(), 0, owners)
+    plugin.after_training_exp(strategy)
+    fresh_rows, fresh_weights, fresh_items = _samples(100, 4)
+    strategy.experience = make_experience(fresh_rows.numpy(), fresh_weights.numpy(), fresh_items.numpy(), 1,
+                                          np.array([1, 2, 1, 2]))
+    plugin.before_training_exp(strategy)
+    strategy.mbatch = [fresh_rows, fresh_weights, fresh_items, torch.zeros(4, dtype=torch.long)]
+    plugin.before_training_iteration(strategy)
+    replayed = strategy.mbatch[2][4:]
+    assert len(replayed) == 256
+    assert set((replayed.numpy() % 4 + 1).tolist()) == {3, 4}  # users 1 and 2 are here: not replayed

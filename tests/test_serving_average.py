@@ -78,3 +78,22 @@ def test_names_limit_what_is_averaged_and_served():
     restored.load_state(everything.state(), torch.device("cpu"))  # a checkpoint that averaged more
     assert set(restored.shadow) == {"item_emb"}
 
+
+
+def test_the_published_share_follows_what_ranked_the_newest_events_best_and_survives_a_restore():
+    tower = Tower(3)
+    average = ServingAverage(tower, decay=0.5)
+    average.after_training_iteration(None)
+    with torch.no_grad():
+        tower.item_emb.fill_(8.0)
+    assert average.share == 1.0  # the average until the stream says otherwise
+    with average.applied(0.5):
+        assert torch.allclose(tower.item_emb, torch.full((3, 2), 4.0))  # halfway from live to average
+    assert torch.allclose(tower.item_emb, torch.full((3, 2), 8.0))
+    assert average.choose([0.3, 0.2, 0.1]) == 0.0  # the live weights ranked the newest events best
+    for _ in range(5):
+        average.choose([0.0, 0.1, 0.4])
+    assert average.share == 1.0  # tastes held again: the smoothing pays
+    restored = ServingAverage(Tower(3), decay=0.5)
+    restored.load_state(average.state(), torch.device("cpu"))
+    assert restored.share == average.share and list(restored.evidence) == list(average.evidence)
