@@ -489,7 +489,11 @@ class ContinualRecommender:
             ranks = event_ranks(users, table, items[pick], hist_rows[pick], hist_weights[pick])
             gains.append(float(ndcg_at_k(ranks[ranks != NO_RANK]).mean()) if (ranks != NO_RANK).any() else 0.0)
         self.model.train()
-        self.average.choose(gains)
+        # One reading of the stream for both: where the live weights rank the newest events better
+        # than the lagging average, tastes are moving on, and replaying old ones would hold them back.
+        share = self.average.choose(gains)
+        if self.parts.replay is not None:
+            self.parts.replay.strength = share
 
     def _refresh_after_update(self, touched: np.ndarray) -> None:
         """Re-embed trained items plus a rolling slice of the catalogue."""

@@ -114,6 +114,8 @@ class ReservoirReplay(SupervisedPlugin):
         self.batch_size_mem = batch_size_mem
         self.storage_policy = storage_policy if storage_policy is not None else TensorReservoir(max_size=mem_size)
         self._away: Optional[torch.Tensor] = None  # reservoir places of users not in this experience
+        # Share of ``batch_size_mem`` replayed, in [0, 1]: the learner lowers it while the stream moves on.
+        self.strength = 1.0
 
     def before_training_exp(self, strategy, **kwargs):
         self._away = None
@@ -126,13 +128,14 @@ class ReservoirReplay(SupervisedPlugin):
             self._away = away
 
     def before_training_iteration(self, strategy, **kwargs):
-        if not self.storage_policy.filled or not self.batch_size_mem:
+        size = round(self.batch_size_mem * self.strength)
+        if not self.storage_policy.filled or size <= 0:
             return
         tensors = self.storage_policy.tensors()
         if self._away is not None:
-            pick = self._away[torch.randint(0, len(self._away), (self.batch_size_mem,))]
+            pick = self._away[torch.randint(0, len(self._away), (size,))]
         else:
-            pick = torch.randint(0, len(tensors[2]), (self.batch_size_mem,))
+            pick = torch.randint(0, len(tensors[2]), (size,))
         device = strategy.mbatch[0].device
         extra = [t[pick].to(device, a.dtype) for t, a in zip(tensors, strategy.mbatch)]
         extra.append(torch.zeros(len(pick), dtype=torch.long, device=device))

@@ -215,3 +215,20 @@ def test_replay_leaves_out_the_users_who_are_in_the_experience():
     replayed = strategy.mbatch[2][4:]
     assert len(replayed) == 256
     assert set((replayed.numpy() % 4 + 1).tolist()) == {3, 4}  # users 1 and 2 are here: not replayed
+
+
+def test_replay_strength_scales_how_many_samples_join_a_minibatch():
+    plugin = ReservoirReplay(mem_size=32, batch_size_mem=8)
+
+    class Strategy:
+        mbatch = None
+
+    rows, weights, items = _samples(0, 20)
+    strategy = Strategy()
+    strategy.experience = make_experience(rows.numpy(), weights.numpy(), items.numpy(), 0)
+    plugin.after_training_exp(strategy)
+    for strength, replayed in ((0.5, 4), (0.0, 0)):
+        plugin.strength = strength
+        strategy.mbatch = [rows[:4], weights[:4], items[:4], torch.zeros(4, dtype=torch.long)]
+        plugin.before_training_iteration(strategy)
+        assert len(strategy.mbatch[0]) == 4 + replayed
