@@ -12,7 +12,7 @@ items with fewer than 5 events before it) by parts of the same vectors:
 * ``popularity``: the popularity coordinates, each user's own mix of the rungs;
 * ``rung<k>``: one rung's count alone, the same for every user (rung 0 has the
   shortest half-life; the last counts all events ever);
-* ``trending``: the trending coordinate alone (learners.trending), the same for
+* ``trending``: the trending coordinate alone (learners.statistics.trending), the same for
   every user.
 
 Prints NDCG@10 per part, mean over blocks, then per block. The parts are
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ranking_slices import Learners, build_slice  # noqa: E402
-from learners import trending  # noqa: E402
+from learners.statistics import trending  # noqa: E402
 from learners.evaluation.files import read_events, read_items  # noqa: E402
 from learners.evaluation.protocol import prepare_p1, score_block  # noqa: E402
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from learners.adapters import trainable_parameters  # noqa: E402
+from learners.towers.adapters import trainable_parameters  # noqa: E402
 from learners.learner import ContinualRecommender, LearnerConfig  # noqa: E402
 from learners.synthetic import SyntheticWorld  # noqa: E402
 

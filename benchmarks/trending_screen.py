@@ -8,8 +8,8 @@ Runs protocol P1 once with a learner strategy whose trending coordinate is off
 the published vectors' scores plus ``weight * value`` of each item, for every
 ``evidence:weight[:conversion:newness]`` of ``--grid``: value = the item's
 rising value with that evidence (``PopularityLadder.rising``) + conversion x
-its conversion + newness x its newness (``learners.item_evidence``); without
-the last two, the product's (``learners.trending.CONVERSION`` and
+its conversion + newness x its newness (``learners.statistics.item_evidence``); without
+the last two, the product's (``learners.statistics.trending.CONVERSION`` and
 ``NEWNESS``). Every variant scores the same trained model, so the differences
 between them are the coordinate's alone, with no training noise in between.
 ``0:0`` is the vectors without it.
@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from cold_parts import Part, one_run_parser  # noqa: E402
 from ranking_slices import Learners, build_slice  # noqa: E402
-from learners import trending  # noqa: E402
+from learners.statistics import trending  # noqa: E402
 from learners.evaluation.files import read_events, read_items  # noqa: E402
 from learners.evaluation.protocol import prepare_p1, score_block  # noqa: E402
 

@@ -94,7 +94,7 @@ class LearnerConfig:
     max_users: int = setting(1_000_000, "users kept in memory (least recently active evicted)", ge=1)
     item_item_dims: int = setting(
         64, "coordinates of the published vectors that carry closed-form item-item scores (EASE over the "
-            "users' recent items, refit every tenth of the catalogue size in new events; learners.item_item); "
+            "users' recent items, refit every tenth of the catalogue size in new events; learners.statistics.item_item); "
             "at most half of --vector-dim; 0 = none", ge=0)
     item_item_weight: float = setting(
         0.2, "starting weight of the item-item scores beside the model's cosine, relative to their spread; "
@@ -109,19 +109,19 @@ class LearnerConfig:
     trending_weight: float = setting(
         0.2, "what an item's value for items with few events adds to every user's score of it: how busy it "
              "is now (the shortest popularity rung, faded as the item gathers events), how strong its events "
-             "are against the stream's and how new it is (learners.trending, learners.item_evidence); it "
+             "are against the stream's and how new it is (learners.statistics.trending, learners.statistics.item_evidence); it "
              "ranks new and rarely seen items by what their own events say; 0 = none", ge=0)
     established_user_items: int = setting(
         10, "distinct items after which a user counts as established: an item keeps its share of the "
             "statistics every user shares (popularity rungs, trending coordinate) by how much of it came "
             "from established users against the stream's, and a user's repeat of an item is not counted "
             "again, so a burst of new accounts hammering a few items cannot take over everyone's top 10 "
-            "(learners.credibility); the events still train the model and their own users' vectors; "
+            "(learners.statistics.credibility); the events still train the model and their own users' vectors; "
             "0 = every event counts in full", ge=0)
     seed: int = setting(0, "random seed")
 
     # --- set by code only ----------------------------------------------------
-    strategy: str = internal("ewc_replay", "continual-learning strategy (learners.strategy); evaluation varies it")
+    strategy: str = internal("ewc_replay", "continual-learning strategy (learners.continual.strategy); evaluation varies it")
     epochs: int = internal(1, "passes over each experience")
     id_lr_scale: float = internal(1.0, "learning-rate multiplier of the id tables (an Adam group)")
     item_item_refit: float = internal(

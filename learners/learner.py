@@ -18,25 +18,25 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from learners import trending
-from learners.catalogue import Catalogue
-from learners.credibility import event_credibility, suspected_counts
+from learners.statistics import trending
+from learners.state.catalogue import Catalogue
+from learners.statistics.credibility import event_credibility, suspected_counts
 from learners.config import LearnerConfig  # re-exported: torch-free, so the CLI reads it without torch
 from learners.encoder import TextEncoder, resolve_device
-from learners.event_rank import NO_RANK, event_ranks, ndcg_at_k, ndcg_full
-from learners.experience import make_experience
-from learners.features import ItemFeatures
-from learners.guard import (CHECK_EVENTS, MIN_CHECK_EVENTS, UpdateCheck, UpdateUndo, model_items,
+from learners.evaluation.event_rank import NO_RANK, event_ranks, ndcg_at_k, ndcg_full
+from learners.continual.experience import make_experience
+from learners.state.features import ItemFeatures
+from learners.continual.guard import (CHECK_EVENTS, MIN_CHECK_EVENTS, UpdateCheck, UpdateUndo, model_items,
                             update_is_worse)
-from learners.hooks import StepCallbackPlugin
-from learners.item_item import VALIDATION_SAMPLES, ItemItemHead, SharedFits, head_dims
-from learners.model import TwoTower
+from learners.continual.hooks import StepCallbackPlugin
+from learners.statistics.item_item import VALIDATION_SAMPLES, ItemItemHead, SharedFits, head_dims
+from learners.towers.model import TwoTower
 from learners.records import EVENT_TYPE_OF, EVENT_WEIGHTS, ITEM_ID_OF, USER_ID_OF, Event, Item, encoder_text
-from learners.row_agreement import RowAgreement
-from learners.serving_average import SHARES, ServingAverage
-from learners.strategy import build_strategy
-from learners.stream_state import StreamState
-from learners.users import UserHistories, histories_by_id
+from learners.state.row_agreement import RowAgreement
+from learners.continual.serving_average import SHARES, ServingAverage
+from learners.continual.strategy import build_strategy
+from learners.state.stream_state import StreamState
+from learners.state.users import UserHistories, histories_by_id
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class LearnReport:
     touched_items: int
     steps: int = 0
     replay_samples: int = 0
-    # Events counted at less than full weight on the shared statistics, by reason (learners.credibility).
+    # Events counted at less than full weight on the shared statistics, by reason (learners.statistics.credibility).
     suspected: dict = field(default_factory=dict)
 
 
@@ -66,7 +66,7 @@ class ContinualRecommender:
 
     def __init__(self, config: LearnerConfig, encoder: Optional[TextEncoder] = None, collective=None,
                  shared_fits: Optional[SharedFits] = None) -> None:
-        """``collective``: a ``learners.distributed.Collective`` to train one model across ranks.
+        """``collective``: a ``learners.continual.distributed.Collective`` to train one model across ranks.
         ``shared_fits``: item-item fits shared with other learners that read the same stream."""
         torch.manual_seed(config.seed)
         self.config = config
@@ -140,7 +140,7 @@ class ContinualRecommender:
         self.rows: Optional[RowAgreement] = None if collective is None else RowAgreement()
         if collective is None:
             return ()
-        from learners.distributed import CollectiveRoundsPlugin
+        from learners.continual.distributed import CollectiveRoundsPlugin
         return (CollectiveRoundsPlugin(collective, self.config.history_length),)
 
     # -- items ----------------------------------------------------------------

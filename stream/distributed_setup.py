@@ -72,7 +72,7 @@ def start_group(settings: Settings):
     import torch
     import torch.distributed as dist
 
-    from learners.distributed import Collective
+    from learners.continual.distributed import Collective
 
     cuda = settings.device != "cpu" and torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"

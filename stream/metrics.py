@@ -42,7 +42,7 @@ class WorkerMetrics:
         self.duplicates = Counter("recstream_events_duplicate_total", "Events ignored as repeated deliveries", registry=r)
         self.events_suspected = Counter(
             "recstream_events_suspected_total", "Events counted at less than full weight on the statistics every "
-            "user shares (they still train): repeated_item, new_user (learners.credibility)", ["reason"], registry=r)
+            "user shares (they still train): repeated_item, new_user (learners.statistics.credibility)", ["reason"], registry=r)
         self.record_failures = Counter(
             "recstream_record_failures_total",
             "Valid records a later stage failed on, set aside so the worker goes on (see the log)", ["stage"],

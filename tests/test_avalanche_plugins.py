@@ -11,9 +11,9 @@ from avalanche.training.plugins import EWCPlugin, ReplayPlugin
 from avalanche.training.utils import ParamData
 from torch import nn
 
-from learners.avalanche_plugins import AvalancheOnlineEWC, avalanche_ewc_replay
-from learners.ewc import OnlineFisherEWC
-from learners.strategy import ReservoirReplay
+from learners.continual.avalanche_plugins import AvalancheOnlineEWC, avalanche_ewc_replay
+from learners.continual.ewc import OnlineFisherEWC
+from learners.continual.strategy import ReservoirReplay
 
 
 class _Tiny(nn.Module):

@@ -24,7 +24,7 @@ from learners.checkpoint.manifest import read_manifest, verify
 from learners.checkpoint.restore import apply, parse
 from learners.encoder import TextEncoder
 from learners.errors import CheckpointError, RecstreamError
-from learners.export import TRAINED_SHARD
+from learners.checkpoint.export import TRAINED_SHARD
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import Event
 from learners.synthetic import SyntheticWorld
@@ -177,7 +177,7 @@ def test_checkpoint_of_the_earlier_replay_format_loads(config, encoder, trained)
 
 
 def test_checkpoint_without_the_items_evidence_loads_with_it_empty(config, encoder, trained):
-    """Before the items' evidence (learners.item_evidence) was kept: no ``evidence`` tensor."""
+    """Before the items' evidence (learners.statistics.item_evidence) was kept: no ``evidence`` tensor."""
     data = parse(collect(trained, b"{}"))
     data["learner.safetensors"] = {k: v for k, v in data["learner.safetensors"].items() if k != "evidence"}
     fresh = ContinualRecommender(config, encoder=encoder)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from learners.checkpoint_plugin import CheckpointPlugin
+from learners.continual.checkpoint_plugin import CheckpointPlugin
 
 
 class _Store:

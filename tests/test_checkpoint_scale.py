@@ -13,7 +13,7 @@ import torch
 
 from learners.checkpoint import CheckpointStore
 from learners.encoder import TextEncoder
-from learners.experience import make_experience
+from learners.continual.experience import make_experience
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import Event
 from stream.config import default_model_path

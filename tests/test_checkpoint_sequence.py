@@ -14,7 +14,7 @@ import torch
 
 from learners.checkpoint import CheckpointStore
 from learners.encoder import TextEncoder
-from learners.export import FROZEN_SHARD, TRAINED_SHARD
+from learners.checkpoint.export import FROZEN_SHARD, TRAINED_SHARD
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import Event, Item
 from stream.config import default_model_path

@@ -1,12 +1,12 @@
-"""What fake accounts can move of the statistics every user shares (learners.credibility)."""
+"""What fake accounts can move of the statistics every user shares (learners.statistics.credibility)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from learners import credibility, item_evidence
-from learners.popularity import PopularityLadder
+from learners.statistics import credibility, item_evidence
+from learners.statistics.popularity import PopularityLadder
 
 
 def _histories(*rows_per_user: list[int], length: int = 6) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,7 @@ def _params(learner: ContinualRecommender) -> torch.Tensor:
 def _rank(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    from learners.distributed import Collective
+    from learners.continual.distributed import Collective
 
     world = SyntheticWorld(n_items=30, n_users=6)
     learner = ContinualRecommender(_config(), collective=Collective())
@@ -83,7 +83,7 @@ def _rank_rows(rank: int, init_file: str, out_dir: str) -> None:
     text has introduced yet, each rank's first."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    from learners.distributed import Collective
+    from learners.continual.distributed import Collective
 
     world = SyntheticWorld(n_items=30, n_users=6)
     items = world.items()
@@ -121,8 +121,8 @@ def test_ranks_seeing_new_items_in_different_orders_agree_on_rows(tmp_path):
 
 def _rank_erase(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
-    from learners.distributed import Collective
-    from learners.erasure import erase_user
+    from learners.continual.distributed import Collective
+    from learners.state.erasure import erase_user
 
     world = SyntheticWorld(n_items=30, n_users=6)
     learner = ContinualRecommender(_config(), collective=Collective())

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from learners.adapters import load_trainable_state_dict, trainable_parameters, trainable_state_dict
+from learners.towers.adapters import load_trainable_state_dict, trainable_parameters, trainable_state_dict
 from learners.encoder import TextEncoder, last_token_pool
 from learners.encoder.layers import encoder_layers
 from learners.errors import ConfigError
-from learners.export import export_model, load_exported
+from learners.checkpoint.export import export_model, load_exported
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.synthetic import SyntheticWorld
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from learners.explain import heaviest_items
+from learners.state.explain import heaviest_items
 from stream import ranking
 from stream.kafka.messages import decode_vector, encode_vectors
 from stream.vector_index import VectorIndex
@@ -130,7 +130,7 @@ def test_topk_command_json_with_explanations_and_diversity(monkeypatch):
 
 @pytest.mark.integration  # loads the real model (a few seconds)
 def test_a_learners_published_user_explains_a_pick_by_the_item_that_shaped_it():
-    from learners.explain import top_history_items
+    from learners.state.explain import top_history_items
     from learners.learner import ContinualRecommender, LearnerConfig
     from learners.records import Event
     from learners.synthetic import SyntheticWorld

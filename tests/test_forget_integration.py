@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from learners.checkpoint import CheckpointStore
 from learners.learner import ContinualRecommender
 from learners.synthetic import SyntheticWorld
-from learners.users import owner_tag
+from learners.state.users import owner_tag
 from stream.cli import main
 from stream.config import Settings
 from stream.kafka.broker import read_topic

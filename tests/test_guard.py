@@ -137,7 +137,7 @@ def test_without_the_guard_nothing_is_undone():
 
 
 def test_an_update_is_worse_beyond_the_tolerance_and_beyond_noise():
-    from learners.guard import update_is_worse
+    from learners.continual.guard import update_is_worse
     rng = np.random.default_rng(0)
     before = rng.uniform(0.2, 0.6, 200)
     assert update_is_worse(before, before * 0.8, 0.1)  # 20 % lower on every event

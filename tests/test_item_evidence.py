@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 
-from learners import item_evidence
-from learners.users import UserHistories
+from learners.statistics import item_evidence
+from learners.state.users import UserHistories
 
 CLICK, PURCHASE, FAVOURITE = 1.0, 2.0, 3.0
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from learners.item_item import WEIGHT_GRID, ItemItemHead, SharedFits, head_dims
+from learners.statistics.item_item import WEIGHT_GRID, ItemItemHead, SharedFits, head_dims
 
 
 def _histories(pairs: int, users: int, length: int = 4, seed: int = 0):
@@ -95,7 +95,7 @@ def test_the_head_takes_at_most_half_of_a_vector(vector_dim, wanted, dims):
 
 
 def test_a_refit_is_due_by_events_and_within_its_share_of_wall_time(monkeypatch):
-    import learners.item_item as module
+    import learners.statistics.item_item as module
 
     rows, weights, n_items = _histories(pairs=4, users=40)
     head = ItemItemHead(dims=6, weight=0.3, l2=1.0, refit=1.0, time_share=0.5)

@@ -47,9 +47,9 @@ def test_both_user_towers_train_publish_unit_vectors_and_restore_exactly(tmp_pat
 
 def test_erasing_a_user_removes_history_pending_and_replay_samples_and_checkpoints_hold_none(tmp_path):
     from learners.checkpoint import CheckpointStore
-    from learners.erasure import erase_user
+    from learners.state.erasure import erase_user
     from learners.synthetic import SyntheticWorld
-    from learners.users import owner_tag
+    from learners.state.users import owner_tag
 
     config = LearnerConfig(model_path=default_model_path(), device="cpu", vector_dim=16, negatives=8,
                            history_length=8, batch_size=16, replay_size=512, replay_batch=8)

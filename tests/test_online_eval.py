@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from learners.evaluation.protocol import top_k, user_metrics
-from learners.event_rank import NO_RANK, ranks_from_scores
+from learners.evaluation.event_rank import NO_RANK, ranks_from_scores
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.synthetic import SyntheticWorld
 from stream.config import default_model_path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from learners.optim import RowSparseAdam, gradient_rows
+from learners.towers.optim import RowSparseAdam, gradient_rows
 
 
 def _steps(table: torch.nn.Parameter, optimizer, batches, sparse: bool) -> None:

@@ -13,7 +13,7 @@ from learners.encoder import TextEncoder
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import Event
 from learners.synthetic import SyntheticWorld
-from learners.users import UserHistories, histories_by_id, rings
+from learners.state.users import UserHistories, histories_by_id, rings
 from stream.config import default_model_path
 from stream.kafka.broker import read_topic
 from stream.kafka.changelog import LEDGER_KEY, choose, decode_user_state, encode_ledger, encode_user_state

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 
 from learners.checkpoint.manifest import FORMAT, MANIFEST, REQUIRED, manifest_bytes, quick_check
 from learners.checkpoint.store import CheckpointStore, checkpoint_folders
-# Avalanche (under learners.distributed) refuses to be first imported in a rank other than 0.
-from learners.distributed import Collective
+# Avalanche (under learners.continual.distributed) refuses to be first imported in a rank other than 0.
+from learners.continual.distributed import Collective
 from stream.worker.group_join import join_group, rank_0_folder
 
 NAME = "ckpt-000000000005-3"

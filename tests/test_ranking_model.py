@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from learners.negatives import corrected_logits, log_q
-from learners.popularity import PopularityLadder, parse_half_lives
-from learners.user_tower import AttentionTower, SumTower
-from learners.users import UserHistories
+from learners.towers.negatives import corrected_logits, log_q
+from learners.statistics.popularity import PopularityLadder, parse_half_lives
+from learners.towers.user_tower import AttentionTower, SumTower
+from learners.state.users import UserHistories
 
 
 def _tower(length: int = 6) -> AttentionTower:
@@ -165,8 +165,8 @@ def test_sum_tower_is_the_weighted_sum():
 
 def _two_tower(n_items: int, **kwargs):
     from learners.encoder.top_layers import TopLayers
-    from learners.features import ItemFeatures
-    from learners.model import TwoTower
+    from learners.state.features import ItemFeatures
+    from learners.towers.model import TwoTower
 
     torch.manual_seed(0)
     features = ItemFeatures(6)

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from avalanche.training.storage_policy import ExemplarsBuffer
 
-from learners.experience import make_experience
-from learners.replay_buffer import TensorReservoir
-from learners.strategy import ReservoirReplay
+from learners.continual.experience import make_experience
+from learners.continual.replay_buffer import TensorReservoir
+from learners.continual.strategy import ReservoirReplay
 
 LENGTH = 4
 SIZES = [1, 7, 128, 3, 256, 45, 200, 60, 300]  # 1000 samples in experiences of varied sizes

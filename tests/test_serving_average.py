@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from learners.serving_average import ServingAverage
+from learners.continual.serving_average import ServingAverage
 
 
 class Tower(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from learners.catalogue import Catalogue
-from learners.users import UserHistories
+from learners.state.catalogue import Catalogue
+from learners.state.users import UserHistories
 from stream.worker.dedup import EventLedger
 
 

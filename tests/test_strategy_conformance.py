@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learners.ewc import OnlineFisherEWC
+from learners.continual.ewc import OnlineFisherEWC
 
 STRATEGY_NAMES = ("popularity", "decayed_pop", "ease", "ease_rw", "frozen", "naive", "ewc", "replay",
                   "ewc_replay", "avalanche_ewc_replay", "joint")

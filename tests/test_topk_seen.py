@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from learners.explain import BECAUSE_WINDOW, heaviest_items, history_items
+from learners.state.explain import BECAUSE_WINDOW, heaviest_items, history_items
 from stream.config import Settings
 from stream.kafka.messages import decode_vector
 from stream.vector_index import MAX_RECENT, VectorIndex

@@ -13,8 +13,8 @@ import torch
 from learners.checkpoint.compatibility import check_config
 from learners.config import LearnerConfig
 from learners.errors import CheckpointError
-from learners.popularity import PopularityLadder
-from learners.trending import EVIDENCE, ITEM_SHARE, TrendingCoordinate
+from learners.statistics.popularity import PopularityLadder
+from learners.statistics.trending import EVIDENCE, ITEM_SHARE, TrendingCoordinate
 
 
 def _unit(rows: int, dim: int, seed: int) -> np.ndarray:
@@ -73,7 +73,7 @@ def test_a_checkpoint_of_the_older_layout_is_refused_with_what_to_do(tmp_path):
 def test_published_vectors_carry_the_items_values_and_one_user_value():
     from learners.learner import ContinualRecommender
     from learners.synthetic import SyntheticWorld
-    from learners import trending
+    from learners.statistics import trending
     from stream.config import default_model_path
 
     config = LearnerConfig(model_path=default_model_path(), device="cpu", vector_dim=16, negatives=8,

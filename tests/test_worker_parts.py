@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from kafka.partitioner.default import DefaultPartitioner
 
-from learners.stream_state import StreamState
+from learners.state.stream_state import StreamState
 from stream.kafka.sinks import KeyCachingPartitioner
 from stream.worker.checkpoint_writer import CheckpointWriter, LearnerSnapshot
 from stream.worker.dedup import EventLedger, hash_ids

@@ -12,7 +12,7 @@ from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 
 from learners.learner import LearnReport
-from learners.stream_state import StreamState
+from learners.state.stream_state import StreamState
 from stream.config import Settings
 from stream.kafka.clients import KafkaSource
 from stream.metrics import WorkerMetrics
@@ -110,8 +110,8 @@ class FakeLearner:
         self.catalogue.ids = []
         self.allow_training = False
         self.training_in_flight = False  # set by a checkpoint snapshot (stream/worker/checkpoint_writer.py)
-        self.parts = SimpleNamespace(replay=None)  # no replay reservoir (learners.erasure reads it)
-        self.rows = None  # no collective: nothing waits for catalogue rows (learners.erasure reads it)
+        self.parts = SimpleNamespace(replay=None)  # no replay reservoir (learners.state.erasure reads it)
+        self.rows = None  # no collective: nothing waits for catalogue rows (learners.state.erasure reads it)
 
     def snapshot(self):
         """No samples to save: checkpoints of a fake keep the worker's bookkeeping only."""

@@ -20,7 +20,7 @@ Layout of ``state_dir``::
         extra.json             the caller's ``extra`` dict (Kafka offsets, ledger, ...)
         model/                 Hugging Face folder of the fine-tuned encoder, trained
                                layers merged in (``AutoModel.from_pretrained`` /
-                               ``AutoTokenizer``; ``learners.export.export_model``),
+                               ``AutoTokenizer``; ``learners.checkpoint.export.export_model``),
                                weights in two shards: model-trained.safetensors, and
                                model-frozen.safetensors, a hard link to the previous
                                checkpoint's when this store wrote one for the same

@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 
 from learners.checkpoint.atomic import fsync_path
 from learners.checkpoint.manifest import FORMAT, hash_file
-from learners.export import FROZEN_SHARD, export_model
+from learners.checkpoint.export import FROZEN_SHARD, export_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from learners.learner import ContinualRecommender
@@ -132,7 +132,7 @@ def export_hf_model(learner: "ContinualRecommender", folder: Path,
                     frozen: Optional[tuple[Path, dict]] = None) -> dict[str, Optional[dict]]:
     """The encoder with the learner's trained layers merged in, as a Hugging Face folder.
 
-    ``learners.export.export_model(merged=True, split=True)``: the base model's
+    ``learners.checkpoint.export.export_model(merged=True, split=True)``: the base model's
     weights in a frozen and a trained shard, the tokenizer, ``recstream.json``
     and the base folder's sentence-transformers files. ``frozen``, the path and
     manifest entry of a frozen shard this learner's encoder wrote before, is

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 MUST_MATCH = ("model_path", "vector_dim", "item_item_dims", "history_length", "train_layers", "train_params")
 LORA_MUST_MATCH = ("lora_rank", "lora_alpha", "lora_targets")
 # Every checkpoint of today's vector layout records this setting. One without it was written before
-# the trending coordinate (learners.trending) took a coordinate from the model: its tensors do not fit.
+# the trending coordinate (learners.statistics.trending) took a coordinate from the model: its tensors do not fit.
 LAYOUT_MARK = "trending_weight"
 
 

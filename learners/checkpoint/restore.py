@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load as st_load
 from torch import nn
 
-from learners import item_evidence
-from learners.catalogue import Catalogue
+from learners.statistics import item_evidence
+from learners.state.catalogue import Catalogue
 from learners.checkpoint.manifest import FORMAT, TornCheckpoint
 from learners.errors import CheckpointError
-from learners.optim import grown_rows
-from learners.stream_state import StreamState
+from learners.towers.optim import grown_rows
+from learners.state.stream_state import StreamState
 
 if TYPE_CHECKING:  # pragma: no cover
     from learners.learner import ContinualRecommender

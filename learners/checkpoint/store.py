@@ -20,7 +20,7 @@ from learners.checkpoint.manifest import (FORMAT, MANIFEST, MODEL_DIR, TornCheck
                                           read_manifest, verify)
 from learners.checkpoint.restore import apply, parse
 from learners.errors import CheckpointError
-from learners.export import FROZEN_SHARD
+from learners.checkpoint.export import FROZEN_SHARD
 
 if TYPE_CHECKING:  # pragma: no cover
     from learners.learner import ContinualRecommender

@@ -29,7 +29,7 @@ or ``config.json`` has ``is_decoder`` true, an architecture ending in
 Without it, a document prompt is read from ``config_sentence_transformers.json``
 (``prompts`` entry ``document`` / ``passage`` / ``doc`` / ``corpus``) and the
 pooling from ``1_Pooling/config.json`` when present. A folder written by
-``learners.export.export_model`` (a merged model, or a peft adapter folder
+``learners.checkpoint.export.export_model`` (a merged model, or a peft adapter folder
 whose ``adapter_config.json`` names the base model) loads here as well.
 """
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from torch import nn
 
-from learners.adapters import add_lora
+from learners.towers.adapters import add_lora
 from learners.encoder.layers import decoder_parts, encoder_layers
 from learners.encoder.top_layers import TopLayers
 from learners.errors import ConfigError

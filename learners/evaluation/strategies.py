@@ -10,7 +10,7 @@ of the item-item head's fits, which depend on the stream alone.
 Publishing item vectors from averaged weights (``serving_average``) is one of
 the product's protections against forgetting, so only ``ewc_replay`` (the
 product) has it, and ``avalanche_ewc_replay`` (Avalanche's own EWC and replay
-plugins, ``learners.avalanche_plugins``), so that beside the product only the
+plugins, ``learners.continual.avalanche_plugins``), so that beside the product only the
 plugins differ: ``naive``, ``ewc``, ``replay`` and ``joint`` publish from
 their live weights, and each row isolates its own mechanism.
 
@@ -29,7 +29,7 @@ import numpy as np
 from learners.encoder import TextEncoder, resolve_device
 from learners.evaluation.peers import PEERS
 from learners.evaluation.popularity import PopularityRecommender
-from learners.item_item import SharedFits
+from learners.statistics.item_item import SharedFits
 from learners.learner import ContinualRecommender, LearnerConfig
 from learners.records import EVENT_WEIGHTS, Event, Item, encoder_text
 

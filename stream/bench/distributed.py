@@ -36,7 +36,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, config, items, rounds
     if world_size > 1:
         import torch.distributed as dist
 
-        from learners.distributed import Collective
+        from learners.continual.distributed import Collective
 
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         collective = Collective()

@@ -76,7 +76,7 @@ def _sync_for(device: torch.device):
 
 def run(factory: LearnerFactory, world: BenchWorld, *, experiences_per_round: int, rounds: int,
         checkpoint_every: int, progress: Progress) -> dict:
-    from learners.checkpoint_plugin import CheckpointPlugin
+    from learners.continual.checkpoint_plugin import CheckpointPlugin
 
     items = world.items()
     learner = factory.make(items)

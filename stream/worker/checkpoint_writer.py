@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from learners.checkpoint import CheckpointStore, PreparedCheckpoint
-from learners.stream_state import StreamState
+from learners.state.stream_state import StreamState
 from stream.worker import heap
 from stream.worker.dedup import LedgerSnapshot
 

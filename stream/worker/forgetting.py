@@ -4,7 +4,7 @@ Owns where the forget topic is read from (the checkpoint's offsets: a
 request is applied once, and again after going back to a checkpoint that
 predates it, which is harmless because an erasure is idempotent). For each
 request the learner drops the user's history, pending samples and replay
-samples (``learners.erasure``), the publisher drops the user's queued vector
+samples (``learners.state.erasure``), the publisher drops the user's queued vector
 and sends a tombstone for it, and ``on_erased`` asks for a checkpoint at once,
 after which the older checkpoints, which still hold the user, are removed.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from learners.erasure import erase_user
+from learners.state.erasure import erase_user
 from learners.records import BadRecord
 from stream.config import Settings
 from stream.kafka.forget import parse_forget

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from learners.checkpoint.store import CheckpointStore
-from learners.distributed import Collective
+from learners.continual.distributed import Collective
 from stream.worker.group_restore import Mark, agreeing_ranks, checkpoints_at, said_marks
 
 log = logging.getLogger("stream.worker")

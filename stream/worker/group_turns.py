@@ -6,7 +6,7 @@ whether it must not train (a rejoin pending); one MAX all-reduce makes that the
 group's turn. Rows are still agreed while a rank waits to rejoin: the checkpoint
 it takes before giving its partitions up must hold the events that waited for
 them. A training round
-then runs on every rank, those with nothing pending too (learners/distributed.py),
+then runs on every rank, those with nothing pending too (learners/continual/distributed.py),
 and checkpoints are taken in the same turn, so every rank's checkpoint holds the
 same model version. The loop waits on the slowest rank once per turn (a poll is
 at most 500 ms).

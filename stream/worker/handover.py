@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 from kafka import KafkaConsumer
 
-from learners.users import histories_by_id
+from learners.state.users import histories_by_id
 from stream.config import Settings
 from stream.kafka.changelog import LEDGER_KEY, choose, encode_ledger, encode_user_state, read_partition
 from stream.kafka.clients import KafkaSource, SourceRecord

@@ -1,7 +1,7 @@
 """Live quality, test then train: sampled events scored before they are applied.
 
 Before a batch of events reaches the learner, a uniform sample of them is
-scored as protocol P1 scores a test user (``learners/event_rank.py``): the
+scored as protocol P1 scores a test user (``learners/evaluation/event_rank.py``): the
 rank of the event's item for its user among the catalogue minus the user's
 history, under the vectors in force at that moment (the user's vector from
 the history before this event, the item table served now). The same rank is
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from learners.event_rank import NO_RANK, event_ranks, ndcg_at_k, ranks_from_scores, recall_at_k
+from learners.evaluation.event_rank import NO_RANK, event_ranks, ndcg_at_k, ranks_from_scores, recall_at_k
 from learners.records import USER_ID_OF, Event
 from stream.metrics import WorkerMetrics
 

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from learners.errors import RecstreamError
-from learners.explain import learner_history_items
+from learners.state.explain import learner_history_items
 from learners.records import BadRecord
 from stream.config import Settings
 from stream.kafka.clients import SourceRecord

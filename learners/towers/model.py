@@ -8,10 +8,10 @@ user vector = [sqrt(1 - b_u^2) * normalise(m_u), b_u * normalise(a_u)]
 User and item vectors live in one space; dot(user, item) is the score. The
 learned id parts carry collaborative signal, the text part carries meaning and
 serves items before anyone has interacted with them (cold start). The user
-tower (``learners.user_tower``) reads the order of the user's recent items.
+tower (``learners.towers.user_tower``) reads the order of the user's recent items.
 
 Popularity: p_i = popularity_weight * f_i / sqrt(rungs), f_i the item's
-log-scaled decayed event counts on every rung of ``learners.popularity``
+log-scaled decayed event counts on every rung of ``learners.statistics.popularity``
 (half-lives relative to the catalogue size), so an item's vector says how
 popular it is now at several time scales. The user side holds the user's
 share of popularity b_u and which rungs they follow (a_u), both from the
@@ -22,7 +22,7 @@ are statistics, not parameters: they move with the stream, not with gradients.
 Training is a softmax of each event's item against either the whole
 catalogue (``full_softmax``: every item is a negative, so no sampling bias
 to correct) or a sample of it, uniform and in-batch negatives with the log-Q
-correction (``learners.negatives``). The full softmax is affordable because
+correction (``learners.towers.negatives``). The full softmax is affordable because
 with a frozen encoder an item's vector is a projection of cached features
 plus its id row: scoring a minibatch against every item is one matrix
 product the size of the catalogue.
@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learners import item_evidence
+from learners.statistics import item_evidence
 from learners.encoder import TopLayers
-from learners.features import ItemFeatures
-from learners.negatives import corrected_logits
-from learners.popularity import PopularityLadder, parse_half_lives
-from learners.user_tower import build_tower
+from learners.state.features import ItemFeatures
+from learners.towers.negatives import corrected_logits
+from learners.statistics.popularity import PopularityLadder, parse_half_lives
+from learners.towers.user_tower import build_tower
 
 _ROW_CHUNK = 4096
 _START_USER_POPULARITY = 0.5  # the users' share of popularity before anything is learned
@@ -89,7 +89,7 @@ class TwoTower(nn.Module):
         self.ctx_emb = nn.Parameter(torch.zeros(0, self.ctx_dim))
         # Decayed event counts per row and rung (statistics: never trained, but saved with the model).
         self.popularity = nn.Parameter(torch.zeros(0, self.ladder.rungs), requires_grad=False)
-        # What each item's events say beyond their count (learners.item_evidence; statistics too).
+        # What each item's events say beyond their count (learners.statistics.item_evidence; statistics too).
         self.evidence = nn.Parameter(item_evidence.empty(0), requires_grad=False)
         self.n_items = 0
         self._device = device
@@ -121,7 +121,7 @@ class TwoTower(nn.Module):
                            counted: torch.Tensor | None = None, established: torch.Tensor | None = None) -> None:
         """Count events of ``rows`` (in event order) on every rung of the popularity ladder, and
         with their event ``weights`` (NaN: not known) into the items' evidence. ``counted`` /
-        ``established`` (``learners.credibility``; default 1 each): whether each event counts on
+        ``established`` (``learners.statistics.credibility``; default 1 each): whether each event counts on
         what every user shares (0: the user's repeat of the item), and how established its user was."""
         position = float(self.evidence.data[:, item_evidence.EVENTS].sum())
         self.ladder.observe(self.popularity.data, rows, self.n_items, counted)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from avalanche.training.plugins import SupervisedPlugin
 
-from learners.optim import gradient_rows
+from learners.towers.optim import gradient_rows
 
 _PIECE_BYTES = 32 << 20  # what one broadcast of a file sends at most
 

@@ -12,7 +12,7 @@ that item is expected among the negatives,
     log q_j = log(uniform / n_items + in_batch * p_j),
 
 with p_j the share of training targets that are item j (all-time event
-frequencies, ``learners.popularity``), so the corrected sampled softmax
+frequencies, ``learners.statistics.popularity``), so the corrected sampled softmax
 estimates the full softmax over the catalogue and scores stay comparable
 across items of any popularity. With uniform negatives only, q_j is the same
 for every item and the correction changes nothing.

@@ -25,10 +25,10 @@ from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.supervised import Naive
 
 from learners.errors import ConfigError
-from learners.ewc import OnlineFisherEWC
-from learners.experience import dataset_owners, dataset_tensors
-from learners.optim import RowSparseAdam
-from learners.replay_buffer import TensorReservoir
+from learners.continual.ewc import OnlineFisherEWC
+from learners.continual.experience import dataset_owners, dataset_tensors
+from learners.towers.optim import RowSparseAdam
+from learners.continual.replay_buffer import TensorReservoir
 
 STRATEGIES = ("naive", "ewc", "replay", "ewc_replay", "avalanche_ewc_replay", "joint")
 
@@ -224,7 +224,7 @@ def build_strategy(kind: str, model: torch.nn.Module, *, lr: float, batch_size: 
         replay = ReservoirReplay(mem_size=replay_size, batch_size_mem=replay_batch)
         plugins.append(replay)
     if kind == "avalanche_ewc_replay":
-        from learners.avalanche_plugins import avalanche_ewc_replay  # a reference, not the product path
+        from learners.continual.avalanche_plugins import avalanche_ewc_replay  # a reference, not the product path
 
         plugins.extend(avalanche_ewc_replay(ewc_lambda, ewc_decay, replay_size, replay_batch))
     optimizer = RowSparseAdam(param_groups(model, lr, id_lr_scale, text_lr_scale), lr=lr)

@@ -1,7 +1,7 @@
 """User towers: a user's recent items (context vectors) -> the user's side of the dot product.
 
 Both towers read a history given newest first (position 0 = the latest event,
-``learners.users.UserHistories.histories``), with weights > 0 on real events
+``learners.state.users.UserHistories.histories``), with weights > 0 on real events
 and 0 on empty places, and work in two steps so that publishing stays cheap:
 ``tables`` turns context vectors of catalogue rows into per-item tables once
 per model update, ``read`` then costs a few gathers per user.
@@ -23,7 +23,7 @@ of the history's context vectors.
 
 Each tower returns, per user, the learned part (``dim``), one logit ``g`` for
 the user's share of popularity and ``rungs`` raw weights of the popularity
-rungs (``learners.popularity``); ``learners.model`` turns them into a unit vector.
+rungs (``learners.statistics.popularity``); ``learners.towers.model`` turns them into a unit vector.
 """
 
 from __future__ import annotations

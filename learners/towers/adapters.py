@@ -1,7 +1,7 @@
 """LoRA adapters (peft) on the encoder's top layers, and the state dicts of what trains.
 
 Exporting a trained encoder (as a peft adapter folder or merged weights) is
-``learners.export``.
+``learners.checkpoint.export``.
 """
 
 from __future__ import annotations

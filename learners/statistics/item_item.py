@@ -10,7 +10,7 @@ Fit, every time the stream has shown a tenth of the catalogue size in new
 events (a cadence relative to the stream, not a time scale of one data set),
 and no more often than lets fits take a fifth of the wall time:
 
-- X: every user's history ring (``learners.users``): event type times the
+- X: every user's history ring (``learners.state.users``): event type times the
   head's own recency (``recency`` per newer event of the same user, so no
   global half-life; slower than the user tower's, since what goes with what
   holds longer than what a user wants next), each user's largest rescaled to 1.

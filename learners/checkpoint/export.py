@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from learners.adapters import lora_config
+from learners.towers.adapters import lora_config
 from learners.encoder import TextEncoder, TopLayers
 from learners.encoder.layers import decoder_parts, encoder_layers, layer_path
 from learners.errors import ConfigError

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from learners.optim import gradient_rows
+from learners.towers.optim import gradient_rows
 
 
 # Newest untrained events an update is judged on (per check; fewer when fewer are there).
@@ -214,7 +214,7 @@ class UpdateCheck:
 
 
 def model_items(published: np.ndarray, model_dim: int) -> np.ndarray:
-    """The model's own item vectors inside published ones (learners/trending.py scales each item's
+    """The model's own item vectors inside published ones (learners/statistics/trending.py scales each item's
     model part by sqrt(1 - q^2), q its last coordinate; the item-item head scales all alike)."""
     q = np.clip(published[:, -1:], -0.999, 0.999)
     return published[:, :model_dim] / np.sqrt(1.0 - q * q)

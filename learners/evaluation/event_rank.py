@@ -4,7 +4,7 @@ Candidates are the catalogue minus the items in the user's history, as in
 P1 step 3; an event whose item is already in that history asks nothing (P1
 tests items new to the user) and gets no rank. Equal scores rank by the
 lower catalogue row, as P1's ``top_k`` does. The online figures of the worker
-(``stream/worker/online_eval.py``) and the update guard (``learners/guard.py``)
+(``stream/worker/online_eval.py``) and the update guard (``learners/continual/guard.py``)
 both read these ranks.
 """
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from learners.errors import RecstreamError
-from learners.users import owner_tag
+from learners.state.users import owner_tag
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ Two signals about items with little history, read from the events themselves:
   purchases and favourites is picked next more often than one with as many
   clicks. The item's mean weight minus the stream's, shrunk towards 0 by
   ``PRIOR_EVENTS`` pseudo-events, so one event says little. A user's repeat
-  of an item is not counted again (``learners.credibility``), so accounts that
+  of an item is not counted again (``learners.statistics.credibility``), so accounts that
   favourite one item over and over do not make it the stream's best.
 * newness: how recently the item had its first event. It is
   exp(-events since then / catalogue size), the popularity ladder's time
-  scale (``learners.popularity``), so it adapts to the stream rather than to a
+  scale (``learners.statistics.popularity``), so it adapts to the stream rather than to a
   clock.
 
 Per catalogue row the table holds five statistics: weighted counted events,
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from learners import credibility
+from learners.statistics import credibility
 
 COLUMNS = 5
 WEIGHTED, EVENTS, FIRST, CREDIBLE, COUNTED = range(COLUMNS)
@@ -59,7 +59,7 @@ def observe(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, posi
 
     ``position``: events counted before this batch, stream-wide. A weight that is not a
     number (the event is no longer known) counts at the stream's mean, so it moves nothing.
-    ``counted`` / ``established`` (``learners.credibility``; default 1 each): whether each event
+    ``counted`` / ``established`` (``learners.statistics.credibility``; default 1 each): whether each event
     counts (0: the user's repeat of the item) and how established its user was."""
     if not len(rows):
         return

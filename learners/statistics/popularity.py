@@ -8,7 +8,7 @@ size (``half_lives``; 0.25 = a quarter of the catalogue size in events). A
 stream with a small catalogue turns over faster in events, and its rungs
 shrink with it. Which rungs matter is not chosen here: the model reads all
 of them as features and the user tower learns how much each user trusts
-which (see ``learners.model``). One more rung counts all events ever (no
+which (see ``learners.towers.model``). One more rung counts all events ever (no
 decay): the training-target frequencies the log-Q correction needs.
 
 Counts are statistics, never trained: they move with the stream, not with

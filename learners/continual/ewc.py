@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from learners.optim import gradient_rows
+from learners.towers.optim import gradient_rows
 
 
 class OnlineFisherEWC(SupervisedPlugin):

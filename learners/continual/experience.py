@@ -19,7 +19,7 @@ OWNERS = "owners"
 
 def make_experience(hist_rows: np.ndarray, hist_weights: np.ndarray, item_rows: np.ndarray,
                     index: int, owners: Optional[np.ndarray] = None) -> DatasetExperience:
-    """``owners``: each sample's ``learners.users.owner_tag`` (kept by the replay reservoir so a
+    """``owners``: each sample's ``learners.state.users.owner_tag`` (kept by the replay reservoir so a
     user's samples can be erased); not part of a minibatch."""
     rows = torch.from_numpy(np.ascontiguousarray(hist_rows, dtype=np.int64))
     weights = torch.from_numpy(np.ascontiguousarray(hist_weights, dtype=np.float32))

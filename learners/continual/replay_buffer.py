@@ -11,7 +11,7 @@ The randomness comes from a generator seeded with (``seed``, samples seen
 so far): the state is the tensors plus one count, and a restored reservoir
 continues exactly as an uninterrupted one would.
 
-Beside each sample the reservoir keeps its owner tag (``learners.users.owner_tag``,
+Beside each sample the reservoir keeps its owner tag (``learners.state.users.owner_tag``,
 0 when unknown), so that erasing a user removes their samples (``remove_owner``).
 """
 
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from avalanche.training.storage_policy import ExemplarsBuffer
 
-from learners.experience import dataset_owners, dataset_tensors, make_experience
+from learners.continual.experience import dataset_owners, dataset_tensors, make_experience
 
 SEED = 0x5EED
 # History rows are catalogue rows (far below 2^31): int32 keeps a third less memory and

@@ -1,6 +1,6 @@
 """Avalanche's own EWC and replay, as the reference strategy ``avalanche_ewc_replay``.
 
-The product's plugins (``learners.ewc.OnlineFisherEWC``, ``learners.strategy.ReservoirReplay``)
+The product's plugins (``learners.continual.ewc.OnlineFisherEWC``, ``learners.continual.strategy.ReservoirReplay``)
 do the same jobs the cheap way for a stream. This strategy runs Avalanche's
 ``EWCPlugin(mode="online")`` and ``ReplayPlugin`` as they are, so an evaluation
 shows the two side by side on the same data: ranking, forgetting, samples/s.
@@ -22,7 +22,7 @@ import torch
 from avalanche.training.plugins import EWCPlugin, ReplayPlugin
 from avalanche.training.utils import zerolike_params_dict
 
-from learners.experience import dataset_tensors
+from learners.continual.experience import dataset_tensors
 
 
 # Avalanche 0.6's ReplayPlugin calls its buffer's deprecated ``update`` after every experience.

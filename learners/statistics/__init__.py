@@ -1,0 +1,1 @@
+"""What the learner counts beside its weights: popularity, the trending value, item evidence, the item-item head."""
