@@ -11,7 +11,8 @@ Printed per seed, as JSON: ``reach``, the share of real users active in step 3 w
 hammered item in their top 10 (learners.evaluation.fraud). ``--trend`` plays a genuine trend
 instead: as many established users (the most active so far) each favourite one target once;
 ``reach_others`` is then the share among the active users who took no part in it.
-``--config`` sets learner fields (``'{"established_user_items": 0}'``: the defence off).
+``--config`` sets learner fields (``'{"established_user_items": 0}'``: the defence off);
+``--guard`` judges every update as the worker does and counts the undone ones.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def run(args, seed: int) -> dict:
                                                item_item_time_share=0.0),
                                  **json.loads(args.config))
     learner = ContinualRecommender(config)
+    if args.guard is not None:
+        learner.guard_updates(args.guard)
     learner.add_items(items)
     started = time.perf_counter()
     feed(learner, warm)
@@ -65,6 +68,8 @@ def run(args, seed: int) -> dict:
     active = sorted({e.user_id for e in after})
     result = {"seed": seed, "reach": round(fraud.reach(learner, active, targets), 4), "users": len(active),
               "train_seconds": round(time.perf_counter() - started, 1)}
+    if args.guard is not None:
+        result.update(updates=learner.model_version, undone=learner.rollbacks)
     if trend_users:
         others = [u for u in active if u not in set(trend_users)]
         result.update(reach_others=round(fraud.reach(learner, others, targets), 4), others=len(others))
@@ -84,6 +89,8 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=3)
     parser.add_argument("--trend", action="store_true", help="established users instead of fake ones")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--guard", type=float, default=None, metavar="TOLERANCE",
+                        help="judge every update as the worker's --guard-tolerance does; prints how many were undone")
     parser.add_argument("--config", default="{}", help="LearnerConfig fields as JSON")
     args = parser.parse_args()
     for seed in (int(s) for s in args.seeds.split(",")):
