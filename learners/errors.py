@@ -15,8 +15,3 @@ class ModelLoadError(RecstreamError):
 
 class CheckpointError(RecstreamError):
     """A checkpoint is missing, torn or does not match the model."""
-
-
-class FatalError(RecstreamError):
-    """What the worker stands on fails (its state dir, say), not a record: no record is set aside
-    for it; the worker stops with the message, and resumes from its last checkpoint once fixed."""

@@ -343,20 +343,3 @@ def test_a_published_version_that_cannot_be_recorded_stops_with_what_to_do(tmp_p
     with pytest.raises(StateDirError, match="free space in .* or make it writable, then start the worker again"):
         mark.advance(4)
     assert mark.value == 3 and PublishedVersionMark(tmp_path / "state").value == 3
-
-
-def test_an_unwritable_state_dir_is_never_pinned_on_a_record():
-    """Publishing under record isolation: a full state dir stops the batch as it is, with no
-    record set aside (dead-lettered) for it and no per-record retry."""
-    from stream.kafka.recovery import StateDirError
-    from stream.worker.isolation import apply_isolated
-
-    calls = []
-
-    def publish(batch):
-        calls.append(list(batch))
-        raise StateDirError("cannot record model version 4 as published in DIR: free space")
-
-    with pytest.raises(StateDirError):
-        apply_isolated(["user-1", "user-2"], publish, "publishing user vectors")
-    assert calls == [["user-1", "user-2"]]

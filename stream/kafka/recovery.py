@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 
 from kafka import KafkaConsumer, TopicPartition
 
-from learners.errors import FatalError
+from learners.errors import RecstreamError
 from stream.kafka.broker import caught_up, poll_to_end
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def scan_dead_letters(consumer: KafkaConsumer, topic: str, start: dict[int, int]
     return found, ends
 
 
-class StateDirError(FatalError):
+class StateDirError(RecstreamError):
     """The state dir cannot be written (full, read-only): the worker stops, since no vector of a new
     model version may go out before its mark is on disk."""
 

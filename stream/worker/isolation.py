@@ -5,17 +5,13 @@ handle. Should a record still make a stage fail -- a bug, or an input nobody
 thought of -- the batch it came in is retried one record at a time, so the
 failure is pinned on that record alone: it is dead-lettered (or, for output,
 logged and counted) and the loop goes on. Without this, the worker would
-exit, restart, read the same record and exit again, for good. A ``FatalError``
-(the state dir cannot be written, say) is about the worker's ground, not a
-record: it passes through, and the worker stops saying what to do.
+exit, restart, read the same record and exit again, for good.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Callable, Sequence, TypeVar
-
-from learners.errors import FatalError
 
 log = logging.getLogger("stream.worker")
 
@@ -35,8 +31,6 @@ def apply_isolated(batch: Sequence[T], apply: Callable[[Sequence[T]], object],
     try:
         apply(batch)
         return []
-    except FatalError:  # the worker's ground fails, not a record: nothing to pin on one
-        raise
     except Exception as exc:  # noqa: BLE001 - the point: no record may stop the loop
         if len(batch) == 1:
             _log_failure(stage, exc)
@@ -47,8 +41,6 @@ def apply_isolated(batch: Sequence[T], apply: Callable[[Sequence[T]], object],
     for element in batch:
         try:
             apply([element])
-        except FatalError:
-            raise
         except Exception as exc:  # noqa: BLE001
             _log_failure(stage, exc)
             failed.append((element, exc))
